@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
 
@@ -73,6 +75,47 @@ def _resume_run_dir(args: list[str]) -> list[str]:
     return args + [f"hydra.run.dir={_quote(str(run_dir.resolve()))}"]
 
 
+def _fail(message: str) -> int:
+    print(f"metarun: error: {message}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _preflight(command: str, args: list[str]) -> str | None:
+    """Errors Hydra would only report with several lines or a traceback, as one line: unknown settings and
+    an output dir that cannot be created. Returns the message, or None when all is well."""
+    if any(a.startswith("-") for a in args):  # --help, --cfg, -m ...: Hydra's own business
+        return None
+    overrides = [a for a in args if not a.startswith("hydra.")]
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            cfg = compose(config_name=command, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        text = " ".join(str(exc).split())
+        unknown = re.match(r"Could not override '([^']+)'", text)
+        if unknown:
+            return (f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` lists the "
+                    "settings")
+        return f"{text} (see `metarun {command} --help` for the settings)"
+    missing = [k for k in cfg.keys() if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        return f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run dir)"
+    run_dirs = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
+    target = Path(run_dirs[-1]) if run_dirs and "${" not in run_dirs[-1] else Path("outputs")
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        probe = target / f".metarun-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        return (f"the output dir {target.resolve()} cannot be written ({exc.strerror}): run from a writable "
+                "folder or set hydra.run.dir=/a/writable/path.")
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -80,11 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command not in COMMANDS:
-        print(f"metarun: error: unknown command {command!r}; use one of: {', '.join(COMMANDS)}.\n\n{USAGE}",
-              file=sys.stderr)
-        return 2
+        return _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (metarun --help).")
     if command == "train":
         rest = _resume_run_dir(rest)
+    # Hydra's parser wants -m before the overrides; accept it anywhere.
+    rest = [a for a in rest if a in ("-m", "--multirun")] + [a for a in rest if a not in ("-m", "--multirun")]
+    problem = _preflight(command, rest)
+    if problem:
+        return _fail(problem)
     sys.argv = [f"metarun {command}"] + rest
     COMMANDS[command]()
     return 0

@@ -19,7 +19,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MetarunError(f"device={name!r} is not a device: use auto, cpu, cuda or cuda:N.")
+        raise MetarunError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MetarunError(f"device={name} but this machine has no usable CUDA: use device=cpu or device=auto.")
