@@ -59,13 +59,14 @@ def relative_error(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
 @pytest.mark.parametrize("update_step", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("impl,task_chunk", [("batched", 0), ("batched", 2), ("loop", 0)])
+@pytest.mark.parametrize("impl,task_chunk", [("batched", 0), ("batched", 2), ("loop", 0), ("parallel", 0),
+                                             ("parallel", 1)])
 def test_meta_gradient_equals_reference(downsample, update_step, first_order, impl, task_chunk):
     way = 3
     model = Conv4(way, filters=6, image_size=16, downsample=downsample)
     params = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     ep = random_episodes(tasks=3, way=way, shot=2, query=2)
-    maml = MAML(model, 0.4, update_step, update_step, first_order, impl=impl, task_chunk=task_chunk)
+    maml = MAML(model, 0.4, update_step, update_step, first_order, impl=impl, task_chunk=task_chunk, workers=2)
     expected = reference_gradient(params, ep, way, 0.4, update_step, first_order, downsample)
     assert relative_error(metarun_gradient(maml, params, ep), expected) < 1e-8
 
@@ -84,9 +85,9 @@ def test_chunked_equals_whole_batch():
     params = model.init_params(torch.Generator().manual_seed(2), dtype=torch.float64)
     ep = random_episodes(tasks=5, way=4, shot=1, query=3)
     whole = metarun_gradient(MAML(model, 0.1, 2, 2, impl="batched", task_chunk=0), params, ep)
-    for chunk in (1, 2, 3):
-        assert relative_error(metarun_gradient(MAML(model, 0.1, 2, 2, impl="batched", task_chunk=chunk), params, ep),
-                              whole) < 1e-12
+    for impl, chunk in (("batched", 1), ("batched", 2), ("batched", 3), ("parallel", 2)):
+        chunked = MAML(model, 0.1, 2, 2, impl=impl, task_chunk=chunk, workers=2)
+        assert relative_error(metarun_gradient(chunked, params, ep), whole) < 1e-12
 
 
 def synthetic_tasks(pool, tasks, way, shot, query, g, noise=0.35):
@@ -137,6 +138,8 @@ def test_evaluation_keeps_no_graph():
     params = {k: v.requires_grad_(True) for k, v in model.init_params().items()}
     maml = MAML(model, 0.4, 1, 3, impl="batched")
     ep = random_episodes(4, 5, 1, 5, dtype=torch.float32)
+    parallel = MAML(model, 0.4, 1, 3, impl="parallel", workers=2)
+    assert torch.equal(parallel.evaluate(params, ep), maml.evaluate(params, ep))
     for _ in range(5):
         acc = maml.evaluate(params, ep)
     assert acc.grad_fn is None and not acc.requires_grad

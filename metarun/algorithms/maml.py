@@ -9,6 +9,8 @@ Two exact implementations, chosen by `impl` (`auto` picks by device from the ben
   the inner gradient of the sum of task losses w.r.t. per-task copies of phi is each task's own gradient.
 - `loop`: one task at a time, back-propagating each task's query loss as soon as it is computed, so only
   one task's graph is alive (least memory).
+- `parallel` (CPU): the meta-batch split across one thread per core, each running `batched` on its share
+  with single-threaded ops; the per-thread gradients are summed in a fixed order (deterministic).
 `task_chunk` splits the meta-batch into chunks whose gradients are accumulated (same gradient, less memory).
 """
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.nn.functional as F
 from metarun.data.episodes import Episodes
 from metarun.errors import MetarunError
 
-IMPLS = ("auto", "batched", "loop")
+CPU_THREADS = torch.get_num_threads()
+IMPLS = ("auto", "batched", "loop", "parallel")
 INNER_LOSSES = ("sum_over_shot", "mean")
 
 
@@ -33,9 +36,10 @@ class StepResult:
 
 class MAML:
     def __init__(self, model, update_lr: float, update_step: int, update_step_test: int, first_order: bool = False,
-                 impl: str = "auto", task_chunk: int = 0, inner_loss: str = "sum_over_shot", device="cpu"):
+                 impl: str = "auto", task_chunk: int = 0, inner_loss: str = "sum_over_shot", device="cpu",
+                 workers: int = 0):
         if impl not in IMPLS:
-            raise MetarunError(f"unknown algorithm.impl={impl!r}: use auto, batched or loop.")
+            raise MetarunError(f"unknown algorithm.impl={impl!r}: use auto, batched, loop or parallel.")
         if inner_loss not in INNER_LOSSES:
             raise MetarunError(f"unknown algorithm.inner_loss={inner_loss!r}: use sum_over_shot or mean.")
         for name, value in (("update_lr", update_lr),):
@@ -51,6 +55,12 @@ class MAML:
         self.first_order, self.task_chunk, self.inner_loss = bool(first_order), int(task_chunk), inner_loss
         # Measured with scripts/bench.py --suite (README, Performance): see resolve_impl.
         self.impl = resolve_impl(impl, torch.device(device))
+        self.workers, self._pool = 1, None
+        if self.impl == "parallel":
+            # One single-threaded op stream per core (torch's thread count when metarun was imported):
+            # set once, for the whole process.
+            self.workers = int(workers) or CPU_THREADS
+            torch.set_num_threads(1)
 
     # -- losses ---------------------------------------------------------------------------------------
     def support_loss(self, logits: torch.Tensor, y: torch.Tensor, shot: int) -> torch.Tensor:
@@ -78,43 +88,74 @@ class MAML:
             fast = {k: w - self.update_lr * g for (k, w), g in zip(fast.items(), grads)}
         return fast
 
-    def _chunks(self, meta_batch: int) -> list[slice]:
-        size = 1 if self.impl == "loop" else (self.task_chunk or meta_batch)
-        return [slice(i, min(i + size, meta_batch)) for i in range(0, meta_batch, size)]
+    def _chunks(self, tasks: int) -> list[list[slice]]:
+        """The meta-batch as one list of chunks per worker thread (contiguous tasks, fixed order)."""
+        size = 1 if self.impl == "loop" else (self.task_chunk or tasks)
+        workers = min(self.workers, tasks) if self.impl == "parallel" else 1
+        bounds = [round(i * tasks / workers) for i in range(workers + 1)]
+        return [[slice(i, min(i + size, hi)) for i in range(lo, hi, size)] for lo, hi in zip(bounds, bounds[1:])]
+
+    def _map(self, fn, groups):
+        """Runs fn on each worker's chunks; on the CPU several threads (each op single-threaded) keep both
+        cores busy on small convolutions that one multi-threaded op cannot."""
+        if len(groups) == 1:
+            return [fn(groups[0])]
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="metarun-maml")
+        return list(self._pool.map(fn, groups))
 
     # -- meta-training --------------------------------------------------------------------------------
     def accumulate_meta_gradient(self, params: dict, ep: Episodes) -> StepResult:
         """Adds d(meta-loss)/d(params) to each param's .grad; returns the detached meta-loss and accuracies."""
         meta_batch = ep.x_support.shape[0]
-        losses, accuracies = [], []
-        for part in self._chunks(meta_batch):
-            fast = self.adapt(params, ep.x_support[part], ep.y_support[part], self.update_step,
-                              create_graph=not self.first_order)
-            loss, accuracy = self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])
-            # Backward per chunk frees its graph at once; dividing by the whole batch gives the mean.
-            (loss.sum() / meta_batch).backward()
-            losses.append(loss.detach())
-            accuracies.append(accuracy)
+        leaves = list(params.values())
+
+        def chunk_gradients(chunks):
+            total, losses, accuracies = None, [], []
+            for part in chunks:
+                fast = self.adapt(params, ep.x_support[part], ep.y_support[part], self.update_step,
+                                  create_graph=not self.first_order)
+                loss, accuracy = self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])
+                # One chunk's graph at a time; dividing by the whole batch makes the sum the mean.
+                grads = torch.autograd.grad(loss.sum() / meta_batch, leaves)
+                total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+                losses.append(loss.detach())
+                accuracies.append(accuracy)
+            return total, losses, accuracies
+
+        results = self._map(chunk_gradients, self._chunks(meta_batch))
+        for i, p in enumerate(leaves):
+            g = results[0][0][i]
+            for r in results[1:]:  # a fixed order, so the sum is the same bits every time
+                g = g + r[0][i]
+            p.grad = g if p.grad is None else p.grad + g
+        losses = [l for r in results for l in r[1]]
+        accuracies = [a for r in results for a in r[2]]
         return StepResult(torch.cat(losses).mean(), torch.cat(accuracies))
 
     # -- evaluation -----------------------------------------------------------------------------------
     def evaluate(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
         """Post-adaptation query accuracy [T] after `steps` (default update_step_test) steps; keeps no graph."""
         steps = self.update_step_test if steps is None else int(steps)
-        tasks, shot = ep.x_support.shape[0], ep.y_support.shape[1] // self.model.way
-        accuracies = []
-        for part in self._chunks(tasks):
-            x, y = ep.x_support[part], ep.y_support[part]
-            fast = {k: v.detach().unsqueeze(0).expand(x.shape[0], *v.shape).clone() for k, v in params.items()}
-            for _ in range(steps):
-                with torch.enable_grad():
-                    leaves = {k: v.requires_grad_(True) for k, v in fast.items()}
-                    loss = self.support_loss(self.model.forward(leaves, x), y, shot)
-                    grads = torch.autograd.grad(loss, list(leaves.values()))
-                fast = {k: (w - self.update_lr * g).detach() for (k, w), g in zip(leaves.items(), grads)}
-            with torch.no_grad():
-                accuracies.append(self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])[1])
-        return torch.cat(accuracies)
+        shot = ep.y_support.shape[1] // self.model.way
+
+        def chunk_accuracies(chunks):
+            accuracies = []
+            for part in chunks:
+                x, y = ep.x_support[part], ep.y_support[part]
+                fast = {k: v.detach().unsqueeze(0).expand(x.shape[0], *v.shape).clone() for k, v in params.items()}
+                for _ in range(steps):
+                    with torch.enable_grad():
+                        leaves = {k: v.requires_grad_(True) for k, v in fast.items()}
+                        loss = self.support_loss(self.model.forward(leaves, x), y, shot)
+                        grads = torch.autograd.grad(loss, list(leaves.values()))
+                    fast = {k: (w - self.update_lr * g).detach() for (k, w), g in zip(leaves.items(), grads)}
+                with torch.no_grad():
+                    accuracies.append(self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])[1])
+            return accuracies
+
+        return torch.cat([a for r in self._map(chunk_accuracies, self._chunks(ep.x_support.shape[0])) for a in r])
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:

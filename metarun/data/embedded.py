@@ -54,4 +54,8 @@ def load_embedded() -> Strokes:
     if not EMBEDDED_PATH.is_file():
         raise MetarunError(f"the embedded Omniglot {EMBEDDED_PATH} is missing from this install: reinstall "
                            "metarun, or use dataset.source=archives with the archives in dataset.root.")
+    digest = file_sha256(EMBEDDED_PATH)
+    if digest != EMBEDDED_SHA256:
+        raise MetarunError(f"the embedded Omniglot {EMBEDDED_PATH} has sha256 {digest}, not the recorded "
+                           f"{EMBEDDED_SHA256}: the install is damaged; reinstall metarun.")
     return unpack(EMBEDDED_PATH)

@@ -1,0 +1,198 @@
+"""Benchmark metarun's meta-training step; prints one JSON object per setting.
+
+    python scripts/bench.py [overrides...] [--compare] [--iters N] [--warmup N]
+    python scripts/bench.py --suite [--first-order] [--compare]      # settings A, B, C (README, Performance)
+    python scripts/bench.py --sampler                                # the episode sampler on the real cache
+
+Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16 first_order=true
+algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is `meta_train_step`, exactly
+what `metarun train` runs (forward, inner loop, meta-backward, Adam step), on random episodes of the
+configured shapes. Each measurement runs in a fresh process, so that its peak memory is its own.
+`--compare` also times, in the same run and shapes, the per-task reference loop of the gradient tests.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from metarun.algorithms.maml import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
+from metarun.algorithms.reference import reference_train_step  # noqa: E402
+from metarun.data.episodes import Episodes  # noqa: E402
+
+SUITE = {
+    "A": ["way=5", "shot=1", "query=15", "update_step=1", "meta_batch=32"],
+    "B": ["way=5", "shot=1", "query=15", "update_step=5", "meta_batch=32"],
+    "C": ["way=20", "shot=1", "query=5", "update_step=5", "meta_batch=16"],
+}
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from metarun.cli import CONF
+
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides)
+
+
+def random_episodes(cfg, device, seed=0) -> Episodes:
+    g = torch.Generator().manual_seed(seed)
+    B, way, side = int(cfg.meta_batch), int(cfg.way), int(cfg.dataset.image_size)
+    c = int(cfg.model.in_channels)
+
+    def labels(n):
+        return torch.stack([torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(B)]).to(device)
+    return Episodes(torch.rand(B, way * cfg.shot, c, side, side, generator=g).to(device), labels(cfg.shot),
+                    torch.rand(B, way * cfg.query, c, side, side, generator=g).to(device), labels(cfg.query))
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(device, n=2048, repeat=5) -> float:
+    a, b = torch.rand(n, n, device=device), torch.rand(n, n, device=device)
+    a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * repeat / (time.perf_counter() - start) / 1e9
+
+
+def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
+    """One implementation in this process: timings, FLOPs, peak memory."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from metarun.runner.setup import build_algorithm, resolve_device
+
+    cfg = compose(overrides)
+    device = resolve_device(cfg.device)
+    model, maml = build_algorithm(cfg, device)
+    params = {k: v.requires_grad_(True) for k, v in model.init_params(torch.Generator().manual_seed(0), device=device).items()}
+    optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
+    ep = random_episodes(cfg, device)
+    if which == "metarun":
+        step = lambda: train_step(maml, params, optimizer, ep)  # noqa: E731
+    else:
+        kw = dict(way=int(cfg.way), update_lr=float(cfg.update_lr), update_step=int(cfg.update_step),
+                  first_order=bool(cfg.first_order), downsample=str(cfg.model.downsample),
+                  inner_loss=str(cfg.algorithm.inner_loss))
+        step = lambda: reference_train_step(params, optimizer, ep, **kw)  # noqa: E731
+    for _ in range(warmup):
+        step()
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = counter.get_total_flops()
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    median = statistics.median(times)
+    return {"impl": maml.impl if which == "metarun" else "reference-loop",
+            "tasks_per_s": int(cfg.meta_batch) / median,
+            "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
+            "peak_memory_mb": peak / 2 ** 20, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+            "flops_per_iter": flops, "gflops_per_s": flops / median / 1e9}
+
+
+def run_worker(overrides, which, iters, warmup) -> dict:
+    cmd = [sys.executable, __file__, "--worker", which, "--iters", str(iters), "--warmup", str(warmup), *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"benchmark worker failed: {' '.join(cmd)}\n{proc.stderr}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, warmup: int) -> dict:
+    cfg = compose(overrides)
+    from metarun.runner.setup import resolve_device
+    device = resolve_device(cfg.device)
+    peak = matmul_gflops(device)
+    result = {"setting": name, "overrides": overrides,
+              "shape": {k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")},
+              "downsample": cfg.model.downsample, "device": str(device),
+              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops_per_s": peak}
+    result["metarun"] = run_worker(overrides, "metarun", iters, warmup)
+    result["metarun"]["fraction_of_matmul_peak"] = result["metarun"]["gflops_per_s"] / peak
+    if compare:
+        ref = run_worker(overrides, "reference", iters, warmup)
+        ref["fraction_of_matmul_peak"] = ref["gflops_per_s"] / peak
+        result["reference"] = ref
+        result["speedup_vs_reference"] = result["metarun"]["tasks_per_s"] / ref["tasks_per_s"]
+        result["memory_ratio_vs_reference"] = result["metarun"]["peak_memory_mb"] / ref["peak_memory_mb"]
+    return result
+
+
+def bench_sampler(overrides: list[str], batches: int = 200) -> dict:
+    from metarun.runner.setup import load_splits, resolve_device, train_sampler
+
+    cfg = compose(["way=20", "shot=1", "query=15", "meta_batch=16", *overrides])
+    device = resolve_device(cfg.device)
+    start = time.perf_counter()
+    data = load_splits(cfg, device)
+    load_s = time.perf_counter() - start
+    sampler = train_sampler(cfg, data["splits"]["train"], device)
+    for _ in range(5):
+        sampler.sample(int(cfg.meta_batch))
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(batches):
+        sampler.sample(int(cfg.meta_batch))
+    sync(device)
+    elapsed = time.perf_counter() - start
+    return {"setting": "sampler", "way": cfg.way, "shot": cfg.shot, "query": cfg.query, "meta_batch": cfg.meta_batch,
+            "data_source": data["source"], "data_load_s": load_s, "tasks_per_s": batches * int(cfg.meta_batch) / elapsed,
+            "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="metarun train overrides, e.g. way=20 update_step=5")
+    parser.add_argument("--compare", action="store_true", help="also time the per-task reference loop")
+    parser.add_argument("--suite", action="store_true", help="settings A, B, C and the sampler")
+    parser.add_argument("--first-order", action="store_true", help="with --suite: first-order MAML")
+    parser.add_argument("--sampler", action="store_true", help="time the episode sampler on the real cache")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(args.overrides, args.worker, args.iters, args.warmup)), flush=True)
+        return
+    if args.sampler:
+        print(json.dumps(bench_sampler(args.overrides)), flush=True)
+        return
+    if args.suite:
+        extra = ["first_order=true"] if args.first_order else []
+        for name, overrides in SUITE.items():
+            print(json.dumps(bench_setting(name, overrides + extra + args.overrides, args.compare, args.iters,
+                                           args.warmup)), flush=True)
+        print(json.dumps(bench_sampler(args.overrides)), flush=True)
+        return
+    print(json.dumps(bench_setting("custom", args.overrides, args.compare, args.iters, args.warmup)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

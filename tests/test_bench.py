@@ -1,0 +1,37 @@
+"""The benchmark runs, prints JSON with every field, and times the step `metarun train` runs."""
+import importlib.util
+import json
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_prints_valid_json_with_every_field():
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "way=2", "shot=1", "query=1",
+                           "meta_batch=2", "model.filters=4", "device=cpu", "--compare", "--iters", "2",
+                           "--warmup", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("shape", "device", "torch", "threads", "matmul_gflops_per_s", "metarun", "reference",
+                "speedup_vs_reference", "memory_ratio_vs_reference"):
+        assert key in result, key
+    assert result["shape"] == {"way": 2, "shot": 1, "query": 1, "update_step": 1, "meta_batch": 2, "first_order": False}
+    for side in ("metarun", "reference"):
+        m = result[side]
+        assert m["tasks_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["flops_per_iter"] > 0
+        assert m["s_per_iter"]["min"] <= m["s_per_iter"]["median"] <= m["s_per_iter"]["max"]
+        assert 0 < m["fraction_of_matmul_peak"] and m["gflops_per_s"] > 0
+
+
+def test_benchmark_times_the_training_step():
+    import metarun.runner.train as train
+
+    assert load_bench().train_step is train.meta_train_step
