@@ -84,7 +84,7 @@ class EpisodeSampler:
         return self.generator.get_state()
 
     def load_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state.cpu() if self.index_device.type == "cpu" else state)
+        self.generator.set_state(state.cpu())
 
 
 def fixed_tasks(classes: ClassImages, split: str, way: int, shot: int, query: int, device, tasks: int,
