@@ -13,6 +13,7 @@ configured shapes. Each measurement runs in a fresh process, so that its peak me
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -27,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from metarun.algorithms.maml import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
+from metarun.algorithms.maml import PARALLEL_CHUNK, meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
 
@@ -103,6 +104,11 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         step()
         sync(device)
         times.append(time.perf_counter() - start)
+    if which == "metarun" and maml.impl == "parallel":
+        # FlopCounterMode sees only this thread: count the same chunks run in this thread instead.
+        counting = copy.copy(maml)
+        counting.impl, counting.task_chunk = "batched", maml.task_chunk or PARALLEL_CHUNK
+        step = lambda: train_step(counting, params, optimizer, ep)  # noqa: E731
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
