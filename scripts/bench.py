@@ -28,7 +28,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from metarun.algorithms.maml import PARALLEL_CHUNK, meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
+from metarun.algorithms.maml import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
 
@@ -104,10 +104,11 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    if which == "metarun" and maml.impl == "parallel":
-        # FlopCounterMode sees only this thread: count the same chunks run in this thread instead.
+    if which == "metarun":
+        # Every impl does the same arithmetic; count it in its ungrouped per-task form, because
+        # FlopCounterMode sees only this thread (parallel) and overcounts grouped-conv backward ~2.5x.
         counting = copy.copy(maml)
-        counting.impl, counting.task_chunk = "batched", maml.task_chunk or PARALLEL_CHUNK
+        counting.impl = "loop"
         step = lambda: train_step(counting, params, optimizer, ep)  # noqa: E731
     with FlopCounterMode(display=False) as counter:
         step()

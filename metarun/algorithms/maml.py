@@ -12,7 +12,7 @@ Two exact implementations, chosen by `impl` (`auto` picks by device from the ben
 - `parallel` (CPU): the meta-batch split across one thread per core, each running `batched` on its share
   with single-threaded ops; the per-thread gradients are summed in a fixed order (deterministic).
 `task_chunk` splits the meta-batch into chunks whose gradients are accumulated (same gradient, less memory);
-0 means the whole meta-batch for `batched` and PARALLEL_CHUNK tasks per pass for `parallel`.
+0 means the whole meta-batch for `batched` and about PARALLEL_IMAGES_PER_PASS images per pass for `parallel`.
 """
 from __future__ import annotations
 
@@ -89,9 +89,10 @@ class MAML:
             fast = {k: w - self.update_lr * g for (k, w), g in zip(fast.items(), grads)}
         return fast
 
-    def _chunks(self, tasks: int) -> list[list[slice]]:
+    def _chunks(self, tasks: int, images_per_task: int) -> list[list[slice]]:
         """The meta-batch as one list of chunks per worker thread (contiguous tasks, fixed order)."""
-        size = {"loop": 1, "batched": self.task_chunk or tasks, "parallel": self.task_chunk or PARALLEL_CHUNK}[self.impl]
+        parallel_chunk = max(1, PARALLEL_IMAGES_PER_PASS // images_per_task)
+        size = {"loop": 1, "batched": self.task_chunk or tasks, "parallel": self.task_chunk or parallel_chunk}[self.impl]
         workers = min(self.workers, tasks) if self.impl == "parallel" else 1
         bounds = [round(i * tasks / workers) for i in range(workers + 1)]
         return [[slice(i, min(i + size, hi)) for i in range(lo, hi, size)] for lo, hi in zip(bounds, bounds[1:])]
@@ -125,7 +126,7 @@ class MAML:
                 accuracies.append(accuracy)
             return total, losses, accuracies
 
-        results = self._map(chunk_gradients, self._chunks(meta_batch))
+        results = self._map(chunk_gradients, self._chunks(meta_batch, ep.x_support.shape[1] + ep.x_query.shape[1]))
         for i, p in enumerate(leaves):
             g = results[0][0][i]
             for r in results[1:]:  # a fixed order, so the sum is the same bits every time
@@ -156,7 +157,8 @@ class MAML:
                     accuracies.append(self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])[1])
             return accuracies
 
-        return torch.cat([a for r in self._map(chunk_accuracies, self._chunks(ep.x_support.shape[0])) for a in r])
+        chunks = self._chunks(ep.x_support.shape[0], ep.x_support.shape[1] + ep.x_query.shape[1])
+        return torch.cat([a for r in self._map(chunk_accuracies, chunks) for a in r])
 
 
 def resolve_impl(impl: str, device: torch.device) -> str:
@@ -169,9 +171,11 @@ def resolve_impl(impl: str, device: torch.device) -> str:
     return "parallel" if CPU_THREADS > 1 else "batched"
 
 
-# Tasks per grouped pass in each `parallel` thread when task_chunk=0: measured on 2 cores (torch 2.14.1),
-# 4 beat 1 and the whole share by 5-20% on settings A and B, and cut peak memory by 40%.
-PARALLEL_CHUNK = 4
+# Images (support + query) per grouped pass in each `parallel` thread when task_chunk=0. Measured on 2 cores
+# (torch 2.14.1, second order): 4 tasks per pass was fastest on A and B (80 images a task, +20% over the
+# whole share, -40% memory), 1-2 on C (120 images a task), the whole share on the default 5-way 1-shot
+# 1-query shape (10 images a task).
+PARALLEL_IMAGES_PER_PASS = 320
 
 
 def meta_train_step(maml: MAML, params: dict, optimizer: torch.optim.Optimizer, ep: Episodes) -> StepResult:
