@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_omniglot
 from metarun.data import embedded
 from metarun.data.omniglot import load_omniglot, resolve_source, split_characters
 from metarun.data.sources import find_archives, read_archives

@@ -90,6 +90,12 @@ def test_bad_checkpoints(trained, tiny_root, tmp_path):
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
     assert_clean_error(run_metarun("eval", f"checkpoint={plain}", cwd=tmp_path), "not a metarun checkpoint")
+    # a damaged checkpoint: its weights do not fit its own config
+    damaged = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    damaged["params"]["fc.weight"] = damaged["params"]["fc.weight"][:2]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    assert_clean_error(run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
+                       "damaged.pt", "do not match")
     # a checkpoint from another config cannot be resumed as this one
     proc = run_metarun(*tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path)
     assert_clean_error(proc, "way=3 (requested 4)")

@@ -4,11 +4,10 @@ Meta-gradient = d/d(phi) of the mean over tasks of the query loss after `update_
 `update_lr` on each task's support set; second order by default, `first_order` drops the second-order terms
 (the inner gradients are not differentiated, so no second-order graph is kept).
 
-Two exact implementations, chosen by `impl` (`auto` picks by device from the benchmark, see README):
+Three exact implementations, chosen by `impl` (`auto` picks by device from the benchmark, see README):
 - `batched`: every task of a chunk in one pass of the learner (grouped convolutions, see models/conv4.py);
   the inner gradient of the sum of task losses w.r.t. per-task copies of phi is each task's own gradient.
-- `loop`: one task at a time, back-propagating each task's query loss as soon as it is computed, so only
-  one task's graph is alive (least memory).
+- `loop`: one task at a time, each task's graph freed as soon as its gradient is taken (least memory).
 - `parallel` (CPU): the meta-batch split across one thread per core, each running `batched` on its share
   with single-threaded ops; the per-thread gradients are summed in a fixed order (deterministic).
 `task_chunk` splits the meta-batch into chunks whose gradients are accumulated (same gradient, less memory);
@@ -43,14 +42,13 @@ class MAML:
             raise MetarunError(f"unknown algorithm.impl={impl!r}: use auto, batched, loop or parallel.")
         if inner_loss not in INNER_LOSSES:
             raise MetarunError(f"unknown algorithm.inner_loss={inner_loss!r}: use sum_over_shot or mean.")
-        for name, value in (("update_lr", update_lr),):
-            if not float(value) > 0:
-                raise MetarunError(f"{name}={value} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way).")
+        if not float(update_lr) > 0:
+            raise MetarunError(f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way).")
         for name, value in (("update_step", update_step), ("update_step_test", update_step_test)):
             if int(value) <= 0:
                 raise MetarunError(f"{name}={value} must be a positive number of inner SGD steps.")
         if int(task_chunk) < 0:
-            raise MetarunError(f"algorithm.task_chunk={task_chunk} must be >= 0 (0 = the whole meta-batch).")
+            raise MetarunError(f"algorithm.task_chunk={task_chunk} must be >= 0 (0 = the implementation's default).")
         self.model = model
         self.update_lr, self.update_step, self.update_step_test = float(update_lr), int(update_step), int(update_step_test)
         self.first_order, self.task_chunk, self.inner_loss = bool(first_order), int(task_chunk), inner_loss

@@ -71,3 +71,13 @@ def check_compatible(blob: dict, config: dict, path) -> None:
     if diff:
         raise MetarunError(f"checkpoint {path} was trained with {', '.join(diff)}: drop those overrides, or start "
                            "a new run without resume.")
+
+
+def checkpoint_params(blob: dict, expected: dict, path, setting: str) -> dict:
+    """The checkpoint's weights, refused unless they have exactly the names and shapes of `expected`."""
+    saved = blob["params"]
+    if (not isinstance(saved, dict) or set(saved) != set(expected)
+            or any(not isinstance(saved[k], torch.Tensor) or saved[k].shape != expected[k].shape for k in expected)):
+        raise MetarunError(f"{setting}={path}: its weights do not match the learner of its own config (a damaged "
+                           "or hand-edited file): use another checkpoint.")
+    return saved

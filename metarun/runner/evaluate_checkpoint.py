@@ -8,7 +8,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
-from metarun.runner.checkpoint import load_checkpoint, resolve_checkpoint_path
+from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.setup import build_algorithm, load_splits, resolve_device
 
@@ -31,11 +31,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     if steps <= 0:
         raise MetarunError(f"update_step_test={steps} must be a positive number of inner steps.")
     model, maml = build_algorithm(train_cfg, device)
-    expected = model.init_params(device="cpu")
-    saved = blob["params"]
-    if set(saved) != set(expected) or any(saved[k].shape != expected[k].shape for k in expected):
-        raise MetarunError(f"checkpoint={path}: its weights do not match the learner of its own config "
-                           "(a damaged or hand-edited file): use another checkpoint.")
+    saved = checkpoint_params(blob, model.init_params(), path, "checkpoint")
     params = {k: v.to(device) for k, v in saved.items()}
     splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(maml, params, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks), steps)

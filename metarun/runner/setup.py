@@ -7,7 +7,8 @@ import torch
 
 from metarun.algorithms.maml import MAML
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
-from metarun.data.omniglot import load_omniglot
+from metarun.data import sources
+from metarun.data.omniglot import load_omniglot, split_characters
 from metarun.errors import MetarunError
 from metarun.models.conv4 import build_model
 
@@ -52,13 +53,13 @@ def load_splits(cfg, device) -> dict:
     if cfg.dataset.name != "omniglot":
         raise MetarunError(f"unknown dataset={cfg.dataset.name!r}: metarun has omniglot.")
     data = load_omniglot(cfg.dataset)
-    from metarun.data.omniglot import split_characters
-
     chars = split_characters(data, cfg.dataset.split, int(cfg.dataset.split_seed), int(cfg.dataset.lake_val_alphabets))
     splits = {name: data.class_images(ids) for name, ids in chars.items()}
     for name, classes in splits.items():
         check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query))
-    return {"splits": splits, "source": data.source}
+    where = ("the copy inside metarun" if data.source == "embedded"
+             else f"the archives in {sources.source_root(cfg.dataset.root)}")
+    return {"splits": splits, "source": where}
 
 
 def train_sampler(cfg, classes, device) -> EpisodeSampler:

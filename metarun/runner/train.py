@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -15,7 +14,7 @@ from tqdm import tqdm
 
 from metarun.algorithms.maml import meta_train_step
 from metarun.errors import MetarunError
-from metarun.runner.checkpoint import check_compatible, load_checkpoint, save_checkpoint
+from metarun.runner.checkpoint import check_compatible, checkpoint_params, load_checkpoint, save_checkpoint
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.setup import build_algorithm, check_train_settings, load_splits, resolve_device, train_sampler
 
@@ -75,7 +74,7 @@ def train(cfg, run_dir: Path) -> dict:
     splits = data["splits"]
     model, maml = build_algorithm(cfg, device)
     print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
-          f"{'first' if cfg.first_order else 'second'} order), Omniglot from the {data['source']} "
+          f"{'first' if cfg.first_order else 'second'} order), Omniglot from {data['source']} "
           f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
 
     init = model.init_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
@@ -84,9 +83,10 @@ def train(cfg, run_dir: Path) -> dict:
     sampler = train_sampler(cfg, splits["train"], device)
     start, best_val, best_iteration, train_seconds = 0, -1.0, 0, 0.0
     if resumed is not None:
+        saved = checkpoint_params(resumed, params, cfg.resume, "resume")
         with torch.no_grad():
             for k, v in params.items():
-                v.copy_(resumed["params"][k])
+                v.copy_(saved[k])
         optimizer.load_state_dict(resumed["optimizer"])
         sampler.load_state(resumed["sampler_rng"])
         start, best_val = int(resumed["iteration"]), float(resumed["best_val"])

@@ -1,0 +1,99 @@
+"""N-way K-shot episodes drawn by tensor indexing on the device (no per-image Python work)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from metarun.data.omniglot import ClassImages
+from metarun.errors import MetarunError
+
+
+@dataclass
+class Episodes:
+    x_support: torch.Tensor   # float [B, way*shot, 1, H, W], ink = 1
+    y_support: torch.Tensor   # long  [B, way*shot], labels 0..way-1 in a random order per task
+    x_query: torch.Tensor     # float [B, way*query, 1, H, W]
+    y_query: torch.Tensor     # long  [B, way*query]
+
+
+def check_episode_shape(classes: ClassImages, split: str, way: int, shot: int, query: int) -> None:
+    for name, value in (("way", way), ("shot", shot), ("query", query)):
+        if int(value) <= 0:
+            raise MetarunError(f"{name}={value} must be a positive integer.")
+    if way > classes.num_classes:
+        raise MetarunError(f"way={way} is larger than the {classes.num_classes} classes of the {split} split: "
+                           f"use way<={classes.num_classes} or another dataset.split.")
+    if shot + query > classes.per_class:
+        raise MetarunError(f"shot+query={shot}+{query}={shot + query} is more than the {classes.per_class} images "
+                           f"per class: lower shot or query so that shot+query<={classes.per_class}.")
+
+
+class EpisodeSampler:
+    """Draws meta-batches of tasks from one split.
+
+    Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
+    both support and query), optionally one rotation by k*90 degrees per class (the MAML paper's
+    augmentation: a rotated character is a new class), and a random assignment of labels 0..way-1.
+    Random numbers come from the sampler's own generator (on `index_device`): the same seed gives the same
+    tasks, and its state is saved in checkpoints so that a resumed run draws what it would have drawn.
+    """
+
+    def __init__(self, classes: ClassImages, split: str, way: int, shot: int, query: int, device,
+                 seed: int, rotate: bool = False, index_device=None):
+        check_episode_shape(classes, split, way, shot, query)
+        self.way, self.shot, self.query, self.rotate = way, shot, query, rotate
+        self.device = torch.device(device)
+        self.images = classes.images.to(self.device)          # uint8: 4x less memory, cast per episode
+        self.index_device = torch.device(index_device) if index_device is not None else self.device
+        self.generator = torch.Generator(device=self.index_device)
+        self.seed = seed
+        self.generator.manual_seed(seed)
+        side = self.images.shape[-1]
+        grid = torch.arange(side * side).view(side, side)
+        # Flat pixel index of each rotation, so one gather rotates every class by its own k.
+        self.rotations = torch.stack([torch.rot90(grid, k, dims=(0, 1)).reshape(-1) for k in range(4)]).to(self.device)
+
+    def reseed(self, seed: int | None = None) -> None:
+        self.generator.manual_seed(self.seed if seed is None else seed)
+
+    def sample(self, meta_batch: int) -> Episodes:
+        B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query
+        num_classes, per_class, side = self.images.shape[0], self.images.shape[1], self.images.shape[-1]
+        g, dev = self.generator, self.index_device
+        classes = torch.rand(B, num_classes, generator=g, device=dev).argsort(dim=1)[:, :way]
+        picks = torch.rand(B, way, per_class, generator=g, device=dev).argsort(dim=2)[:, :, :per_task]
+        labels = torch.rand(B, way, generator=g, device=dev).argsort(dim=1)
+        turns = torch.randint(0, 4, (B, way), generator=g, device=dev) if self.rotate else None
+        classes, picks, labels = classes.to(self.device), picks.to(self.device), labels.to(self.device)
+        x = self.images[classes.unsqueeze(-1), picks]                          # [B, way, S+Q, H, W]
+        if turns is not None:
+            flat = x.reshape(B, way, per_task, side * side)
+            index = self.rotations[turns.to(self.device)].unsqueeze(2).expand(-1, -1, per_task, -1)
+            x = flat.gather(3, index).view(B, way, per_task, side, side)
+        x = x.unsqueeze(3).float().div_(255.0)                                 # [B, way, S+Q, 1, H, W]
+        y = labels.unsqueeze(-1)
+        return Episodes(
+            x[:, :, :shot].reshape(B, way * shot, 1, side, side),
+            y.expand(B, way, shot).reshape(B, way * shot),
+            x[:, :, shot:].reshape(B, way * self.query, 1, side, side),
+            y.expand(B, way, self.query).reshape(B, way * self.query),
+        )
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state.cpu())
+
+
+def fixed_tasks(classes: ClassImages, split: str, way: int, shot: int, query: int, device, tasks: int,
+                seed: int, chunk: int):
+    """A fixed, seeded list of evaluation tasks, yielded in chunks; indices are drawn on the CPU so that the
+    same seed gives the same tasks on every device, and two checkpoints are compared on the same tasks."""
+    sampler = EpisodeSampler(classes, split, way, shot, query, device, seed, rotate=False, index_device="cpu")
+    done = 0
+    while done < tasks:
+        n = min(chunk, tasks - done)
+        yield sampler.sample(n)
+        done += n

@@ -1,0 +1,201 @@
+"""Omniglot as tensors: find a source, keep a decoded cache, cut the splits.
+
+`load_omniglot(cfg.dataset)` returns an `Omniglot` whose `split(name)` gives a `ClassImages`: a uint8 tensor
+[classes, images_per_class, H, W] (255 = ink) that the episode sampler indexes on the device.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metarun.data import embedded, sources
+from metarun.errors import MetarunError
+
+CACHE_FORMAT = "metarun-omniglot-cache-v1"
+SPLITS = ("train", "val", "test")
+# The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
+# the last 100 are held out for validation; the other 423 are for testing.
+MAML_TRAIN, MAML_VAL, MAML_TOTAL = 1100, 100, 1623
+
+
+@dataclass
+class ClassImages:
+    """The images of one split, grouped by class (character)."""
+    images: torch.Tensor          # uint8 [classes, per_class, H, W]
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def per_class(self) -> int:
+        return self.images.shape[1]
+
+
+@dataclass
+class Omniglot:
+    images: torch.Tensor          # uint8 [N, S, S], 255 = ink
+    archive: torch.Tensor         # per image: 0 background, 1 evaluation
+    alphabet: torch.Tensor
+    character: torch.Tensor
+    drawer: torch.Tensor
+    alphabet_names: list[str]
+    character_names: list[str]
+    source: str                   # where the pixels came from, for the log
+
+    def class_images(self, characters: list[int]) -> ClassImages:
+        """Images of the given characters, [len(characters), per_class, S, S], ordered by drawer."""
+        order = torch.argsort(self.character.long() * 100 + self.drawer.long())
+        sorted_char = self.character[order].long()
+        counts = torch.bincount(sorted_char, minlength=len(self.character_names))
+        chosen = counts[characters]
+        per_class = int(chosen.min()) if len(characters) else 0
+        if len(characters) and int(chosen.max()) != per_class:
+            raise MetarunError(f"characters have between {per_class} and {int(chosen.max())} images; "
+                               "metarun needs the same number per character (Omniglot has 20). The dataset in "
+                               "dataset.root is incomplete: replace it with the public archives.")
+        starts = torch.cumsum(counts, 0) - counts
+        index = starts[characters].unsqueeze(1) + torch.arange(per_class)
+        return ClassImages(self.images[order[index]], [self.character_names[c] for c in characters])
+
+    def split(self, name: str, protocol: str, seed: int = 1, lake_val_alphabets: int = 5) -> ClassImages:
+        return self.class_images(split_characters(self, protocol, seed, lake_val_alphabets)[name])
+
+
+def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int) -> dict[str, list[int]]:
+    """Character indices of each split. No character is in two splits."""
+    total = len(data.character_names)
+    g = torch.Generator().manual_seed(seed)
+    if protocol == "maml":
+        # Characters in a fixed order (sorted names), shuffled with a fixed seed, like the paper's code.
+        perm = torch.randperm(total, generator=g).tolist()
+        if total == MAML_TOTAL:
+            n_train, n_val = MAML_TRAIN, MAML_VAL
+        else:  # a smaller (test) dataset keeps the protocol's proportions
+            n_train = max(1, round(total * MAML_TRAIN / MAML_TOTAL))
+            n_val = max(1, round(total * MAML_VAL / MAML_TOTAL))
+        return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+    if protocol == "lake":
+        # Background alphabets train (some held out whole for validation), evaluation alphabets test.
+        char_alphabet = torch.zeros(total, dtype=torch.long)
+        char_archive = torch.zeros(total, dtype=torch.long)
+        char_alphabet[data.character.long()] = data.alphabet.long()
+        char_archive[data.character.long()] = data.archive.long()
+        background = sorted(set(char_alphabet[char_archive == 0].tolist()))
+        shuffled = [background[i] for i in torch.randperm(len(background), generator=g).tolist()]
+        n_val = min(lake_val_alphabets, max(len(background) - 1, 0))
+        val_alphabets = set(shuffled[:n_val])
+        chars = range(total)
+        return {
+            "train": [c for c in chars if char_archive[c] == 0 and int(char_alphabet[c]) not in val_alphabets],
+            "val": [c for c in chars if char_archive[c] == 0 and int(char_alphabet[c]) in val_alphabets],
+            "test": [c for c in chars if char_archive[c] == 1],
+        }
+    raise MetarunError(f"unknown dataset.split={protocol!r}: use dataset.split=maml (the MAML paper's "
+                       "1,100/100/423 characters) or dataset.split=lake (background vs evaluation alphabets).")
+
+
+def resize(masks: np.ndarray, size: int) -> np.ndarray:
+    """Stroke masks -> uint8 [N, size, size] intensities (255 = ink), Lanczos-resampled."""
+    from tqdm import tqdm
+
+    ink = masks.astype(np.uint8) * 255
+    if size == masks.shape[-1]:
+        return ink
+    out = np.empty((len(masks), size, size), dtype=np.uint8)
+    for i in tqdm(range(len(masks)), desc=f"resizing to {size}x{size}", unit="img", mininterval=1.0,
+                  leave=False, disable=len(masks) < 2000):
+        out[i] = np.asarray(Image.fromarray(ink[i]).resize((size, size), Image.Resampling.LANCZOS))
+    return out
+
+
+def resolve_source(cfg) -> tuple[str, object]:
+    """(description, loader) of the pixels to use, following dataset.source."""
+    root = sources.source_root(cfg.root)
+    found = sources.find_archives(root) if root.is_dir() else None
+    if cfg.source not in ("auto", "archives", "embedded"):
+        raise MetarunError(f"unknown dataset.source={cfg.source!r}: use auto, archives or embedded.")
+    if cfg.source == "embedded" or (cfg.source == "auto" and found is None):
+        return f"embedded:{embedded.EMBEDDED_SHA256}", embedded.load_embedded
+    if found is None:
+        if not cfg.download:
+            raise MetarunError(sources.missing_data_message(root))
+        found = sources.download_archives(root)
+    return f"archives:{sources.archives_fingerprint(found)}", lambda: sources.read_archives(found)
+
+
+def cache_dir(cfg) -> Path:
+    if cfg.get("cache_dir"):
+        return Path(cfg.cache_dir).expanduser()
+    root = sources.source_root(cfg.root)
+    if root.is_dir() and os.access(root, os.W_OK):
+        return root
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metarun"
+
+
+def _read_cache(path: Path, fingerprint: str, size: int) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("source") == fingerprint
+              and blob.get("image_size") == size and blob["images"].shape[1:] == (size, size)
+              and blob["images"].dtype == torch.uint8
+              and all(len(blob[k]) == len(blob["images"]) for k in ("archive", "alphabet", "character", "drawer")))
+    except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
+        ok = False
+    if not ok:
+        print(f"metarun: cache {path} is stale or corrupt; rebuilding it", file=sys.stderr)
+        return None
+    return blob
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """Write to a temp file in the same folder, flush to disk, then rename: a kill never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_omniglot(cfg) -> Omniglot:
+    """Omniglot at cfg.image_size, from the decoded cache when it is valid, else decoded once and cached."""
+    size = int(cfg.image_size)
+    if size <= 0:
+        raise MetarunError(f"dataset.image_size={size} must be positive (28 as in the MAML paper, or 105).")
+    fingerprint, read = resolve_source(cfg)
+    path = cache_dir(cfg) / f"omniglot_{size}.pt"
+    blob = _read_cache(path, fingerprint, size)
+    if blob is None:
+        strokes = read()
+        blob = {"format": CACHE_FORMAT, "source": fingerprint, "image_size": size,
+                "images": torch.from_numpy(resize(strokes.masks, size)),
+                "archive": torch.from_numpy(strokes.archive.astype(np.int64)),
+                "alphabet": torch.from_numpy(strokes.alphabet.astype(np.int64)),
+                "character": torch.from_numpy(strokes.character.astype(np.int64)),
+                "drawer": torch.from_numpy(strokes.drawer.astype(np.int64)),
+                "alphabet_names": list(strokes.alphabet_names),
+                "character_names": list(strokes.character_names)}
+        try:
+            atomic_torch_save(blob, path)
+        except OSError as exc:  # a read-only place only costs the next run a decode
+            print(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
+                  "folder to start faster next time", file=sys.stderr)
+    return Omniglot(blob["images"], blob["archive"], blob["alphabet"], blob["character"], blob["drawer"],
+                    list(blob["alphabet_names"]), list(blob["character_names"]), fingerprint.split(":")[0])

@@ -1,0 +1,83 @@
+"""Checkpoints: plain tensors, dicts, lists and strings only, written atomically, read with weights_only=True."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+
+from metarun.data.omniglot import atomic_torch_save
+from metarun.errors import MetarunError
+
+FORMAT = "metarun-checkpoint-v1"
+# Settings that decide the shape of the learner: a checkpoint only fits a run with the same ones.
+MODEL_KEYS = ("way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size")
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_torch_save({"format": FORMAT, **state}, Path(path))
+
+
+def resolve_checkpoint_path(path: str | Path, setting: str) -> Path:
+    p = Path(path).expanduser()
+    if p.is_dir():
+        # resume continues the latest state; eval scores the best one
+        for name in ("last.pt", "best.pt") if setting == "resume" else ("best.pt", "last.pt"):
+            if (p / "checkpoints" / name).is_file():
+                return p / "checkpoints" / name
+        raise MetarunError(f"{setting}={path} is a folder without checkpoints/last.pt or best.pt: point {setting} at a "
+                           "run dir or a .pt file written by metarun train.")
+    if not p.is_file():
+        raise MetarunError(f"{setting}={path} does not exist: point {setting} at a checkpoint written by metarun "
+                           "train (<run dir>/checkpoints/last.pt or best.pt).")
+    return p
+
+
+def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
+    """Loads and checks a metarun checkpoint; every failure is a MetarunError naming the file and setting."""
+    p = resolve_checkpoint_path(path, setting)
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only refuses any pickled object other than tensors and plain containers; nothing ran.
+        raise MetarunError(f"{setting}={p} was refused: it carries pickled objects that are not plain tensors "
+                           f"or containers, so it is not a metarun checkpoint and was not loaded ({str(exc).splitlines()[0]}). "
+                           "Only load checkpoints you trust, written by metarun train.")
+    except Exception as exc:
+        raise MetarunError(f"{setting}={p} is not a readable checkpoint ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'}). Use another "
+                           "checkpoint, e.g. <run dir>/checkpoints/last.pt.")
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise MetarunError(f"{setting}={p} is not a metarun checkpoint (no '{FORMAT}' marker): point {setting} at "
+                           "a file written by metarun train.")
+    for key in ("params", "config", "iteration"):
+        if key not in blob:
+            raise MetarunError(f"{setting}={p} is incomplete (no '{key}'): use another checkpoint.")
+    return blob
+
+
+def model_settings(config: dict) -> dict:
+    def get(d, dotted):
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
+    return {k: get(config, k) for k in MODEL_KEYS}
+
+
+def check_compatible(blob: dict, config: dict, path) -> None:
+    """A checkpoint whose learner was built with other settings cannot be continued or evaluated as this one."""
+    saved, wanted = model_settings(blob["config"]), model_settings(config)
+    diff = [f"{k}={saved[k]} (requested {wanted[k]})" for k in MODEL_KEYS if saved[k] != wanted[k]]
+    if diff:
+        raise MetarunError(f"checkpoint {path} was trained with {', '.join(diff)}: drop those overrides, or start "
+                           "a new run without resume.")
+
+
+def checkpoint_params(blob: dict, expected: dict, path, setting: str) -> dict:
+    """The checkpoint's weights, refused unless they have exactly the names and shapes of `expected`."""
+    saved = blob["params"]
+    if (not isinstance(saved, dict) or set(saved) != set(expected)
+            or any(not isinstance(saved[k], torch.Tensor) or saved[k].shape != expected[k].shape for k in expected)):
+        raise MetarunError(f"{setting}={path}: its weights do not match the learner of its own config (a damaged "
+                           "or hand-edited file): use another checkpoint.")
+    return saved
