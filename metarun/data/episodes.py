@@ -47,15 +47,11 @@ class EpisodeSampler:
         self.images = classes.images.to(self.device)          # uint8: 4x less memory, cast per episode
         self.index_device = torch.device(index_device) if index_device is not None else self.device
         self.generator = torch.Generator(device=self.index_device)
-        self.seed = seed
         self.generator.manual_seed(seed)
         side = self.images.shape[-1]
         grid = torch.arange(side * side).view(side, side)
         # Flat pixel index of each rotation, so one gather rotates every class by its own k.
         self.rotations = torch.stack([torch.rot90(grid, k, dims=(0, 1)).reshape(-1) for k in range(4)]).to(self.device)
-
-    def reseed(self, seed: int | None = None) -> None:
-        self.generator.manual_seed(self.seed if seed is None else seed)
 
     def sample(self, meta_batch: int) -> Episodes:
         B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query

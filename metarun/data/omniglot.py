@@ -1,7 +1,8 @@
 """Omniglot as tensors: find a source, keep a decoded cache, cut the splits.
 
-`load_omniglot(cfg.dataset)` returns an `Omniglot` whose `split(name)` gives a `ClassImages`: a uint8 tensor
-[classes, images_per_class, H, W] (255 = ink) that the episode sampler indexes on the device.
+`load_omniglot(cfg.dataset)` returns an `Omniglot`; `split_characters` cuts it into splits and
+`Omniglot.class_images` gives a split's `ClassImages`: a uint8 tensor [classes, images_per_class, H, W]
+(255 = ink) that the episode sampler indexes on the device.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from metarun.data import embedded, sources
 from metarun.errors import MetarunError
 
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
-SPLITS = ("train", "val", "test")
 # The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
 # the last 100 are held out for validation; the other 423 are for testing.
 MAML_TRAIN, MAML_VAL, MAML_TOTAL = 1100, 100, 1623
@@ -65,9 +65,6 @@ class Omniglot:
         starts = torch.cumsum(counts, 0) - counts
         index = starts[characters].unsqueeze(1) + torch.arange(per_class)
         return ClassImages(self.images[order[index]], [self.character_names[c] for c in characters])
-
-    def split(self, name: str, protocol: str, seed: int = 1, lake_val_alphabets: int = 5) -> ClassImages:
-        return self.class_images(split_characters(self, protocol, seed, lake_val_alphabets)[name])
 
 
 def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int) -> dict[str, list[int]]:
