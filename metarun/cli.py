@@ -10,7 +10,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf
 
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, require_writable_dir
 
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable install),
 # else the copy the wheel carries inside the package (see pyproject.toml).
@@ -106,13 +106,9 @@ def _preflight(command: str, args: list[str]) -> str | None:
     run_dirs = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
     target = Path(run_dirs[-1]) if run_dirs and "${" not in run_dirs[-1] else Path("outputs")
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / f".metarun-write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return (f"the output dir {target.resolve()} cannot be written ({exc.strerror}): run from a writable "
-                "folder or set hydra.run.dir=/a/writable/path.")
+        require_writable_dir(target)
+    except MetarunError as exc:
+        return str(exc)
     return None
 
 

@@ -5,5 +5,21 @@ one line, without a traceback, and exits with status 2. Every message names the 
 """
 
 
+import os
+from pathlib import Path
+
+
 class MetarunError(Exception):
     pass
+
+
+def require_writable_dir(path: Path) -> None:
+    """Creates `path` if needed and proves it writable with a probe file; else a MetarunError with the fix."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".metarun-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise MetarunError(f"the output dir {path.resolve()} cannot be written ({exc.strerror}): run from a "
+                           "writable folder or set hydra.run.dir=/a/writable/path.")

@@ -130,7 +130,11 @@ def run_worker(overrides, which, iters, warmup) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, warmup: int) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["tasks_per_s"])[len(runs) // 2]
+
+
+def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, warmup: int, repeat: int = 1) -> dict:
     cfg = compose(overrides)
     from metarun.runner.setup import resolve_device
     device = resolve_device(cfg.device)
@@ -140,10 +144,17 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
               "downsample": cfg.model.downsample, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops_per_s": peak}
-    result["metarun"] = run_worker(overrides, "metarun", iters, warmup)
+    # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these
+    # machines drift, and alternating keeps the drift out of the ratio.
+    runs = {"metarun": [], "reference": []}
+    for _ in range(repeat):
+        for which in ("metarun", "reference") if compare else ("metarun",):
+            runs[which].append(run_worker(overrides, which, iters, warmup))
+    result["repeat"] = repeat
+    result["metarun"] = median_run(runs["metarun"])
     result["metarun"]["fraction_of_matmul_peak"] = result["metarun"]["gflops_per_s"] / peak
     if compare:
-        ref = run_worker(overrides, "reference", iters, warmup)
+        ref = median_run(runs["reference"])
         ref["fraction_of_matmul_peak"] = ref["gflops_per_s"] / peak
         result["reference"] = ref
         result["speedup_vs_reference"] = result["metarun"]["tasks_per_s"] / ref["tasks_per_s"]
@@ -182,6 +193,8 @@ def main(argv=None):
     parser.add_argument("--sampler", action="store_true", help="time the episode sampler on the real cache")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=1, help="alternate metarun/reference runs this many times "
+                        "and keep the median of each")
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
@@ -194,10 +207,11 @@ def main(argv=None):
         extra = ["first_order=true"] if args.first_order else []
         for name, overrides in SUITE.items():
             print(json.dumps(bench_setting(name, overrides + extra + args.overrides, args.compare, args.iters,
-                                           args.warmup)), flush=True)
+                                           args.warmup, args.repeat)), flush=True)
         print(json.dumps(bench_sampler(args.overrides)), flush=True)
         return
-    print(json.dumps(bench_setting("custom", args.overrides, args.compare, args.iters, args.warmup)), flush=True)
+    print(json.dumps(bench_setting("custom", args.overrides, args.compare, args.iters, args.warmup, args.repeat)),
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from metarun.algorithms.maml import meta_train_step
-from metarun.errors import MetarunError
+from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner.checkpoint import check_compatible, checkpoint_params, load_checkpoint, save_checkpoint
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.setup import build_algorithm, check_train_settings, load_splits, resolve_device, train_sampler
@@ -44,17 +44,6 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def _writable_run_dir(run_dir: Path) -> None:
-    try:
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run_dir / "checkpoints" / ".write-test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise MetarunError(f"the run dir {run_dir} is not writable ({exc.strerror}): run from a writable folder or "
-                           "set hydra.run.dir=/a/writable/path.")
-
-
 def train(cfg, run_dir: Path) -> dict:
     wall_start = time.perf_counter()
     check_train_settings(cfg)
@@ -68,7 +57,7 @@ def train(cfg, run_dir: Path) -> dict:
     elif (ckpt_dir / "last.pt").exists():
         raise MetarunError(f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
                            "or choose a new hydra.run.dir.")
-    _writable_run_dir(run_dir)
+    require_writable_dir(ckpt_dir)
 
     data = load_splits(cfg, device)
     splits = data["splits"]
