@@ -98,7 +98,6 @@ def train(cfg, run_dir: Path) -> dict:
                file=sys.stdout, mininterval=1.0)
     with StopRequest() as stop:
         for it in range(start, iterations):
-            step_start = time.perf_counter()
             result = meta_train_step(maml, params, optimizer, sampler.sample(int(cfg.meta_batch)))
             done = it + 1
             window_tasks += int(cfg.meta_batch)
@@ -112,10 +111,11 @@ def train(cfg, run_dir: Path) -> dict:
                         f"the meta-loss became {loss} at iteration {done}{'' if check_every_step else ' (or shortly before)'}; "
                         f"training stopped and {'the last good checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
                         f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
-            train_seconds += time.perf_counter() - step_start
             bar.update(1)
             if logging:
+                # The .item() above synchronised the device, so the window's wall time is its compute time.
                 elapsed = time.perf_counter() - window_start
+                train_seconds += elapsed
                 tasks_per_s = window_tasks / elapsed if elapsed > 0 else float("nan")
                 accuracy = result.accuracy.mean().item()
                 writer.add_scalar("train/meta_loss", loss, done)
@@ -126,6 +126,9 @@ def train(cfg, run_dir: Path) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 window_start, window_tasks = time.perf_counter(), 0
             if done % int(cfg.eval_every) == 0 or done == iterations:
+                if not logging:  # close the speed window (after a sync) so validation is not counted
+                    result.meta_loss.item()
+                    train_seconds += time.perf_counter() - window_start
                 val, ci = evaluate_tasks(maml, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
                 writer.add_scalar("val/accuracy", val, done)
                 writer.add_scalar("val/ci95", ci, done)
@@ -134,7 +137,7 @@ def train(cfg, run_dir: Path) -> dict:
                     best_val, best_iteration = val, done
                     save_checkpoint(ckpt_dir / "best.pt", state(done))
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
-                window_start = time.perf_counter()  # validation time is not training speed
+                window_start, window_tasks = time.perf_counter(), 0  # validation time is not training speed
             if stop.signum is not None:
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
                 bar.close()
