@@ -60,12 +60,18 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def _last_value(args: list[str], key: str) -> str | None:
+    """The value of the last `key=value` override, unquoted, or None."""
+    values = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith(f"{key}=")]
+    return values[-1] if values else None
+
+
 def _resume_run_dir(args: list[str]) -> list[str]:
     """`resume=PATH` continues that run in its own run dir (unless hydra.run.dir is given)."""
-    resume = [a.split("=", 1)[1] for a in args if a.startswith("resume=")]
-    if not resume or not resume[-1] or any(a.startswith("hydra.run.dir=") for a in args):
+    resume = _last_value(args, "resume")
+    if not resume or _last_value(args, "hydra.run.dir") is not None:
         return args
-    path = Path(resume[-1].strip("'\"")).expanduser()
+    path = Path(resume).expanduser()
     if path.is_dir():
         run_dir = path
     elif path.parent.name == "checkpoints":
@@ -103,8 +109,8 @@ def _preflight(command: str, args: list[str]) -> str | None:
     missing = [k for k in cfg.keys() if OmegaConf.is_missing(cfg, k)]
     if missing:
         return f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run dir)"
-    run_dirs = [a.split("=", 1)[1].strip("'\"") for a in args if a.startswith("hydra.run.dir=")]
-    target = Path(run_dirs[-1]) if run_dirs and "${" not in run_dirs[-1] else Path("outputs")
+    run_dir = _last_value(args, "hydra.run.dir")
+    target = Path(run_dir) if run_dir and "${" not in run_dir else Path("outputs")
     try:
         require_writable_dir(target)
     except MetarunError as exc:

@@ -138,19 +138,14 @@ class MAML:
     def evaluate(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
         """Post-adaptation query accuracy [T] after `steps` (default update_step_test) steps; keeps no graph."""
         steps = self.update_step_test if steps is None else int(steps)
-        shot = ep.y_support.shape[1] // self.model.way
+        # Fresh leaves: the inner loop's graph ends here, never reaching the caller's parameters.
+        start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
         def chunk_accuracies(chunks):
             accuracies = []
             for part in chunks:
-                x, y = ep.x_support[part], ep.y_support[part]
-                fast = {k: v.detach().unsqueeze(0).expand(x.shape[0], *v.shape).clone() for k, v in params.items()}
-                for _ in range(steps):
-                    with torch.enable_grad():
-                        leaves = {k: v.requires_grad_(True) for k, v in fast.items()}
-                        loss = self.support_loss(self.model.forward(leaves, x), y, shot)
-                        grads = torch.autograd.grad(loss, list(leaves.values()))
-                    fast = {k: (w - self.update_lr * g).detach() for (k, w), g in zip(leaves.items(), grads)}
+                with torch.enable_grad():
+                    fast = self.adapt(start, ep.x_support[part], ep.y_support[part], steps, create_graph=False)
                 with torch.no_grad():
                     accuracies.append(self.query_loss(self.model.forward(fast, ep.x_query[part]), ep.y_query[part])[1])
             return accuracies
