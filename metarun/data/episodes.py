@@ -35,8 +35,11 @@ class EpisodeSampler:
     Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
     both support and query), optionally one rotation by k*90 degrees per class (the MAML paper's
     augmentation: a rotated character is a new class), and a random assignment of labels 0..way-1.
-    Random numbers come from the sampler's own generator (on `index_device`): the same seed gives the same
-    tasks, and its state is saved in checkpoints so that a resumed run draws what it would have drawn.
+    Random numbers come from the sampler's own generator (on `index_device`), re-seeded before every draw
+    from (seed, number of draws so far): the same seed gives the same tasks, and the sampler's whole state is
+    that counter (`state()`), a plain dict that fits any device, so a resumed run draws what it would have
+    drawn, and a run continued on another device type continues too (there the draws after the resume come
+    from that device's generator, deterministic but not the same numbers as the old device's).
     """
 
     def __init__(self, classes: ClassImages, split: str, way: int, shot: int, query: int, device,
@@ -47,7 +50,7 @@ class EpisodeSampler:
         self.images = classes.images.to(self.device)          # uint8: 4x less memory, cast per episode
         self.index_device = torch.device(index_device) if index_device is not None else self.device
         self.generator = torch.Generator(device=self.index_device)
-        self.generator.manual_seed(seed)
+        self.seed, self.draws = int(seed), 0
         side = self.images.shape[-1]
         grid = torch.arange(side * side).view(side, side)
         # Flat pixel index of each rotation, so one gather rotates every class by its own k.
@@ -57,6 +60,8 @@ class EpisodeSampler:
         B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query
         num_classes, per_class, side = self.images.shape[0], self.images.shape[1], self.images.shape[-1]
         g, dev = self.generator, self.index_device
+        g.manual_seed(draw_seed(self.seed, self.draws))
+        self.draws += 1
         classes = torch.rand(B, num_classes, generator=g, device=dev).argsort(dim=1)[:, :way]
         picks = torch.rand(B, way, per_class, generator=g, device=dev).argsort(dim=2)[:, :, :per_task]
         labels = torch.rand(B, way, generator=g, device=dev).argsort(dim=1)
@@ -76,20 +81,41 @@ class EpisodeSampler:
             y.expand(B, way, self.query).reshape(B, way * self.query),
         )
 
-    def state(self) -> torch.Tensor:
-        return self.generator.get_state()
+    def state(self) -> dict:
+        """{"seed", "draws"}: plain ints, the same on every device (generator states are device-specific)."""
+        return {"seed": self.seed, "draws": self.draws}
 
-    def load_state(self, state: torch.Tensor) -> None:
-        self.generator.set_state(state.cpu())
+    def load_state(self, state: dict) -> None:
+        """Continues from `state()`; raises MetarunError for anything else (e.g. a raw generator state)."""
+        if not (isinstance(state, dict) and isinstance(state.get("seed"), int) and isinstance(state.get("draws"), int)
+                and state["draws"] >= 0):
+            raise MetarunError(f"the sampler state {type(state).__name__} is not a metarun sampler state "
+                               "({'seed', 'draws'}): the checkpoint is damaged or from another version.")
+        self.seed, self.draws = state["seed"], state["draws"]
+
+
+def draw_seed(seed: int, draw: int) -> int:
+    """The generator seed of draw number `draw` of a sampler seeded with `seed`: splitmix64 of the pair, so
+    nearby (seed, draw) pairs give unrelated streams (Steele, Lea & Flood 2014, SplitMix)."""
+    z = (int(seed) * 0x9E3779B97F4A7C15 + (int(draw) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF  # manual_seed takes a signed 64-bit value
 
 
 def fixed_tasks(classes: ClassImages, split: str, way: int, shot: int, query: int, device, tasks: int,
                 seed: int, chunk: int):
-    """A fixed, seeded list of evaluation tasks, yielded in chunks; indices are drawn on the CPU so that the
-    same seed gives the same tasks on every device, and two checkpoints are compared on the same tasks."""
+    """A fixed, seeded list of evaluation tasks, yielded in chunks of `chunk` tasks.
+
+    Task i is drawn alone, from the generator seeded by (seed, i), on the CPU: the list depends only on the
+    seed, the split's classes and the episode shape, never on the device, `chunk` or `tasks` (the first
+    100 of 600 tasks are the 100 tasks), so two checkpoints are compared on the same tasks.
+    """
     sampler = EpisodeSampler(classes, split, way, shot, query, device, seed, rotate=False, index_device="cpu")
     done = 0
     while done < tasks:
         n = min(chunk, tasks - done)
-        yield sampler.sample(n)
+        parts = [sampler.sample(1) for _ in range(n)]
+        yield Episodes(*(torch.cat([getattr(p, f) for p in parts]) for f in
+                         ("x_support", "y_support", "x_query", "y_query")))
         done += n

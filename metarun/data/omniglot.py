@@ -6,8 +6,8 @@
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from PIL import Image
 from metarun.data import embedded, sources
 from metarun.errors import MetarunError
 
+log = logging.getLogger("metarun")
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
 # The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
 # the last 100 are held out for validation; the other 423 are for testing.
@@ -150,7 +151,7 @@ def _read_cache(path: Path, fingerprint: str, size: int) -> dict | None:
     except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
         ok = False
     if not ok:
-        print(f"metarun: cache {path} is stale or corrupt; rebuilding it", file=sys.stderr)
+        log.warning(f"metarun: cache {path} is stale or corrupt; rebuilding it")
         return None
     return blob
 
@@ -191,8 +192,10 @@ def load_omniglot(cfg) -> Omniglot:
                 "character_names": list(strokes.character_names)}
         try:
             atomic_torch_save(blob, path)
+            log.info(f"metarun: decoded Omniglot at {size}x{size} into the cache {path} "
+                     f"({path.stat().st_size / 2**20:.1f} MB; dataset.cache_dir sets where it goes)")
         except OSError as exc:  # a read-only place only costs the next run a decode
-            print(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
-                  "folder to start faster next time", file=sys.stderr)
+            log.warning(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
+                        "folder to start faster next time")
     return Omniglot(blob["images"], blob["archive"], blob["alphabet"], blob["character"], blob["drawer"],
                     list(blob["alphabet_names"]), list(blob["character_names"]), fingerprint.split(":")[0])

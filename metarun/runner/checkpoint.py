@@ -53,7 +53,28 @@ def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
     for key in ("params", "config", "iteration"):
         if key not in blob:
             raise MetarunError(f"{setting}={p} is incomplete (no '{key}'): use another checkpoint.")
+    bad = nonfinite_tensor(blob["params"], "params") or nonfinite_tensor(blob.get("optimizer", {}), "optimizer")
+    if bad:
+        raise MetarunError(f"{setting}={p}: {bad} holds NaN or inf values, so it would score or train as garbage "
+                           "(a diverged run or a damaged file): use an earlier checkpoint, e.g. best.pt.")
     return blob
+
+
+def nonfinite_tensor(tree, name: str = "params") -> str | None:
+    """The first floating tensor in a nested dict/list holding NaN or inf, described as e.g.
+    "tensor 'params.conv0.weight' (1 of 72 values)", or None when all are finite. Any names, any nesting."""
+    if isinstance(tree, torch.Tensor):
+        if tree.is_floating_point() or tree.is_complex():
+            finite = torch.isfinite(tree)
+            if not bool(finite.all()):
+                return f"tensor '{name}' ({int((~finite).sum())} of {tree.numel()} values)"
+        return None
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    for key, value in items:
+        found = nonfinite_tensor(value, f"{name}.{key}")
+        if found:
+            return found
+    return None
 
 
 def model_settings(config: dict) -> dict:

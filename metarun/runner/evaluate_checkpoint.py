@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,15 +13,29 @@ from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolv
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.setup import build_algorithm, load_splits, resolve_device
 
+log = logging.getLogger("metarun")
 
-def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
-    if int(cfg.tasks) <= 0:
+
+def check_eval_settings(cfg) -> tuple[Path, dict]:
+    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content)."""
+    if isinstance(cfg.tasks, bool) or not isinstance(cfg.tasks, int) or cfg.tasks <= 0:
         raise MetarunError(f"tasks={cfg.tasks} must be a positive number of evaluation tasks.")
     if cfg.split not in ("train", "val", "test"):
         raise MetarunError(f"split={cfg.split!r} is not a split: use test, val or train.")
-    device = resolve_device(cfg.device)
+    if isinstance(cfg.eval_chunk, bool) or not isinstance(cfg.eval_chunk, int) or cfg.eval_chunk <= 0:
+        raise MetarunError(f"eval_chunk={cfg.eval_chunk} must be a positive number of tasks per pass.")
+    resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
-    blob = load_checkpoint(path, "checkpoint")
+    return path, load_checkpoint(path, "checkpoint")
+
+
+def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
+    """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's record."""
+    path, blob = check_eval_settings(cfg)
+    device = resolve_device(cfg.device)
+    if Path(cfg.checkpoint).expanduser().is_dir() and path.name != "best.pt":
+        log.warning(f"metarun: warning: {cfg.checkpoint} has no checkpoints/best.pt (the run stopped before its "
+                    f"first validation): scoring {path.name} (iteration {int(blob['iteration'])}) instead.")
     train_cfg = OmegaConf.create(blob["config"])
     if cfg.data_root or os.environ.get("METARUN_DATA"):
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
@@ -36,10 +51,10 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(maml, params, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks), steps)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
-    print(line, flush=True)
-    result = {"checkpoint": str(path), "iteration": int(blob["iteration"]), "split": cfg.split, "tasks": int(cfg.tasks),
-              "update_step_test": steps, "accuracy": mean, "ci95": ci, "way": int(train_cfg.way),
-              "shot": int(train_cfg.shot), "query": int(train_cfg.query), "eval_seed": int(train_cfg.eval_seed),
-              "device": str(device), "summary": line}
+    result = {"checkpoint": str(path.absolute()), "iteration": int(blob["iteration"]), "split": cfg.split,
+              "tasks": int(cfg.tasks), "update_step_test": steps, "accuracy": mean, "ci95": ci,
+              "way": int(train_cfg.way), "shot": int(train_cfg.shot), "query": int(train_cfg.query),
+              "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": maml.impl, "summary": line}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; wrote {run_dir / 'eval.json'}")
     return result

@@ -59,7 +59,7 @@ def load_splits(cfg, device) -> dict:
         check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query))
     where = ("the copy inside metarun" if data.source == "embedded"
              else f"the archives in {sources.source_root(cfg.dataset.root)}")
-    return {"splits": splits, "source": where}
+    return {"splits": splits, "source": where, "kind": data.source}
 
 
 def train_sampler(cfg, classes, device) -> EpisodeSampler:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import shlex
 import signal
 import sys
 import time
@@ -11,12 +13,17 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algorithms.maml import meta_train_step
+from metarun.data import sources
 from metarun.errors import MetarunError, require_writable_dir
-from metarun.runner.checkpoint import check_compatible, checkpoint_params, load_checkpoint, save_checkpoint
+from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, nonfinite_tensor, save_checkpoint
 from metarun.runner.evaluate import describe, evaluate_tasks
+from metarun.runner.resume import history_entry, resumed_config
 from metarun.runner.setup import build_algorithm, check_train_settings, load_splits, resolve_device, train_sampler
+
+log = logging.getLogger("metarun")
 
 HPARAM_KEYS = ("way", "shot", "query", "meta_batch", "update_step", "update_step_test", "update_lr", "meta_lr",
                "first_order", "iterations", "seed")
@@ -44,17 +51,40 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def train(cfg, run_dir: Path) -> dict:
+def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> MetarunError:
+    kept = ckpt_dir / "last.pt"
+    return MetarunError(
+        f"{what} at iteration {done}{'' if exact else ' (or shortly before)'}; training stopped and "
+        f"{'the last good checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
+        f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
+
+
+def resolved_settings(cfg, device, impl: str, source: str) -> dict:
+    """The run's settings with what `auto` and interpolations became: device, impl, data root and source."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved["device"] = str(device)
+    resolved["algorithm"]["impl"] = impl
+    resolved["dataset"]["root"] = str(sources.source_root(cfg.dataset.root).absolute())
+    resolved["dataset"]["source"] = source
+    return resolved
+
+
+def train(cfg, run_dir: Path, overrides=()) -> dict:
+    """Meta-trains (or, with cfg.resume, continues) a run in `run_dir`; returns its results.json record.
+
+    `overrides` are the command line's settings: on resume the saved run's config is the base and only
+    these may change it (see metarun/runner/resume.py). Raises MetarunError for a user error."""
     wall_start = time.perf_counter()
+    resume = cfg.resume
+    resumed, changes = None, {}
+    if resume:
+        resumed = load_checkpoint(resume, "resume")
+        cfg, changes = resumed_config(resumed, cfg, overrides, resume)
     check_train_settings(cfg)
     device = resolve_device(cfg.device)
     config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_dir = run_dir / "checkpoints"
-    resumed = None
-    if cfg.resume:
-        resumed = load_checkpoint(cfg.resume, "resume")
-        check_compatible(resumed, config, cfg.resume)
-    elif (ckpt_dir / "last.pt").exists():
+    if resumed is None and (ckpt_dir / "last.pt").exists():
         raise MetarunError(f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
                            "or choose a new hydra.run.dir.")
     require_writable_dir(ckpt_dir)
@@ -62,57 +92,69 @@ def train(cfg, run_dir: Path) -> dict:
     data = load_splits(cfg, device)
     splits = data["splits"]
     model, maml = build_algorithm(cfg, device)
-    print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
-          f"{'first' if cfg.first_order else 'second'} order), Omniglot from {data['source']} "
-          f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
+    resolved = resolved_settings(cfg, device, maml.impl, data["kind"])
+    (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
+             f"{'first' if cfg.first_order else 'second'} order), Omniglot from {data['source']} "
+             f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
 
     init = model.init_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
     sampler = train_sampler(cfg, splits["train"], device)
-    start, best_val, best_iteration, train_seconds = 0, -1.0, 0, 0.0
+    start, best_val, best_iteration, train_seconds, wall_before, history = 0, -1.0, 0, 0.0, 0.0, []
     if resumed is not None:
-        saved = checkpoint_params(resumed, params, cfg.resume, "resume")
+        saved = checkpoint_params(resumed, params, resume, "resume")
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(saved[k])
         optimizer.load_state_dict(resumed["optimizer"])
-        sampler.load_state(resumed["sampler_rng"])
         start, best_val = int(resumed["iteration"]), float(resumed["best_val"])
         best_iteration, train_seconds = int(resumed["best_iteration"]), float(resumed["train_seconds"])
-        print(f"metarun: resumed from {cfg.resume} at iteration {start}", flush=True)
+        wall_before, history = float(resumed.get("wall_seconds", 0.0)), list(resumed.get("history", []))
+        if isinstance(resumed.get("sampler"), dict):
+            sampler.load_state(resumed["sampler"])
+        else:  # an older checkpoint's generator state only fits the generator type that wrote it
+            sampler.load_state({"seed": int(cfg.seed), "draws": start})
+            log.warning(f"metarun: warning: {resume} carries a device-specific sampler state (an older metarun); "
+                        f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start}).")
+        log.info(f"metarun: resumed from {resume} at iteration {start}"
+                 + (f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}" if changes else ""))
+    history.append({**history_entry(start, resume, changes, overrides), "device": str(device), "impl": maml.impl})
 
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if resumed is not None else None)
 
     def state(iteration: int) -> dict:
+        bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
+        if bad:  # never let non-finite weights reach a checkpoint
+            raise _diverged(f"the weights became non-finite ({bad})", iteration, True, ckpt_dir, cfg)
         return {"iteration": iteration, "params": {k: v.detach().cpu() for k, v in params.items()},
-                "optimizer": optimizer.state_dict(), "sampler_rng": sampler.state().cpu(),
+                "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
                 "best_val": best_val, "best_iteration": best_iteration, "train_seconds": train_seconds,
-                "config": config}
+                "wall_seconds": wall_before + time.perf_counter() - wall_start,
+                "config": config, "resolved": resolved, "history": history}
 
     iterations, log_every = int(cfg.iterations), int(cfg.log_every)
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
     window_start, window_tasks = time.perf_counter(), 0
     bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
-    with StopRequest() as stop:
+    with StopRequest() as stop, logging_redirect_tqdm():
         for it in range(start, iterations):
             result = meta_train_step(maml, params, optimizer, sampler.sample(int(cfg.meta_batch)))
             done = it + 1
             window_tasks += int(cfg.meta_batch)
-            logging = done % log_every == 0 or done == iterations
-            if check_every_step or logging:
+            logging_step = done % log_every == 0 or done == iterations
+            validating = done % int(cfg.eval_every) == 0 or done == iterations
+            # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
+            if check_every_step or logging_step or validating or stop.signum is not None:
                 loss = result.meta_loss.item()
                 if not math.isfinite(loss):
                     bar.close()
-                    kept = ckpt_dir / "last.pt"
-                    raise MetarunError(
-                        f"the meta-loss became {loss} at iteration {done}{'' if check_every_step else ' (or shortly before)'}; "
-                        f"training stopped and {'the last good checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
-                        f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
+                    raise _diverged(f"the meta-loss became {loss}", done, check_every_step, ckpt_dir, cfg)
             bar.update(1)
-            if logging:
+            if logging_step:
                 # The .item() above synchronised the device, so the window's wall time is its compute time.
                 elapsed = time.perf_counter() - window_start
                 train_seconds += elapsed
@@ -125,14 +167,13 @@ def train(cfg, run_dir: Path) -> dict:
                 writer.add_scalar("lr/update_lr", maml.update_lr, done)
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 window_start, window_tasks = time.perf_counter(), 0
-            if done % int(cfg.eval_every) == 0 or done == iterations:
-                if not logging:  # close the speed window (after a sync) so validation is not counted
-                    result.meta_loss.item()
+            if validating:
+                if not logging_step:  # close the speed window (the loss check synced) so validation is not counted
                     train_seconds += time.perf_counter() - window_start
                 val, ci = evaluate_tasks(maml, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
                 writer.add_scalar("val/accuracy", val, done)
                 writer.add_scalar("val/ci95", ci, done)
-                bar.write(f"iteration {done}: " + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation"))
+                log.info(f"iteration {done}: " + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation"))
                 if val > best_val:
                     best_val, best_iteration = val, done
                     save_checkpoint(ckpt_dir / "best.pt", state(done))
@@ -143,26 +184,28 @@ def train(cfg, run_dir: Path) -> dict:
                 bar.close()
                 writer.close()
                 name = signal.Signals(stop.signum).name
-                print(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
-                      f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={run_dir}", flush=True)
+                log.info(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
+                         f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}")
                 sys.exit(128 + stop.signum)
     bar.close()
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
-    best_params = {k: v.to(device) for k, v in best["params"].items()}
+    best_params = {k: v.to(device) for k, v in checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint").items()}
     test, test_ci = evaluate_tasks(maml, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
-    print(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
-          f"(iteration {best_iteration})", flush=True)
+    log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
+             f"(iteration {best_iteration})")
     tasks_per_s = iterations * int(cfg.meta_batch) / train_seconds if train_seconds > 0 else float("nan")
-    results = {"config": config, "best_val_accuracy": best_val, "best_iteration": best_iteration,
-               "test_accuracy": test, "test_ci95": test_ci, "test_tasks": int(cfg.test_tasks),
-               "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
-               "tasks_per_s": tasks_per_s, "device": str(device),
-               "impl": maml.impl, "data_source": data["source"]}
+    segment_wall = time.perf_counter() - wall_start
+    results = {"status": "completed", "config": config, "resolved": resolved, "best_val_accuracy": best_val,
+               "best_iteration": best_iteration, "test_accuracy": test, "test_ci95": test_ci,
+               "test_tasks": int(cfg.test_tasks), "train_seconds": train_seconds,
+               "wall_seconds": wall_before + segment_wall, "segment_wall_seconds": segment_wall,
+               "tasks_per_s": tasks_per_s, "device": str(device), "impl": maml.impl, "data_source": data["source"],
+               "history": history}
     writer.add_hparams({k: cfg[k] for k in HPARAM_KEYS},
                        {"hparam/best_val_accuracy": best_val, "hparam/test_accuracy": test,
                         "hparam/tasks_per_s": tasks_per_s}, run_name=".")
     writer.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    print(f"metarun: run dir {run_dir} (results.json, checkpoints/, tensorboard/)", flush=True)
+    log.info(f"metarun: run dir {run_dir} (results.json, checkpoints/, tensorboard/)")
     return results

@@ -1,0 +1,81 @@
+"""What a resumed run is: the saved run's own config, plus only the settings that may change mid-run.
+
+`metarun train resume=RUN` continues RUN exactly as it was configured: the config saved in its checkpoint
+is the base, not the defaults. The command line may change only RESUMABLE settings (how long, how often to
+validate and log, how many evaluation tasks, where it runs, where the data lies); they are applied for real
+and each change is recorded in the run's history (checkpoint and results.json). Giving any other setting a
+value other than the run's own is a MetarunError naming it; repeating the run's own value is accepted.
+"""
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig, OmegaConf
+
+from metarun.errors import MetarunError
+
+# Settings that may change when a run is continued: nothing in the saved weights, Adam state or sampler
+# state depends on them, and each is read afresh from the resumed config (the loop's length and cadence,
+# the evaluation's size and batching, the device, CPU threads, the implementation of the same gradient,
+# and where the same data is found).
+RESUMABLE = ("iterations", "eval_every", "log_every", "val_tasks", "test_tasks", "eval_chunk", "device", "threads",
+             "algorithm.impl", "algorithm.task_chunk", "dataset.root", "dataset.cache_dir", "dataset.download")
+# Keys of the command line that are not settings of the run.
+NOT_SETTINGS = ("resume",)
+
+
+def override_keys(overrides) -> list[tuple[str, str]]:
+    """(key, text) of each command-line override that is not hydra.*; a config group choice has its group
+    name as key (e.g. 'experiment')."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = []
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.startswith("hydra.") or key == "hydra" or key in NOT_SETTINGS:
+            continue
+        keys.append((key, override.input_line))
+    return keys
+
+
+def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) -> tuple[DictConfig, dict]:
+    """The resumed run's config: `saved` with the overridden RESUMABLE settings taken from `requested` (the
+    command line's composition), and {key: [saved value, new value]} of the settings that changed.
+
+    Raises MetarunError for an override of any other setting whose value differs from the saved one, and for
+    a config group choice (it would swap a whole group of the run's settings)."""
+    # The saved config wins; a setting newer than the run (absent from its config) takes the requested value.
+    base = OmegaConf.merge(OmegaConf.to_container(requested, resolve=True), saved)
+    changes = {}
+    for key, text in override_keys(overrides):
+        if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
+            raise MetarunError(f"{text} chooses a config group; resume={resume} continues the run with its own "
+                               f"settings: drop {text}, or start a new run without resume.")
+        new = OmegaConf.select(requested, key, default=None)
+        old = OmegaConf.select(base, key, default=None)
+        if new == old and isinstance(new, bool) == isinstance(old, bool):
+            continue
+        if key not in RESUMABLE:
+            raise MetarunError(f"{text} cannot change on resume: resume={resume} continues the run as it was "
+                               f"configured ({key}={old}); on resume only {', '.join(RESUMABLE)} may change. Drop "
+                               f"{text}, or start a new run without resume.")
+        OmegaConf.update(base, key, new, force_add=True)
+        changes[key] = [old, new]
+    base.resume = saved.get("resume")
+    return base, changes
+
+
+def resumed_config(blob: dict, requested: DictConfig, overrides, resume) -> tuple[DictConfig, dict]:
+    """resume_config of a loaded checkpoint, refusing an `iterations` below the iteration it reached."""
+    config, changes = resume_config(blob["config"], requested, overrides, str(resume))
+    if isinstance(config.iterations, int) and config.iterations < int(blob["iteration"]):
+        raise MetarunError(f"iterations={config.iterations} is below the iteration {int(blob['iteration'])} that "
+                           f"resume={resume} reached: give iterations>={int(blob['iteration'])}.")
+    return config, changes
+
+
+def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dict:
+    """One segment of a run's history: where it started, from what, with which changed settings."""
+    return {"start_iteration": int(start_iteration), "resumed_from": None if resume is None else str(resume),
+            "changes": {k: list(v) for k, v in changes.items()}, "overrides": [str(o) for o in overrides],
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

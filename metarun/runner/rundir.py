@@ -1,0 +1,95 @@
+"""Run dirs: claimed atomically by one run, locked while it runs, removed again if a fresh run is rejected.
+
+A run dir belongs to the run that created its marker file (`.metarun-run`, created with O_EXCL, so of two
+processes claiming the same dir in the same instant exactly one wins). The owner, and later whoever resumes
+the run, holds an exclusive `flock` on the marker while running, so a run is never continued by two
+processes at once. A dir that holds checkpoints without a marker (a run of an older metarun) counts as
+claimed too.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+from metarun.errors import MetarunError
+
+MARKER = ".metarun-run"
+_locks: dict[Path, int] = {}      # run dir -> open fd of its locked marker, held until the process ends
+
+
+def _unwritable(path: Path, exc: OSError, setting: str) -> MetarunError:
+    return MetarunError(f"the output dir {path} cannot be written ({exc.strerror or exc}): run from a writable "
+                        f"folder or set {setting}=/a/writable/path.")
+
+
+def _lock(path: Path, fd: int) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise MetarunError(f"the run in {path} is being run by another metarun process right now: wait for it "
+                           "to end, or choose another hydra.run.dir.")
+    _locks[path] = fd
+
+
+def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path, bool]:
+    """Claims a fresh run dir: `path`, or with `auto` (a generated name) the first free of path, path_2,
+    path_3, ... Returns (the dir, whether this call created it). A dir already claimed by another run is a
+    MetarunError naming it (without `auto`)."""
+    path = Path(path).expanduser().absolute()
+    candidate, n = path, 1
+    while True:
+        created = not candidate.exists()
+        try:
+            candidate.mkdir(parents=True, exist_ok=True)
+            if (candidate / "checkpoints").exists():
+                raise FileExistsError
+            fd = os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if auto:
+                n += 1
+                candidate = path.with_name(f"{path.name}_{n}")
+                continue
+            raise MetarunError(f"{setting}={path} already belongs to another run: continue that run with "
+                               f"resume={path}, or choose a new {setting}.")
+        except OSError as exc:
+            raise _unwritable(path, exc, setting)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
+                                 "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        _lock(candidate, fd)
+        return candidate, created
+
+
+def lock_existing(path: Path) -> Path:
+    """Locks an existing run dir for its resume (a MetarunError if another process runs in it)."""
+    path = Path(path).expanduser().absolute()
+    try:
+        fd = os.open(path / MARKER, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as exc:
+        raise _unwritable(path, exc, "hydra.run.dir")
+    _lock(path, fd)
+    return path
+
+
+def remove_unused(path: Path, created: bool) -> None:
+    """After a fresh run was rejected: removes what it left (the whole dir if it made it), unless the run
+    had written a checkpoint (then nothing is removed: finished work is never deleted)."""
+    path = Path(path)
+    if any((path / "checkpoints").glob("*.pt")):
+        return
+    if created:
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    for name in (".hydra", "tensorboard", "checkpoints"):
+        shutil.rmtree(path / name, ignore_errors=True)
+    for name in (MARKER, "resolved.yaml", *[p.name for p in path.glob("metarun-*.log")]):
+        try:
+            (path / name).unlink()
+        except OSError:
+            pass
