@@ -27,7 +27,7 @@ def test_train_then_eval(tiny_root, tmp_path):
     assert f"run dir {run}" in proc.stdout and "test accuracy" in proc.stdout
     for name in ("last.pt", "best.pt"):
         blob = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert set(blob) >= {"params", "optimizer", "iteration", "sampler_rng", "config"}
+        assert set(blob) >= {"params", "optimizer", "iteration", "sampler", "config", "history", "resolved"}
         assert blob["config"]["way"] == 3
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
     results = json.loads((run / "results.json").read_text())

@@ -1,6 +1,7 @@
 """Bad input, interruption, numerical faults and tampered files: a clear message, no lost work."""
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -34,6 +35,8 @@ def trained(tiny_root, tmp_path_factory):
     ("way=40", ["way=40 is larger than the 33 classes of the train split"]),
     ("shot=15", ["shot+query=15+6=21 is more than the 20 images per class"]),
     ("update_lr=0", ["update_lr=0 must be a positive number"]),
+    ("way=five", ["way=five must be a positive integer"]),
+    ("eval_chunk=0", ["eval_chunk=0 must be a positive integer"]),
     ("meta_lr=-0.001", ["meta_lr=-0.001 must be a positive number"]),
     ("update_step=0", ["update_step=0 must be a positive integer"]),
     ("meta_batch=0", ["meta_batch=0 must be a positive integer"]),
@@ -49,7 +52,8 @@ def test_bad_setting_fails_early_with_one_line(tiny_root, tmp_path, override, fr
         args = [a for a in args if not a.startswith("hydra.run.dir")]
     proc = run_metarun(*args, override, cwd=tmp_path)
     assert_clean_error(proc, *fragments)
-    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+    # a rejected command leaves nothing behind: no run dir, no outputs/ (#11)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -96,12 +100,13 @@ def test_bad_checkpoints(trained, tiny_root, tmp_path):
     torch.save(damaged, tmp_path / "damaged.pt")
     assert_clean_error(run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
                        "damaged.pt", "do not match")
-    # a checkpoint from another config cannot be resumed as this one
+    # a resumed run keeps the learner it was trained with
     proc = run_metarun(*tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path)
-    assert_clean_error(proc, "way=3 (requested 4)")
+    assert_clean_error(proc, "way=4 cannot change on resume", "(way=3)")
+    assert not (tmp_path / "other").exists()
     # and a finished run's dir is never overwritten by a new run
     proc = run_metarun(*tiny_args(tiny_root, trained), cwd=tmp_path)
-    assert_clean_error(proc, "already holds another run's checkpoints", "resume=")
+    assert_clean_error(proc, "already belongs to another run", "resume=")
 
 
 class Payload:
@@ -131,12 +136,16 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_pat
     run = tmp_path / "run"
     run_metarun(*tiny_args(tiny_root, run, "iterations=3"), cwd=tmp_path, check=True)
     good = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    # a huge inner step size overflows the adapted weights
-    args = [a for a in tiny_args(tiny_root, run, "iterations=6") if not a.startswith("hydra.run.dir")]
-    proc = run_metarun(*args, f"resume={run}", "update_lr=1e38", cwd=tmp_path)
+    # a huge inner step size overflows the adapted weights (update_lr cannot change on resume: the run's
+    # saved config is edited instead)
+    good["config"]["update_lr"] = 1e38
+    atomic_torch_save(good, run / "checkpoints" / "last.pt")
+    proc = run_metarun("train", f"resume={run}", "iterations=6", cwd=tmp_path)
     assert_clean_error(proc, "meta-loss became", "at iteration 4", "last good checkpoint", "Lower update_lr")
     kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert kept["iteration"] == 3 and all(torch.equal(kept["params"][k], good["params"][k]) for k in good["params"])
+    # the error is in the run's log file too
+    assert "meta-loss became" in (run / "metarun-train.log").read_text()
 
 
 WRITER = """
@@ -181,9 +190,9 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"]
     assert 0 < stopped < 100000
     total = stopped + 3
-    resume_args = [a for a in tiny_args(tiny_root, run, f"iterations={total}", "eval_every=100000")
-                   if not a.startswith("hydra.run.dir")]
-    run_metarun(*resume_args, f"resume={run}", cwd=tmp_path, check=True)
+    printed = out.split("Resume with: ")[1].splitlines()[0]  # the command as printed, run as printed
+    assert shlex.split(printed)[:2] == ["metarun", "train"]
+    run_metarun(*shlex.split(printed)[1:], f"iterations={total}", cwd=tmp_path, check=True)
     whole = tmp_path / "whole"
     run_metarun(*tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"), cwd=tmp_path, check=True)
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)

@@ -29,13 +29,14 @@ def override_keys(overrides) -> list[tuple[str, str]]:
     name as key (e.g. 'experiment')."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    keys = []
+    keys = {}
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
         if key.startswith("hydra.") or key == "hydra" or key in NOT_SETTINGS:
             continue
-        keys.append((key, override.input_line))
-    return keys
+        keys.pop(key, None)
+        keys[key] = override.input_line  # the last one given is the one Hydra applied
+    return list(keys.items())
 
 
 def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) -> tuple[DictConfig, dict]:

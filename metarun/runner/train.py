@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -18,7 +19,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from metarun.algorithms.maml import meta_train_step
 from metarun.data import sources
 from metarun.errors import MetarunError, require_writable_dir
-from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, nonfinite_tensor, save_checkpoint
+from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
+                                      save_checkpoint)
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.resume import history_entry, resumed_config
 from metarun.runner.setup import build_algorithm, check_train_settings, load_splits, resolve_device, train_sampler
@@ -112,6 +114,15 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
         start, best_val = int(resumed["iteration"]), float(resumed["best_val"])
         best_iteration, train_seconds = int(resumed["best_iteration"]), float(resumed["train_seconds"])
         wall_before, history = float(resumed.get("wall_seconds", 0.0)), list(resumed.get("history", []))
+        resume_file = resolve_checkpoint_path(resume, "resume")
+        if resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
+            best_file = resume_file.parent / "best.pt"
+            if best_file.is_file() and best_file.resolve() != resume_file.resolve():
+                shutil.copyfile(best_file, ckpt_dir / "best.pt")
+            elif best_file.resolve() == resume_file.resolve():
+                shutil.copyfile(resume_file, ckpt_dir / "best.pt")
+            else:  # its best checkpoint is unknown: the branch's next validation writes one
+                best_val, best_iteration = -1.0, 0
         if isinstance(resumed.get("sampler"), dict):
             sampler.load_state(resumed["sampler"])
         else:  # an older checkpoint's generator state only fits the generator type that wrote it
@@ -123,7 +134,9 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     history.append({**history_entry(start, resume, changes, overrides), "device": str(device), "impl": maml.impl})
 
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start if resumed is not None else None)
+    # Events after the checkpoint's iteration were lost with the interruption and are redrawn; those of the
+    # checkpoint's own iteration were written before it was saved and stay.
+    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None)
 
     def state(iteration: int) -> dict:
         bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
