@@ -61,6 +61,13 @@ def test_embedded_source_trains_on_the_real_splits(tmp_path):
     assert len(lake["train"]) + len(lake["val"]) == 964 and len(lake["test"]) == 659
     for split in (maml, lake):
         assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 1623
+    # the README's example error is what the shipped data really gives (train has 1,100 classes, val 100)
+    from metarun.data.episodes import check_episode_shape
+    from metarun.errors import MetarunError
+    check_episode_shape(data.class_images(maml["train"]), "train", 200, 1, 1)
+    with pytest.raises(MetarunError) as error:
+        check_episode_shape(data.class_images(maml["val"]), "val", 200, 1, 1)
+    assert f"`metarun: error: {error.value}`" in (Path(__file__).parent.parent / "README.md").read_text()
 
 
 @pytest.mark.skipif(not (os.environ.get("METARUN_DATA") and find_archives(Path(os.environ["METARUN_DATA"]))),

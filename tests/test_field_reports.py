@@ -226,23 +226,38 @@ def test_eval_scores_equal_for_any_eval_chunk(run, tiny_root, tmp_path):
 
 # 4. Non-finite weights are refused wherever weights are loaded ---------------------------------------
 
-@pytest.mark.parametrize("where", ["params", "optimizer"])
-def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path, where):
+def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
     run, _, _ = run
     blob = ckpt(run, "best.pt")
-    if where == "params":
-        blob["params"]["conv0.weight"][0, 0, 0, 0] = float("nan")
-        name = "params.conv0.weight"
-    else:
-        blob["optimizer"]["state"][0]["exp_avg"].view(-1)[0] = float("inf")
-        name = "optimizer.state.0.exp_avg"
+    blob["params"]["conv0.weight"][0, 0, 0, 0] = float("nan")
     bad = tmp_path / "bad.pt"
     torch.save(blob, bad)
     proc = run_metarun("eval", f"checkpoint={bad}", cwd=tmp_path)
-    assert_clean_error(proc, "bad.pt", f"tensor '{name}'", "NaN or inf")
+    assert_clean_error(proc, "bad.pt", "tensor 'params.conv0.weight' (1 of", "NaN or inf")
     assert "accuracy" not in proc.stdout
-    assert_clean_error(run_metarun("train", f"resume={bad}", "iterations=8", cwd=tmp_path), f"tensor '{name}'")
+    proc = run_metarun("train", f"resume={bad}", "iterations=8", cwd=tmp_path)
+    assert_clean_error(proc, "tensor 'params.conv0.weight'")
     assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("setting", ["checkpoint", "resume"])
+def test_every_loaded_tensor_is_checked(run, tmp_path, setting):
+    """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf, and
+    the check is in load_checkpoint, which eval, resume and the end-of-training test all use."""
+    run, _, _ = run
+    for tree, name, value in (("params", "fc.bias", float("inf")), ("params", "meta.lr.conv0", float("nan")),
+                              ("optimizer", "exp_avg_sq", float("-inf"))):
+        blob = ckpt(run)
+        if tree == "params":
+            blob["params"][name] = torch.full((3,), value)
+            where = f"params.{name}"
+        else:
+            blob["optimizer"]["state"][2][name].view(-1)[0] = value
+            where = f"optimizer.state.2.{name}"
+        torch.save(blob, tmp_path / "x.pt")
+        pattern = rf"{setting}=.*x\.pt: tensor '{where}' \(\d+ of \d+ values\) holds NaN or inf"
+        with pytest.raises(MetarunError, match=pattern):
+            load_checkpoint(tmp_path / "x.pt", setting)
 
 
 def test_nonfinite_weights_never_reach_a_checkpoint(tiny_root, tmp_path, monkeypatch):
@@ -322,6 +337,9 @@ def test_resume_into_another_runs_dir_is_refused(run, tiny_root, tmp_path):
     run_metarun("train", f"resume={run}", "iterations=7", f"hydra.run.dir={branch}", cwd=tmp_path, check=True)
     assert ckpt(branch)["iteration"] == 7 and (run / "checkpoints" / "last.pt").read_bytes() == last
     assert ckpt(branch)["history"][-1]["resumed_from"] == str(run)
+    # eval's output dir is claimed the same way
+    assert_clean_error(run_metarun("eval", f"checkpoint={run}", f"hydra.run.dir={other}", cwd=tmp_path),
+                       "already belongs to another run")
 
 
 # 6. A sweep survives a bad cell ---------------------------------------------------------------------

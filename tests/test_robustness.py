@@ -100,6 +100,7 @@ def test_bad_checkpoints(trained, tiny_root, tmp_path):
     torch.save(damaged, tmp_path / "damaged.pt")
     assert_clean_error(run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
                        "damaged.pt", "do not match")
+    assert not (tmp_path / "outputs").exists()  # a rejected eval creates no output dir
     # a resumed run keeps the learner it was trained with
     proc = run_metarun(*tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path)
     assert_clean_error(proc, "way=4 cannot change on resume", "(way=3)")
