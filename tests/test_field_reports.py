@@ -323,23 +323,23 @@ def test_runs_started_together_get_their_own_dirs(tiny_root, tmp_path):
         assert len({p.name.split(".")[-2] for p in (r / "tensorboard").rglob("events.*")}) == 1
 
 
-def test_resume_into_another_runs_dir_is_refused(run, tiny_root, tmp_path):
+def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     run, _, _ = run
-    other = tmp_path / "other"
-    run_metarun(*tiny_args(tiny_root, other, "iterations=2", "eval_every=2"), cwd=tmp_path, check=True)
-    files = {p: p.read_bytes() for p in other.rglob("*") if p.is_file()}
-    proc = run_metarun("train", f"resume={run}", "iterations=8", f"hydra.run.dir={other}", cwd=tmp_path)
-    assert_clean_error(proc, f"hydra.run.dir={other} already belongs to another run")
-    assert {p: p.read_bytes() for p in other.rglob("*") if p.is_file()} == files
-    # into a new dir it is a branch of the run; the original is untouched
+    # into a new dir a resume is a branch of the run; the original is untouched
     last = (run / "checkpoints" / "last.pt").read_bytes()
     branch = tmp_path / "branch"
     run_metarun("train", f"resume={run}", "iterations=7", f"hydra.run.dir={branch}", cwd=tmp_path, check=True)
     assert ckpt(branch)["iteration"] == 7 and (run / "checkpoints" / "last.pt").read_bytes() == last
     assert ckpt(branch)["history"][-1]["resumed_from"] == str(run)
+    assert (branch / "checkpoints" / "best.pt").is_file()  # the run's best checkpoint goes with it
+    # into a dir that belongs to another run (here: the branch) it is refused, and that run is untouched
+    files = {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()}
+    proc = run_metarun("train", f"resume={run}", "iterations=8", f"hydra.run.dir={branch}", cwd=tmp_path)
+    assert_clean_error(proc, f"hydra.run.dir={branch} already belongs to another run")
     # eval's output dir is claimed the same way
-    assert_clean_error(run_metarun("eval", f"checkpoint={run}", f"hydra.run.dir={other}", cwd=tmp_path),
+    assert_clean_error(run_metarun("eval", f"checkpoint={run}", f"hydra.run.dir={branch}", cwd=tmp_path),
                        "already belongs to another run")
+    assert {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()} == files
 
 
 # 6. A sweep survives a bad cell ---------------------------------------------------------------------
