@@ -342,6 +342,17 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     assert {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()} == files
 
 
+def test_rejected_run_in_the_default_dir_leaves_nothing(tiny_root, tmp_path):
+    """way=40 is only found impossible once the data is loaded, after the dir was claimed: it is removed
+    again, with the outputs/train/ folders its claim created, but not a folder another run made."""
+    args = strip(tiny_args(tiny_root, tmp_path, "way=40"), "hydra.run.dir")
+    assert_clean_error(run_metarun(*args, cwd=tmp_path), "way=40 is larger than the 33 classes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    (tmp_path / "outputs" / "train" / "other").mkdir(parents=True)
+    assert_clean_error(run_metarun(*args, cwd=tmp_path), "way=40")
+    assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["other"]
+
+
 # 6. A sweep survives a bad cell ---------------------------------------------------------------------
 
 def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):

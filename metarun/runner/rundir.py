@@ -38,14 +38,22 @@ def _lock(path: Path, fd: int) -> None:
     _locks[path] = fd
 
 
-def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path, bool]:
+def _top_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` that does not exist yet (what mkdir(parents=True) would create)."""
+    top = None
+    while not path.exists():
+        top, path = path, path.parent
+    return top
+
+
+def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path, Path | None]:
     """Claims a fresh run dir: `path`, or with `auto` (a generated name) the first free of path, path_2,
-    path_3, ... Returns (the dir, whether this call created it). A dir already claimed by another run is a
-    MetarunError naming it (without `auto`)."""
+    path_3, ... Returns (the dir, the outermost folder this call created, or None). A dir already claimed by
+    another run is a MetarunError naming it (without `auto`)."""
     path = Path(path).expanduser().absolute()
     candidate, n = path, 1
     while True:
-        created = not candidate.exists()
+        created = _top_missing(candidate)
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             if (candidate / "checkpoints").exists():
@@ -77,14 +85,23 @@ def lock_existing(path: Path) -> Path:
     return path
 
 
-def remove_unused(path: Path, created: bool) -> None:
-    """After a fresh run was rejected: removes what it left (the whole dir if it made it), unless the run
-    had written a checkpoint (then nothing is removed: finished work is never deleted)."""
+def remove_unused(path: Path, created: Path | None) -> None:
+    """After a fresh run was rejected: removes what it left (every folder its claim created, e.g.
+    outputs/train/<time>, or outputs/ itself), unless the run had written a checkpoint (then nothing is
+    removed: finished work is never deleted)."""
     path = Path(path)
     if any((path / "checkpoints").glob("*.pt")):
         return
-    if created:
+    if created is not None:
         shutil.rmtree(path, ignore_errors=True)
+        # its parents only while empty: another run may have claimed a dir next to it meanwhile
+        parent = path
+        while parent != created and created in parent.parents:
+            parent = parent.parent
+            try:
+                parent.rmdir()
+            except OSError:
+                break
         return
     for name in (".hydra", "tensorboard", "checkpoints"):
         shutil.rmtree(path / name, ignore_errors=True)
