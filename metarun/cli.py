@@ -209,7 +209,7 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
             _, hydra_node = _compose(command, cell)
         sweep_dir, _ = rundir.claim(Path(hydra_node.sweep.dir), auto="hydra.sweep.dir" not in given,
                                     setting="hydra.sweep.dir")
-        _CLAIM.update(sweep=sweep_dir)
+        _CLAIM.update(sweep=sweep_dir, swept={o.key_or_group for o in parsed if o.is_sweep_override()})
         return [f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
     cfg, hydra_node = _compose(command, overrides)
     settings = [o for o in overrides if not o.startswith("hydra.")]
@@ -220,7 +220,7 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
         own = _resume_run_dir(resume)
         extra = ["hydra.output_subdir=null"]  # the run's .hydra/ records how it was started: never rewritten
         if own is not None and ("hydra.run.dir" not in given or wanted == own):
-            _CLAIM.update(fresh=False, created=False)
+            _CLAIM.update(fresh=False, created=None)
             return extra + [f"hydra.run.dir={_quote(str(rundir.lock_existing(own)))}"]
     else:
         extra = []
@@ -229,7 +229,8 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
     return extra + [f"hydra.run.dir={_quote(str(path))}"]
 
 
-def _failed_cells(sweep_dir: Path) -> list[str]:
+def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
+    """'<cell> [<its swept settings>]: <reason>' of each cell whose results.json says it failed."""
     failed = []
     for results in sorted(sweep_dir.rglob("results.json")):
         try:
@@ -237,7 +238,8 @@ def _failed_cells(sweep_dir: Path) -> list[str]:
         except (OSError, ValueError):
             continue
         if record.get("status") == "failed":
-            failed.append(f"{results.parent.relative_to(sweep_dir)} [{' '.join(record.get('overrides', []))}]: "
+            cell = [o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") in swept]
+            failed.append(f"{results.parent.relative_to(sweep_dir)} [{' '.join(cell)}]: "
                           f"{record.get('error')}")
     return failed
 
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv = [f"metarun {command}"] + (["-m"] if multirun else []) + overrides + extra
     COMMANDS[command]()
     if multirun and "sweep" in _CLAIM:
-        failed = _failed_cells(_CLAIM["sweep"])
+        failed = _failed_cells(_CLAIM["sweep"], _CLAIM["swept"])
         if failed:
             return _fail(f"{len(failed)} sweep cell(s) failed (each has its reason in its results.json): "
                          + "; ".join(failed))
