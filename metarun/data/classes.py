@@ -53,23 +53,6 @@ class ClassImages:
         return self.images.shape[1]
 
 
-def from_labels(images: torch.Tensor, labels: torch.Tensor, class_ids: list[int], names: list[str]) -> ClassImages:
-    """The classes `class_ids` (in that order) of a labelled image set.
-
-    images: uint8 [N, C, H, W]; labels: long [N]; names[i] names class_ids[i]. Images of a class keep their order.
-    """
-    index, starts, counts, start = [], [], [], 0
-    for c in class_ids:
-        members = torch.nonzero(labels == c).flatten()
-        index.append(members)
-        starts.append(start)
-        counts.append(len(members))
-        start += len(members)
-    flat = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
-    return ClassImages(images[flat], list(names), torch.tensor(starts, dtype=torch.long),
-                       torch.tensor(counts, dtype=torch.long))
-
-
 def check_splits(splits: dict[str, list[str]], where: str) -> None:
     """Each split names at least one class and no class is in two splits; else a MetarunError naming `where`."""
     seen: dict[str, str] = {}

@@ -52,10 +52,11 @@ def load_splits(cfg, device) -> dict:
     splits, where = load_dataset(cfg.dataset)
     for name, classes in splits.items():
         check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query))
-    channels = int(cfg.model.get("in_channels", classes.channels))
-    if channels != classes.channels:
-        raise MetarunError(f"model.in_channels={channels} but the {cfg.dataset.name} images have {classes.channels} "
-                           f"channel(s): set model.in_channels={classes.channels} (or dataset.channels).")
+    have = splits["train"].channels
+    channels = int(cfg.model.get("in_channels", have))
+    if channels != have:
+        raise MetarunError(f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} channel(s): "
+                           f"leave model.in_channels=${{dataset.channels}} or set it to {have}.")
     return {"splits": splits, "source": where}
 
 
