@@ -322,3 +322,14 @@ def test_rgb_84_episode_through_training_and_evaluation(tmp_path):
     out = run_metarun("eval", f"checkpoint={run}", "tasks=3", "update_step_test=1", "device=cpu", "eval_chunk=3",
                       f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True)
     assert "test accuracy" in out.stdout and json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"] == 3
+
+
+@pytest.mark.parametrize("shot,meta_batch", [(1, 4), (5, 2)])
+def test_miniimagenet_experiment_configs_have_the_papers_settings(shot, meta_batch):
+    from hydra import compose, initialize_config_dir
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"+experiment=miniimagenet_5way_{shot}shot"])
+    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.channels) == ("miniimagenet", 84, 3)
+    assert (cfg.way, cfg.shot, cfg.query, cfg.meta_batch) == (5, shot, 15, meta_batch)
+    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr, cfg.meta_lr) == (5, 10, 0.01, 0.001)
+    assert (cfg.model.filters, cfg.model.downsample, cfg.model.in_channels) == (32, "maxpool", 3)
