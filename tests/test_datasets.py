@@ -333,3 +333,24 @@ def test_miniimagenet_experiment_configs_have_the_papers_settings(shot, meta_bat
     assert (cfg.way, cfg.shot, cfg.query, cfg.meta_batch) == (5, shot, 15, meta_batch)
     assert (cfg.update_step, cfg.update_step_test, cfg.update_lr, cfg.meta_lr) == (5, 10, 0.01, 0.001)
     assert (cfg.model.filters, cfg.model.downsample, cfg.model.in_channels) == (32, "maxpool", 3)
+
+
+def test_equal_classes_draw_exactly_the_dense_tasks():
+    """Omniglot (equal classes, one channel) gets bit for bit the tasks of the dense [classes, per_class] draw."""
+    K, P, side, B, way, shot, query = 12, 20, 6, 5, 4, 2, 3
+    dense = torch.randint(0, 256, (K, P, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ep = EpisodeSampler(ClassImages(dense, [str(c) for c in range(K)]), "train", way, shot, query, "cpu", seed=3,
+                        rotate=True).sample(B)
+    g = torch.Generator().manual_seed(3)
+    classes = torch.rand(B, K, generator=g).argsort(dim=1)[:, :way]
+    picks = torch.rand(B, way, P, generator=g).argsort(dim=2)[:, :, :shot + query]
+    labels = torch.rand(B, way, generator=g).argsort(dim=1)
+    turns = torch.randint(0, 4, (B, way), generator=g)
+    x = dense[classes.unsqueeze(-1), picks]
+    for b in range(B):
+        for w in range(way):
+            x[b, w] = torch.rot90(x[b, w], int(turns[b, w]), dims=(1, 2))
+    x = x.unsqueeze(3).float() / 255
+    assert torch.equal(ep.x_support, x[:, :, :shot].reshape(B, way * shot, 1, side, side))
+    assert torch.equal(ep.x_query, x[:, :, shot:].reshape(B, way * query, 1, side, side))
+    assert torch.equal(ep.y_query, labels.unsqueeze(-1).expand(B, way, query).reshape(B, -1))

@@ -35,8 +35,9 @@ class EpisodeSampler:
     """Draws meta-batches of tasks from one split.
 
     Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
-    both support and query; classes may differ in size), optionally one rotation by k*90 degrees per class (the MAML paper's
-    augmentation: a rotated character is a new class), and a random assignment of labels 0..way-1.
+    both support and query; classes may differ in size), optionally one rotation by k*90 degrees per class
+    (the MAML paper's augmentation: a rotated character is a new class), and a random assignment of labels
+    0..way-1. Images: uint8 [N, C, H, W] on `device`; episodes: float [B, way*(shot|query), C, H, W].
     Random numbers come from the sampler's own generator (on `index_device`): the same seed gives the same
     tasks, and its state is saved in checkpoints so that a resumed run draws what it would have drawn.
     """
