@@ -429,7 +429,7 @@ def test_resolved_settings_are_recorded(run):
     run, _, _ = run
     resolved = OmegaConf.load(run / "resolved.yaml")
     assert resolved.device == "cpu" and resolved.algorithm.impl in ("batched", "loop", "parallel")
-    assert resolved.dataset.source == "archives" and os.path.isabs(resolved.dataset.root)
+    assert "from the archives in" in resolved.data_source and os.path.isabs(resolved.dataset.root)
     assert "${" not in (run / "resolved.yaml").read_text()
     assert ckpt(run)["resolved"]["algorithm"]["impl"] == resolved.algorithm.impl
 

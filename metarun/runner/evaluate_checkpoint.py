@@ -37,7 +37,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         log.warning(f"metarun: warning: {cfg.checkpoint} has no checkpoints/best.pt (the run stopped before its "
                     f"first validation): scoring {path.name} (iteration {int(blob['iteration'])}) instead.")
     train_cfg = OmegaConf.create(blob["config"])
-    if cfg.data_root or os.environ.get("METARUN_DATA"):
+    if cfg.data_root or (os.environ.get("METARUN_DATA") and train_cfg.dataset.name == "omniglot"):
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
         train_cfg.eval_seed = int(cfg.eval_seed)

@@ -17,7 +17,6 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algorithms.maml import meta_train_step
-from metarun.data import sources
 from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
                                       save_checkpoint)
@@ -62,12 +61,14 @@ def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> Metarun
 
 
 def resolved_settings(cfg, device, impl: str, source: str) -> dict:
-    """The run's settings with what `auto` and interpolations became: device, impl, data root and source."""
+    """The run's settings with what `auto` and interpolations became: device, impl, data root, and where the
+    data came from (`data_source`)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["device"] = str(device)
     resolved["algorithm"]["impl"] = impl
-    resolved["dataset"]["root"] = str(sources.source_root(cfg.dataset.root).absolute())
-    resolved["dataset"]["source"] = source
+    if resolved["dataset"].get("root"):
+        resolved["dataset"]["root"] = str(Path(resolved["dataset"]["root"]).expanduser().absolute())
+    resolved["data_source"] = source
     return resolved
 
 
@@ -94,10 +95,10 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     data = load_splits(cfg, device)
     splits = data["splits"]
     model, maml = build_algorithm(cfg, device)
-    resolved = resolved_settings(cfg, device, maml.impl, data["kind"])
+    resolved = resolved_settings(cfg, device, maml.impl, data["source"])
     (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
-             f"{'first' if cfg.first_order else 'second'} order), Omniglot from {data['source']} "
+             f"{'first' if cfg.first_order else 'second'} order), {data['source']} "
              f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
 
     init = model.init_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
