@@ -16,7 +16,7 @@ from conftest import run_metarun
 from metarun.data import cifar_fs, fc100, imagecache
 from metarun.data.cifar100 import SUPERCLASSES
 from metarun.data.classes import ClassImages
-from metarun.data.episodes import EpisodeSampler, fixed_tasks
+from metarun.data.episodes import EpisodeSampler, draw_seed, fixed_tasks
 from metarun.data.folder import load_folder
 from metarun.data.miniimagenet import load_miniimagenet
 from metarun.data.registry import load_dataset
@@ -343,7 +343,7 @@ def test_equal_classes_draw_exactly_the_dense_tasks():
     dense = torch.randint(0, 256, (K, P, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     ep = EpisodeSampler(ClassImages(dense, [str(c) for c in range(K)]), "train", way, shot, query, "cpu", seed=3,
                         rotate=True).sample(B)
-    g = torch.Generator().manual_seed(3)
+    g = torch.Generator().manual_seed(draw_seed(3, 0))  # each draw is seeded from (seed, draw number)
     classes = torch.rand(B, K, generator=g).argsort(dim=1)[:, :way]
     picks = torch.rand(B, way, P, generator=g).argsort(dim=2)[:, :, :shot + query]
     labels = torch.rand(B, way, generator=g).argsort(dim=1)
