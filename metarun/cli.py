@@ -102,8 +102,8 @@ def _quote(value: str) -> str:
 
 
 # Every setting that is a path: `~` in it means the home folder (Hydra's grammar would refuse it).
-PATH_SETTINGS = ("hydra.run.dir", "hydra.sweep.dir", "dataset.root", "dataset.cache_dir", "resume", "checkpoint",
-                 "data_root")
+PATH_SETTINGS = ("hydra.run.dir", "hydra.sweep.dir", "dataset.root", "dataset.cache_dir", "dataset.split_files.train",
+                 "dataset.split_files.val", "dataset.split_files.test", "resume", "checkpoint", "data_root")
 
 
 def _normalize(arg: str) -> str:
