@@ -179,7 +179,7 @@ def load_omniglot(cfg) -> Omniglot:
         try:
             atomic_torch_save(blob, path)
             log.info(f"metarun: decoded Omniglot at {size}x{size} into the cache {path} "
-                     f"({path.stat().st_size / 2**20:.1f} MB; dataset.cache_dir sets where it goes)")
+                     f"({path.stat().st_size / 2**20:.1f} MiB; dataset.cache_dir sets where it goes)")
         except OSError as exc:  # a read-only place only costs the next run a decode
             log.warning(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
                         "folder to start faster next time")
