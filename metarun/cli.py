@@ -105,6 +105,9 @@ def _preflight(command: str, args: list[str]) -> str | None:
         if unknown:
             return (f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` lists the "
                     "settings")
+        option = re.search(r"Could not find '([\w/]+)/([^'/]+)' Available options in '[^']+': (.*?) Config search", text)
+        if option:  # e.g. algorithm=nosuch: name the known choices of that group
+            return f"unknown {option[1]}={option[2]}: use one of {', '.join(option[3].split())}."
         return f"{text} (see `metarun {command} --help` for the settings)"
     missing = [k for k in cfg.keys() if OmegaConf.is_missing(cfg, k)]
     if missing:

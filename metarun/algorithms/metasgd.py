@@ -45,7 +45,7 @@ class MetaSGD(GradientMetaLearner):
     def extra_params(self, dtype, device) -> dict:
         g = torch.Generator().manual_seed(self.alpha_seed + 1)
         shapes = self.model.init_params(torch.Generator())
-        return {self.PREFIX + k: (self.alpha_low + (self.alpha_high - self.alpha_low) * torch.rand(v.shape, generator=g))
+        return {self.PREFIX + k: (self.alpha_low + (self.alpha_high - self.alpha_low) * torch.rand(v.shape, generator=g, dtype=torch.float64))
                 .to(dtype=dtype, device=device) for k, v in shapes.items()}
 
     def inner_lrs(self, params: dict, step: int) -> dict:
