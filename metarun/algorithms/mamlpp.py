@@ -16,8 +16,9 @@ AntreasAntoniou/HowToTrainYourMAMLPytorch, few_shot_learning_system.py), every f
   statistics; `bnrs=true` is refused with that explanation.
 - `lslr`: learned per-layer (per weight tensor, as their LSLRGradientDescentLearningRule) per-step inner
   learning rates `lslr.<weight name>` [update_step], initialised to update_lr.
-- `cosine_annealing`: the meta learning rate follows cosine annealing over the run's epochs to
-  `min_meta_lr` (their CosineAnnealingLR(T_max=total_epochs) stepped with the epoch each iteration).
+- `cosine_annealing`: the meta learning rate follows cosine annealing over `cosine_epochs` (default: the
+  run's epochs) to `min_meta_lr` (their CosineAnnealingLR(T_max=total_epochs) stepped with the epoch each
+  iteration).
 - `inner_bn`: whether batch-norm weights adapt in the inner loop (MAML: yes; their code: no).
 An epoch is `iterations_per_epoch` iterations (their total_iter_per_epoch, 500).
 With every switch off (and inner_bn=true) this is MAML, bit for bit.
@@ -58,7 +59,8 @@ class MAMLPlusPlus(GradientMetaLearner):
 
     def __init__(self, model, update_lr, update_step, update_step_test, first_order=False, *, msl=True,
                  msl_epochs=10, first_order_epochs=0, bnwb=True, bnrs=False, lslr=True, cosine_annealing=True,
-                 min_meta_lr=1e-5, meta_lr=1e-3, inner_bn=False, iterations_per_epoch=500, iterations=50000, **kw):
+                 min_meta_lr=1e-5, meta_lr=1e-3, cosine_epochs=None, inner_bn=False, iterations_per_epoch=500,
+                 iterations=50000, **kw):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
         self.msl, self.bnwb, self.lslr, self.cosine_annealing = bool(msl), bool(bnwb), bool(lslr), bool(cosine_annealing)
         self.inner_bn = bool(inner_bn)
@@ -69,6 +71,10 @@ class MAMLPlusPlus(GradientMetaLearner):
             raise MetarunError(f"algorithm.iterations_per_epoch={iterations_per_epoch} must be a positive integer "
                                "(their code: 500).")
         self.total_epochs = math.ceil(self.iterations / self.iterations_per_epoch)
+        self.cosine_epochs = self.total_epochs if cosine_epochs is None else int(cosine_epochs)
+        if self.cosine_annealing and self.cosine_epochs <= 0:
+            raise MetarunError(f"algorithm.cosine_epochs={cosine_epochs} must be a positive number of epochs "
+                               "(null: the run's).")
         if bnrs:
             raise MetarunError("algorithm.bnrs=true: the authors' code keeps per-step running statistics but always "
                                "normalises with batch statistics, so they never change an output; metarun uses batch "
@@ -97,6 +103,7 @@ class MAMLPlusPlus(GradientMetaLearner):
         return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order, msl=a.msl,
                    msl_epochs=a.msl_epochs, first_order_epochs=a.first_order_epochs, bnwb=a.bnwb, bnrs=a.bnrs,
                    lslr=a.lslr, cosine_annealing=a.cosine_annealing, min_meta_lr=a.min_meta_lr, meta_lr=cfg.meta_lr,
+                   cosine_epochs=a.get("cosine_epochs"),
                    inner_bn=a.inner_bn, iterations_per_epoch=a.iterations_per_epoch, iterations=cfg.iterations,
                    inner_loss=a.inner_loss, engine=engine)
 
@@ -158,8 +165,9 @@ class MAMLPlusPlus(GradientMetaLearner):
         return not self.first_order and self.epoch >= self.first_order_epochs
 
     def meta_lr_at(self, epoch: int) -> float:
-        """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = the run's epochs)."""
-        return self.min_meta_lr + (self.meta_lr - self.min_meta_lr) * (1 + math.cos(math.pi * epoch / self.total_epochs)) / 2
+        """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = cosine_epochs, by default the
+        run's epochs as their total_epochs)."""
+        return self.min_meta_lr + (self.meta_lr - self.min_meta_lr) * (1 + math.cos(math.pi * epoch / self.cosine_epochs)) / 2
 
     def begin_iteration(self, iteration: int, optimizer) -> None:
         self.epoch = int(iteration) // self.iterations_per_epoch
