@@ -95,18 +95,18 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         threads = cpu_threads(cfg.threads)
         apply_threads(threads, "loop")
         execution = {"impl": "loop", "workers": 1, "threads": threads}
-    model, maml = build_algorithm(cfg, device, execution)
+    model, algorithm = build_algorithm(cfg, device, execution)
     # What this process really computes on, read after setup: intra-op threads x engine workers.
     intra_op = torch.get_num_threads()
-    workers = maml.workers if which == "metarun" and maml.impl == "parallel" else 1
-    params = {k: v.requires_grad_(True) for k, v in maml.init_meta_params(torch.Generator().manual_seed(0), device=device).items()}
+    workers = algorithm.workers if which == "metarun" and algorithm.impl == "parallel" else 1
+    params = {k: v.requires_grad_(True) for k, v in algorithm.init_meta_params(torch.Generator().manual_seed(0), device=device).items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
-    maml.begin_iteration(0, optimizer)
+    algorithm.begin_iteration(0, optimizer)
     ep = random_episodes(cfg, device)
     if which == "metarun":
-        step = lambda: train_step(maml, params, optimizer, ep)  # noqa: E731
+        step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
     else:
-        step = lambda: reference_train_step(maml, params, optimizer, ep)  # noqa: E731
+        step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):
         step()
     sync(device)
@@ -121,7 +121,7 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     if which == "metarun":
         # Every impl does the same arithmetic; count it in its ungrouped per-task form, because
         # FlopCounterMode sees only this thread (parallel) and overcounts grouped-conv backward ~2.5x.
-        counting = copy.copy(maml)
+        counting = copy.copy(algorithm)
         counting.engine = Engine("loop", 1, 0, device)
         step = lambda: train_step(counting, params, optimizer, ep)  # noqa: E731
     with FlopCounterMode(display=False) as counter:
@@ -130,7 +130,7 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     median = statistics.median(times)
-    return {"impl": maml.impl if which == "metarun" else "reference-loop", "algorithm": maml.name,
+    return {"impl": algorithm.impl if which == "metarun" else "reference-loop", "algorithm": algorithm.name,
             "threads": intra_op * workers, "intra_op_threads": intra_op, "workers": workers,
             "tasks_per_s": int(cfg.meta_batch) / median,
             "s_per_iter": {"min": min(times), "median": median, "max": max(times)},

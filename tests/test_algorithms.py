@@ -315,3 +315,19 @@ def test_impossible_settings_are_refused_at_construction(kw, fragment):
             MetaSGD(model, 0.4, 1, 1, **kw)
         else:
             MAMLPlusPlus(model, 0.4, 2, 2, **{**dict(iterations=100, iterations_per_epoch=25, msl_epochs=2), **kw})
+
+
+@pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp"])
+def test_benchmark_reference_loop_computes_the_same_meta_gradient(name):
+    """scripts/bench.py --compare times algorithms/reference.py against the engine: same objective."""
+    from metarun.algorithms.reference import reference_meta_loss
+
+    model, ep = setup()
+    algo = build(name, model)
+    algo.begin_iteration(10, None)  # mamlpp: epoch 0 of MSL
+    meta = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
+    expected = dict(zip(leaves, torch.autograd.grad(reference_meta_loss(algo, leaves, ep), list(leaves.values()),
+                                                    allow_unused=True)))
+    expected = {k: torch.zeros_like(meta[k]) if g is None else g for k, g in expected.items()}
+    assert relative_error(metarun_gradient(algo, meta, ep), expected) < 1e-8

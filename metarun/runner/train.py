@@ -71,10 +71,11 @@ def train(cfg, run_dir: Path) -> dict:
                            "or choose a new hydra.run.dir.")
     require_writable_dir(ckpt_dir)
 
-    data = load_splits(cfg, device)
-    splits = data["splits"]
+    # the algorithm checks its own settings here, before any data is loaded
     execution = configure_execution(cfg, device, resumed.get("algorithm") if resumed is not None else None)
     model, algorithm = build_algorithm(cfg, device, execution)
+    data = load_splits(cfg, device)
+    splits = data["splits"]
     print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
           f"{execution['threads']} threads), Omniglot from {data['source']} "
           f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
@@ -182,8 +183,9 @@ def train(cfg, run_dir: Path) -> dict:
                "test_accuracy": test, "test_ci95": test_ci, "test_tasks": int(cfg.test_tasks),
                "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - wall_start,
                "tasks_per_s": tasks_per_s, "device": str(device),
-               "impl": algorithm.impl, "data_source": data["source"]}
-    writer.add_hparams({k: cfg[k] for k in HPARAM_KEYS},
+               "impl": algorithm.impl, "algorithm": algorithm.name, "workers": algorithm.workers,
+               "threads": execution["threads"], "data_source": data["source"]}
+    writer.add_hparams({"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
                        {"hparam/best_val_accuracy": best_val, "hparam/test_accuracy": test,
                         "hparam/tasks_per_s": tasks_per_s}, run_name=".")
     writer.close()
