@@ -21,13 +21,14 @@ def ensemble_paths(path: Path, blob: dict, k: int) -> list[Path]:
         return [path]
     if k < 1:
         raise MetarunError(f"ensemble={k} must be a positive number of checkpoints.")
-    last = path.parent / "last.pt"
+    ckpt_dir = path.parent.parent if path.parent.name == "top" else path.parent
+    last = ckpt_dir / "last.pt"
     top = (load_checkpoint(last, "checkpoint") if last.is_file() else blob).get("top", [])
     if k > len(top):
-        raise MetarunError(f"ensemble={k} is more than the {len(top)} best checkpoints the run in {path.parent.parent} "
+        raise MetarunError(f"ensemble={k} is more than the {len(top)} best checkpoints the run in {ckpt_dir.parent} "
                            f"kept (train keep_best={blob['config'].get('keep_best', 1)}): use ensemble<={max(len(top), 1)}.")
     from metarun.runner.train import top_path
-    paths = [top_path(path.parent, int(e[1])) for e in top[:k]]
+    paths = [top_path(ckpt_dir, int(e[1])) for e in top[:k]]
     for p in paths:
         if not p.is_file():
             raise MetarunError(f"ensemble={k}: {p} is missing: use a smaller ensemble or restore the file.")
