@@ -16,6 +16,7 @@ from metarun.algorithms.engine import Engine
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.mamlpp import MAMLPlusPlus, msl_weights
 from metarun.algorithms.metasgd import MetaSGD
+from metarun.data.episodes import Episodes
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 
@@ -294,7 +295,11 @@ def test_every_experiment_config_builds_its_algorithm(experiment):
     assert algo.name == cfg.algorithm.name == (experiment.split("_")[0] if "_" in experiment and
                                                experiment.split("_")[0] in registry() else "maml")
     params = algo.init_meta_params(torch.Generator().manual_seed(0))
-    ep = random_episodes(2, int(cfg.way), int(cfg.shot), 1, side=28, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    shape = (int(cfg.model.in_channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
+    labels = lambda n: torch.stack([torch.randperm(int(cfg.way), generator=g).repeat_interleave(n) for _ in range(2)])
+    ep = Episodes(torch.rand(2, int(cfg.way) * int(cfg.shot), *shape, generator=g), labels(int(cfg.shot)),
+                  torch.rand(2, int(cfg.way), *shape, generator=g), labels(1))
     algo.begin_iteration(0, None)
     assert algo.accumulate_meta_gradient({k: v.requires_grad_(True) for k, v in params.items()}, ep).meta_loss.isfinite()
 

@@ -77,7 +77,7 @@ def train(cfg, run_dir: Path) -> dict:
     data = load_splits(cfg, device)
     splits = data["splits"]
     print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
-          f"{execution['threads']} threads), Omniglot from {data['source']} "
+          f"{execution['threads']} threads), {data['source']} "
           f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
