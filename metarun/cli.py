@@ -162,6 +162,9 @@ def _compose(command: str, overrides: list[str]):
         if unknown:
             raise MetarunError(f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` "
                                "lists the settings")
+        option = re.search(r"Could not find '([\w/]+)/([^'/]+)' Available options in '[^']+': (.*?) Config search", text)
+        if option:  # e.g. algorithm=nosuch: name the known choices of that group
+            raise MetarunError(f"unknown {option[1]}={option[2]}: use one of {', '.join(option[3].split())}.")
         raise MetarunError(f"{text} (see `metarun {command} --help` for the settings)")
     with open_dict(cfg):
         hydra_node = cfg.pop("hydra")

@@ -1,6 +1,7 @@
 """Benchmark metarun's meta-training step; prints one JSON object per setting.
 
-    python scripts/bench.py [overrides...] [--compare] [--iters N] [--warmup N]
+    python scripts/bench.py [overrides...] [--compare] [--threads N] [--iters N] [--warmup N]
+    python scripts/bench.py algorithm=mamlpp --compare                # any algorithm (algorithm=NAME)
     python scripts/bench.py --suite [--first-order] [--compare]      # settings A, B, C (README, Performance)
     python scripts/bench.py --sampler                                # the episode sampler on the real cache
 
@@ -8,7 +9,11 @@ Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta
 algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is `meta_train_step`, exactly
 what `metarun train` runs (forward, inner loop, meta-backward, Adam step), on random episodes of the
 configured shapes. Each measurement runs in a fresh process, so that its peak memory is its own.
-`--compare` also times, in the same run and shapes, the per-task reference loop of the gradient tests.
+`--compare` also times, in the same run and shapes, the plain per-task loop (algorithms/reference.py) of the
+same algorithm. Each side runs in its own process with the same `threads` setting (`--threads N`, default
+all cores), applied by the runner's own setup (metarun/runner/setup.py): metarun's `parallel` gets N workers
+of 1 intra-op thread, the loop N intra-op threads; each side reports the threads it really ran on, read
+inside its process after setup.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from metarun.algorithms.maml import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
+from metarun.algorithms.base import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
 
@@ -77,21 +82,31 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     """One implementation in this process: timings, FLOPs, peak memory."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from metarun.runner.setup import build_algorithm, resolve_device
+    from metarun.algorithms.engine import Engine
+    from metarun.runner.setup import apply_threads, build_algorithm, configure_execution, cpu_threads, resolve_device
 
     cfg = compose(overrides)
     device = resolve_device(cfg.device)
-    model, maml = build_algorithm(cfg, device)
-    params = {k: v.requires_grad_(True) for k, v in model.init_params(torch.Generator().manual_seed(0), device=device).items()}
+    if which == "metarun":
+        # exactly what `metarun train` does: resolve the impl and apply the `threads` setting once
+        execution = configure_execution(cfg, device)
+    else:
+        # the plain loop: one op stream with `threads` intra-op threads (the same setting as metarun's side)
+        threads = cpu_threads(cfg.threads)
+        apply_threads(threads, "loop")
+        execution = {"impl": "loop", "workers": 1, "threads": threads}
+    model, algorithm = build_algorithm(cfg, device, execution)
+    # What this process really computes on, read after setup: intra-op threads x engine workers.
+    intra_op = torch.get_num_threads()
+    workers = algorithm.workers if which == "metarun" and algorithm.impl == "parallel" else 1
+    params = {k: v.requires_grad_(True) for k, v in algorithm.init_meta_params(torch.Generator().manual_seed(0), device=device).items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
+    algorithm.begin_iteration(0, optimizer)
     ep = random_episodes(cfg, device)
     if which == "metarun":
-        step = lambda: train_step(maml, params, optimizer, ep)  # noqa: E731
+        step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
     else:
-        kw = dict(way=int(cfg.way), update_lr=float(cfg.update_lr), update_step=int(cfg.update_step),
-                  first_order=bool(cfg.first_order), downsample=str(cfg.model.downsample),
-                  inner_loss=str(cfg.algorithm.inner_loss))
-        step = lambda: reference_train_step(params, optimizer, ep, **kw)  # noqa: E731
+        step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):
         step()
     sync(device)
@@ -106,8 +121,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     if which == "metarun":
         # Every impl does the same arithmetic; count it in its ungrouped per-task form, because
         # FlopCounterMode sees only this thread (parallel) and overcounts grouped-conv backward ~2.5x.
-        counting = copy.copy(maml)
-        counting.impl = "loop"
+        counting = copy.copy(algorithm)
+        counting.engine = Engine("loop", 1, 0, device)
         step = lambda: train_step(counting, params, optimizer, ep)  # noqa: E731
     with FlopCounterMode(display=False) as counter:
         step()
@@ -115,7 +130,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     median = statistics.median(times)
-    return {"impl": maml.impl if which == "metarun" else "reference-loop",
+    return {"impl": algorithm.impl if which == "metarun" else "reference-loop", "algorithm": algorithm.name,
+            "threads": intra_op * workers, "intra_op_threads": intra_op, "workers": workers,
             "tasks_per_s": int(cfg.meta_batch) / median,
             "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
             "peak_memory_mb": peak / 2 ** 20, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
@@ -143,7 +159,7 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
               "shape": {k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")},
               "downsample": cfg.model.downsample, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops_per_s": peak}
+              "torch": torch.__version__, "algorithm": str(cfg.algorithm.name), "matmul_gflops_per_s": peak}
     # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these
     # machines drift, and alternating keeps the drift out of the ratio.
     runs = {"metarun": [], "reference": []}
@@ -152,6 +168,7 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
             runs[which].append(run_worker(overrides, which, iters, warmup))
     result["repeat"] = repeat
     result["metarun"] = median_run(runs["metarun"])
+    result["threads"] = result["metarun"]["threads"]  # read inside the worker, after setup
     result["metarun"]["fraction_of_matmul_peak"] = result["metarun"]["gflops_per_s"] / peak
     if compare:
         ref = median_run(runs["reference"])
@@ -195,8 +212,12 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="alternate metarun/reference runs this many times "
                         "and keep the median of each")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (metarun's `threads` "
+                        "setting; default: the config's, 0 = all cores)")
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        args.overrides = [*args.overrides, f"threads={args.threads}"]
     if args.worker:
         print(json.dumps(measure(args.overrides, args.worker, args.iters, args.warmup)), flush=True)
         return

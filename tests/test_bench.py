@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import REPO
 
 
@@ -17,7 +19,7 @@ def load_bench():
 def test_benchmark_prints_valid_json_with_every_field():
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "way=2", "shot=1", "query=1",
                            "meta_batch=2", "model.filters=4", "device=cpu", "--compare", "--iters", "2",
-                           "--warmup", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+                           "--warmup", "1", "--threads", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("shape", "device", "torch", "threads", "matmul_gflops_per_s", "metarun", "reference",
@@ -29,9 +31,34 @@ def test_benchmark_prints_valid_json_with_every_field():
         assert m["tasks_per_s"] > 0 and m["peak_memory_mb"] > 0 and m["flops_per_iter"] > 0
         assert m["s_per_iter"]["min"] <= m["s_per_iter"]["median"] <= m["s_per_iter"]["max"]
         assert 0 < m["fraction_of_matmul_peak"] and m["gflops_per_s"] > 0
+    # each side in its own process, on the threads it reports (read inside the worker after setup):
+    # metarun's default impl here is `parallel`: 2 workers of 1 thread; the plain loop: 2 intra-op threads
+    assert result["metarun"]["threads"] == result["reference"]["threads"] == result["threads"] == 2
+    assert result["metarun"]["impl"] == "parallel" and result["metarun"]["workers"] == 2
+    assert result["metarun"]["intra_op_threads"] == 1 and result["reference"]["intra_op_threads"] == 2
 
 
 def test_benchmark_times_the_training_step():
     import metarun.runner.train as train
 
     assert load_bench().train_step is train.meta_train_step
+
+
+def test_runner_applies_the_threads_setting_once(monkeypatch):
+    """`threads` resolves the execution: parallel = N workers of one thread, else N intra-op threads; a
+    resumed run keeps its saved impl and workers."""
+    from omegaconf import OmegaConf
+
+    from metarun.runner.setup import build_algorithm, configure_execution
+
+    threads = torch.get_num_threads()
+    try:
+        for impl, expected in (("parallel", (1, 2)), ("batched", (2, 1)), ("auto", (1, 2))):
+            cfg = OmegaConf.create({"threads": 2, "algorithm": {"impl": impl}})
+            execution = configure_execution(cfg, torch.device("cpu"))
+            assert (torch.get_num_threads(), execution["workers"]) == expected and execution["threads"] == 2
+        cfg = OmegaConf.create({"threads": 0, "algorithm": {"impl": "batched"}})
+        execution = configure_execution(cfg, torch.device("cpu"), saved={"impl": "parallel", "workers": 3})
+        assert execution == {"impl": "parallel", "workers": 3, "threads": 3} and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)

@@ -1,9 +1,10 @@
-"""A plain per-task MAML, written independently of metarun's fast paths, to check and time them against.
+"""A plain per-task loop, written independently of metarun's fast paths, to time them against.
 
 Each task runs an ordinary (ungrouped) conv4 forward on its own weights; the inner loop uses
-`torch.autograd.grad(create_graph=True)`; the meta-loss is the mean of the tasks' query losses and its
-gradient is taken once. This is the textbook loop of the common PyTorch ports. The gradient tests compare
-every implementation to it, and `scripts/bench.py --compare` times it.
+`torch.autograd.grad(create_graph=True)`; the meta-loss is the mean of the tasks' objectives and its
+gradient is taken once. For MAML this is the textbook loop of the common PyTorch ports; other algorithms
+plug in their rules through the hooks of algorithms/base.py. `scripts/bench.py --compare` times it (the
+tests keep their own independent references).
 """
 from __future__ import annotations
 
@@ -32,27 +33,38 @@ def task_support_loss(logits, y, way: int, inner_loss: str) -> torch.Tensor:
     return ce / (len(y) // way) if inner_loss == "sum_over_shot" else ce
 
 
-def reference_meta_loss(params: dict, x_support, y_support, x_query, y_query, *, way: int, update_lr: float,
-                        update_step: int, first_order: bool, downsample: str,
-                        inner_loss: str = "sum_over_shot") -> torch.Tensor:
-    """Mean over tasks of the post-adaptation query loss, differentiable w.r.t. params."""
-    names = list(params)
+def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
+    """Mean over tasks of the algorithm's outer objective, one task at a time with the plain conv4 above,
+    differentiable w.r.t. params. The algorithm supplies only its rules (which weights adapt, the learning
+    rates and per-step weights of a step, the per-step loss weights, the derivative order) through its
+    hooks; the execution (grouped passes, chunks, threads) of metarun's engine is not used."""
+    way, downsample = algorithm.model.way, algorithm.model.downsample
+    steps, create_graph = algorithm.update_step, algorithm.second_order()
+    loss_weights = algorithm.step_loss_weights(steps)
     losses = []
-    for t in range(x_support.shape[0]):
-        fast = [params[k] for k in names]
-        for _ in range(update_step):
-            logits = conv4_forward(dict(zip(names, fast)), x_support[t], downsample)
-            loss = task_support_loss(logits, y_support[t], way, inner_loss)
-            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [w - update_lr * g for w, g in zip(fast, grads)]
-        losses.append(F.cross_entropy(conv4_forward(dict(zip(names, fast)), x_query[t], downsample), y_query[t]))
+    for t in range(ep.x_support.shape[0]):
+        fast = {k: params[k] for k in algorithm.adapted_names(params)}
+        query_losses = []
+        for step in range(steps):
+            logits = conv4_forward(algorithm.learner_weights(params, fast, step, None), ep.x_support[t], downsample)
+            loss = task_support_loss(logits, ep.y_support[t], way, algorithm.inner_loss)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+            lrs = algorithm.inner_lrs(params, step)
+            fast = {k: w - (lrs[k] if isinstance(lrs, dict) else lrs) * g for (k, w), g in zip(fast.items(), grads)}
+            if loss_weights is not None or step == steps - 1:
+                query = conv4_forward(algorithm.learner_weights(params, fast, step, None), ep.x_query[t], downsample)
+                query_losses.append(F.cross_entropy(query, ep.y_query[t]))
+        if loss_weights is None:
+            losses.append(query_losses[-1])
+        else:
+            losses.append(sum(w * l for w, l in zip(loss_weights, query_losses)))
     return torch.stack(losses).mean()
 
 
-def reference_train_step(params: dict, optimizer, ep, **kw) -> torch.Tensor:
+def reference_train_step(algorithm, params: dict, optimizer, ep) -> torch.Tensor:
     """The per-task loop's meta-iteration (for timing): meta-loss, one backward, one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
-    loss = reference_meta_loss(params, ep.x_support, ep.y_support, ep.x_query, ep.y_query, **kw)
+    loss = reference_meta_loss(algorithm, params, ep)
     loss.backward()
     optimizer.step()
     return loss.detach()

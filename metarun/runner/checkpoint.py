@@ -11,7 +11,7 @@ from metarun.errors import MetarunError
 
 FORMAT = "metarun-checkpoint-v1"
 # Settings that decide the shape of the learner: a checkpoint only fits a run with the same ones.
-MODEL_KEYS = ("way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size")
+MODEL_KEYS = ("algorithm.name", "way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -75,23 +75,6 @@ def nonfinite_tensor(tree, name: str = "params") -> str | None:
         if found:
             return found
     return None
-
-
-def model_settings(config: dict) -> dict:
-    def get(d, dotted):
-        for part in dotted.split("."):
-            d = d.get(part) if isinstance(d, dict) else None
-        return d
-    return {k: get(config, k) for k in MODEL_KEYS}
-
-
-def check_compatible(blob: dict, config: dict, path) -> None:
-    """A checkpoint whose learner was built with other settings cannot be continued or evaluated as this one."""
-    saved, wanted = model_settings(blob["config"]), model_settings(config)
-    diff = [f"{k}={saved[k]} (requested {wanted[k]})" for k in MODEL_KEYS if saved[k] != wanted[k]]
-    if diff:
-        raise MetarunError(f"checkpoint {path} was trained with {', '.join(diff)}: drop those overrides, or start "
-                           "a new run without resume.")
 
 
 def checkpoint_params(blob: dict, expected: dict, path, setting: str) -> dict:

@@ -16,12 +16,20 @@ def accuracy_with_ci(accuracies: torch.Tensor) -> tuple[float, float]:
     return acc.mean().item(), 1.96 * std / math.sqrt(n)
 
 
-def evaluate_tasks(maml, params: dict, classes, split: str, cfg, device, tasks: int, steps: int | None = None,
+def evaluate_tasks(algorithm, params, classes, split: str, cfg, device, tasks: int, steps: int | None = None,
                    seed: int | None = None) -> tuple[float, float]:
-    """Accuracy on `tasks` fixed tasks of a split (the same tasks for the same seed, on every device)."""
-    accuracies = [maml.evaluate(params, ep, steps) for ep in fixed_tasks(
-        classes, split, int(cfg.way), int(cfg.shot), int(cfg.query), device, tasks,
-        seed=int(cfg.eval_seed if seed is None else seed), chunk=int(cfg.eval_chunk))]
+    """Accuracy on `tasks` fixed tasks of a split (the same tasks for the same seed, on every device).
+    params: one meta-parameter dict, or a list of them: an ensemble scored by the mean of its members'
+    post-adaptation query logits (MAML++'s top-K ensemble)."""
+    members = params if isinstance(params, list) else [params]
+    accuracies = []
+    for ep in fixed_tasks(classes, split, int(cfg.way), int(cfg.shot), int(cfg.query), device, tasks,
+                          seed=int(cfg.eval_seed if seed is None else seed), chunk=int(cfg.eval_chunk)):
+        if len(members) == 1:
+            accuracies.append(algorithm.evaluate(members[0], ep, steps))
+            continue
+        logits = sum(algorithm.query_logits(p, ep, steps) for p in members) / len(members)
+        accuracies.append((logits.argmax(-1) == ep.y_query).to(logits.dtype).mean(1))
     return accuracy_with_ci(torch.cat(accuracies))
 
 

@@ -6,14 +6,36 @@ import logging
 import os
 from pathlib import Path
 
+import torch
 from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
 from metarun.runner.evaluate import describe, evaluate_tasks
-from metarun.runner.setup import build_algorithm, load_splits, resolve_device
+from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
 
 log = logging.getLogger("metarun")
+
+
+def ensemble_paths(path: Path, blob: dict, k: int) -> list[Path]:
+    """The checkpoint itself (k=1), or the k best validation checkpoints its run kept (checkpoints/top/,
+    listed best first in the run's latest checkpoint)."""
+    if k == 1:
+        return [path]
+    if k < 1:
+        raise MetarunError(f"ensemble={k} must be a positive number of checkpoints.")
+    ckpt_dir = path.parent.parent if path.parent.name == "top" else path.parent
+    last = ckpt_dir / "last.pt"
+    top = (load_checkpoint(last, "checkpoint") if last.is_file() else blob).get("top", [])
+    if k > len(top):
+        raise MetarunError(f"ensemble={k} is more than the {len(top)} best checkpoints the run in {ckpt_dir.parent} "
+                           f"kept (train keep_best={blob['config'].get('keep_best', 1)}): use ensemble<={max(len(top), 1)}.")
+    from metarun.runner.train import top_path
+    paths = [top_path(ckpt_dir, int(e[1])) for e in top[:k]]
+    for p in paths:
+        if not p.is_file():
+            raise MetarunError(f"ensemble={k}: {p} is missing: use a smaller ensemble or restore the file.")
+    return paths
 
 
 def check_eval_settings(cfg) -> tuple[Path, dict]:
@@ -26,7 +48,9 @@ def check_eval_settings(cfg) -> tuple[Path, dict]:
         raise MetarunError(f"eval_chunk={cfg.eval_chunk} must be a positive number of tasks per pass.")
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
-    return path, load_checkpoint(path, "checkpoint")
+    blob = load_checkpoint(path, "checkpoint")
+    ensemble_paths(path, blob, int(cfg.ensemble))  # an impossible ensemble=K, before any work
+    return path, blob
 
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
@@ -45,16 +69,26 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     steps = int(cfg.update_step_test) if cfg.update_step_test is not None else int(train_cfg.update_step_test)
     if steps <= 0:
         raise MetarunError(f"update_step_test={steps} must be a positive number of inner steps.")
-    model, maml = build_algorithm(train_cfg, device)
-    saved = checkpoint_params(blob, model.init_params(), path, "checkpoint")
-    params = {k: v.to(device) for k, v in saved.items()}
+    train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
+    saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
+    model, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    expected = algorithm.init_meta_params(torch.Generator())
+    paths = ensemble_paths(path, blob, int(cfg.ensemble))
+    params = []
+    for member in paths:
+        member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
+        params.append({k: v.to(device) for k, v in checkpoint_params(member_blob, expected, member, "checkpoint").items()})
     splits = load_splits(train_cfg, device)["splits"]
-    mean, ci = evaluate_tasks(maml, params, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks), steps)
+    mean, ci = evaluate_tasks(algorithm, params if len(params) > 1 else params[0], splits[cfg.split], cfg.split,
+                              train_cfg, device, int(cfg.tasks), steps)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
+    if len(paths) > 1:
+        line += f", ensemble of the {len(paths)} best checkpoints"
     result = {"checkpoint": str(path.absolute()), "iteration": int(blob["iteration"]), "split": cfg.split,
               "tasks": int(cfg.tasks), "update_step_test": steps, "accuracy": mean, "ci95": ci,
               "way": int(train_cfg.way), "shot": int(train_cfg.shot), "query": int(train_cfg.query),
-              "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": maml.impl, "summary": line}
+              "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": algorithm.impl,
+              "summary": line, "ensemble": [str(p.absolute()) for p in paths]}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; wrote {run_dir / 'eval.json'}")
     return result

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
-from metarun.algorithms.maml import MAML
+from metarun.algorithms import algorithm_class
+from metarun.algorithms.engine import Engine, resolve_impl
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
@@ -45,6 +47,12 @@ def check_train_settings(cfg) -> None:
                                "0.1 for 20-way; meta_lr=0.001).")
     if not isinstance(cfg.first_order, bool):
         raise MetarunError(f"first_order={cfg.first_order} must be true or false.")
+    for key in ("threads", "keep_best"):
+        value = cfg.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "threads" else 1):
+            raise MetarunError(f"{key}={value} must be an integer >= {0 if key == 'threads' else 1}"
+                               f"{' (0: all cores)' if key == 'threads' else ''}.")
+    algorithm_class(str(cfg.algorithm.name))
 
 
 def load_splits(cfg, device) -> dict:
@@ -65,9 +73,42 @@ def train_sampler(cfg, classes, device) -> EpisodeSampler:
                           seed=int(cfg.seed), rotate=bool(cfg.dataset.rotate))
 
 
-def build_algorithm(cfg, device) -> tuple:
+def cpu_threads(setting: int) -> int:
+    """The `threads` setting resolved: 0 means every core this process may use."""
+    if int(setting) > 0:
+        return int(setting)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def apply_threads(threads: int, impl: str) -> int:
+    """Sets torch's intra-op thread count once for the process: 1 per worker for `parallel` (its workers
+    are the threads), else `threads`. Returns the number of threads the run computes on."""
+    torch.set_num_threads(1 if impl == "parallel" else int(threads))
+    return int(threads) if impl == "parallel" else torch.get_num_threads()
+
+
+def configure_execution(cfg, device, saved: dict | None = None) -> dict:
+    """The run's execution, resolved and applied once (`metarun train`, `metarun eval` and scripts/bench.py
+    all call this): {"impl", "workers", "threads"}. `saved`: a resumed checkpoint's {"impl", "workers"},
+    which the run keeps (float32 results depend on the operation order)."""
+    threads = cpu_threads(cfg.get("threads", 0))
+    if saved is not None and saved.get("impl") and saved.get("workers"):
+        impl, workers = str(saved["impl"]), int(saved["workers"])
+        threads = workers if impl == "parallel" else threads
+    else:
+        impl = resolve_impl(str(cfg.algorithm.impl), device, threads)
+        workers = threads if impl == "parallel" else 1
+    apply_threads(threads, impl)
+    return {"impl": impl, "workers": workers, "threads": threads}
+
+
+def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
+    """(learner, algorithm) of cfg.algorithm.name; `execution` from configure_execution (None: the config's
+    impl resolved with torch's current thread count, nothing applied)."""
     model = build_model(cfg)
-    maml = MAML(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order,
-                impl=cfg.algorithm.impl, task_chunk=cfg.algorithm.task_chunk, inner_loss=cfg.algorithm.inner_loss,
-                device=device)
-    return model, maml
+    cls = algorithm_class(str(cfg.algorithm.name))
+    if execution is None:
+        engine = Engine(str(cfg.algorithm.impl), 0, int(cfg.algorithm.task_chunk), device)
+    else:
+        engine = Engine(execution["impl"], execution["workers"], int(cfg.algorithm.task_chunk), device)
+    return model, cls.from_config(cfg, model, engine)

@@ -16,13 +16,14 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from metarun.algorithms.maml import meta_train_step
+from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
                                       save_checkpoint)
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.resume import history_entry, resumed_config
-from metarun.runner.setup import build_algorithm, check_train_settings, load_splits, resolve_device, train_sampler
+from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
+                                  resolve_device, train_sampler)
 
 log = logging.getLogger("metarun")
 
@@ -52,6 +53,17 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def top_path(ckpt_dir: Path, iteration: int) -> Path:
+    return ckpt_dir / "top" / f"iteration-{iteration}.pt"
+
+
+def rank_top(top: list, val: float, iteration: int, keep: int) -> tuple[list, list]:
+    """The K best validations (higher accuracy first, the earlier on ties) after adding this one, and the
+    entries that fell out."""
+    ranked = sorted(top + [[val, iteration]], key=lambda e: (-e[0], e[1]))
+    return ranked[:keep], ranked[keep:]
+
+
 def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> MetarunError:
     kept = ckpt_dir / "last.pt"
     return MetarunError(
@@ -60,12 +72,13 @@ def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> Metarun
         f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
 
 
-def resolved_settings(cfg, device, impl: str, source: str) -> dict:
-    """The run's settings with what `auto` and interpolations became: device, impl, data root, and where the
-    data came from (`data_source`)."""
+def resolved_settings(cfg, device, execution: dict, source: str) -> dict:
+    """The run's settings with what `auto`, 0 and interpolations became: device, impl, threads, data root,
+    and where the data came from (`data_source`)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["device"] = str(device)
-    resolved["algorithm"]["impl"] = impl
+    resolved["algorithm"]["impl"] = execution["impl"]
+    resolved["threads"] = execution["threads"]
     if resolved["dataset"].get("root"):
         resolved["dataset"]["root"] = str(Path(resolved["dataset"]["root"]).expanduser().absolute())
     resolved["data_source"] = source
@@ -92,20 +105,29 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                            "or choose a new hydra.run.dir.")
     require_writable_dir(ckpt_dir)
 
+    # A resumed run keeps its execution (float32 results depend on the operation order) unless this resume
+    # changes it: another impl or thread count asked for, or another device type than the run's last one.
+    kept = resumed.get("algorithm") if resumed is not None else None
+    last_device = str((resumed or {}).get("resolved", {}).get("device", device))
+    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type):
+        kept = None
+    # the algorithm checks its own settings here, before any data is loaded
+    execution = configure_execution(cfg, device, kept)
+    model, algorithm = build_algorithm(cfg, device, execution)
     data = load_splits(cfg, device)
     splits = data["splits"]
-    model, maml = build_algorithm(cfg, device)
-    resolved = resolved_settings(cfg, device, maml.impl, data["source"])
+    resolved = resolved_settings(cfg, device, execution, data["source"])
     (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
-             f"{'first' if cfg.first_order else 'second'} order), {data['source']} "
+    log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
+             f"{execution['threads']} threads), {data['source']} "
              f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
 
-    init = model.init_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
+    init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
     optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
     sampler = train_sampler(cfg, splits["train"], device)
     start, best_val, best_iteration, train_seconds, wall_before, history = 0, -1.0, 0, 0.0, 0.0, []
+    top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
     if resumed is not None:
         saved = checkpoint_params(resumed, params, resume, "resume")
         with torch.no_grad():
@@ -114,16 +136,21 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
         optimizer.load_state_dict(resumed["optimizer"])
         start, best_val = int(resumed["iteration"]), float(resumed["best_val"])
         best_iteration, train_seconds = int(resumed["best_iteration"]), float(resumed["train_seconds"])
+        top = [list(e) for e in resumed.get("top", [])]
         wall_before, history = float(resumed.get("wall_seconds", 0.0)), list(resumed.get("history", []))
         resume_file = resolve_checkpoint_path(resume, "resume")
         if resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
             best_file = resume_file.parent / "best.pt"
-            if best_file.is_file() and best_file.resolve() != resume_file.resolve():
+            if best_file.is_file():
                 shutil.copyfile(best_file, ckpt_dir / "best.pt")
-            elif best_file.resolve() == resume_file.resolve():
-                shutil.copyfile(resume_file, ckpt_dir / "best.pt")
             else:  # its best checkpoint is unknown: the branch's next validation writes one
                 best_val, best_iteration = -1.0, 0
+            for entry in top:  # the kept best checkpoints go with it (eval ensemble=K)
+                source = top_path(resume_file.parent, int(entry[1]))
+                if source.is_file():
+                    top_path(ckpt_dir, int(entry[1])).parent.mkdir(exist_ok=True)
+                    shutil.copyfile(source, top_path(ckpt_dir, int(entry[1])))
+            top = [e for e in top if top_path(ckpt_dir, int(e[1])).is_file()]
         if isinstance(resumed.get("sampler"), dict):
             sampler.load_state(resumed["sampler"])
         else:  # an older checkpoint's generator state only fits the generator type that wrote it
@@ -132,7 +159,8 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                         f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start}).")
         log.info(f"metarun: resumed from {resume} at iteration {start}"
                  + (f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}" if changes else ""))
-    history.append({**history_entry(start, resume, changes, overrides), "device": str(device), "impl": maml.impl})
+    history.append({**history_entry(start, resume, changes, overrides), "device": str(device),
+                    "impl": execution["impl"], "threads": execution["threads"]})
 
     from torch.utils.tensorboard import SummaryWriter
     # Events after the checkpoint's iteration were lost with the interruption and are redrawn; those of the
@@ -147,7 +175,8 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                 "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
                 "best_val": best_val, "best_iteration": best_iteration, "train_seconds": train_seconds,
                 "wall_seconds": wall_before + time.perf_counter() - wall_start,
-                "config": config, "resolved": resolved, "history": history}
+                "config": config, "resolved": resolved, "history": history,
+                "algorithm": algorithm.state_dict(), "top": [list(e) for e in top]}
 
     iterations, log_every = int(cfg.iterations), int(cfg.log_every)
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
@@ -156,7 +185,8 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                file=sys.stdout, mininterval=1.0)
     with StopRequest() as stop, logging_redirect_tqdm():
         for it in range(start, iterations):
-            result = meta_train_step(maml, params, optimizer, sampler.sample(int(cfg.meta_batch)))
+            algorithm.begin_iteration(it, optimizer)  # the algorithm's schedules (epochs, meta learning rate)
+            result = meta_train_step(algorithm, params, optimizer, sampler.sample(int(cfg.meta_batch)))
             done = it + 1
             window_tasks += int(cfg.meta_batch)
             logging_step = done % log_every == 0 or done == iterations
@@ -178,20 +208,28 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                 writer.add_scalar("train/accuracy", accuracy, done)
                 writer.add_scalar("speed/tasks_per_s", tasks_per_s, done)
                 writer.add_scalar("lr/meta_lr", optimizer.param_groups[0]["lr"], done)
-                writer.add_scalar("lr/update_lr", maml.update_lr, done)
+                for tag, value in algorithm.scalars(params).items():
+                    writer.add_scalar(tag, value, done)
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 window_start, window_tasks = time.perf_counter(), 0
             if validating:
                 if not logging_step:  # close the speed window (the loss check synced) so validation is not counted
                     train_seconds += time.perf_counter() - window_start
-                val, ci = evaluate_tasks(maml, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
+                val, ci = evaluate_tasks(algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
                 writer.add_scalar("val/accuracy", val, done)
                 writer.add_scalar("val/ci95", ci, done)
+                for tag, values in algorithm.histograms(params).items():
+                    writer.add_histogram(tag, values, done)
                 log.info(f"iteration {done}: " + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation"))
+                top, dropped = rank_top(top, val, done, int(cfg.keep_best))
+                if any(e[1] == done for e in top):
+                    save_checkpoint(top_path(ckpt_dir, done), state(done))
                 if val > best_val:
                     best_val, best_iteration = val, done
                     save_checkpoint(ckpt_dir / "best.pt", state(done))
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
+                for entry in dropped:  # only once last.pt no longer lists them
+                    top_path(ckpt_dir, entry[1]).unlink(missing_ok=True)
                 window_start, window_tasks = time.perf_counter(), 0  # validation time is not training speed
             if stop.signum is not None:
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
@@ -205,7 +243,7 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
     best_params = {k: v.to(device) for k, v in checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint").items()}
-    test, test_ci = evaluate_tasks(maml, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
+    test, test_ci = evaluate_tasks(algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
     log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
              f"(iteration {best_iteration})")
     tasks_per_s = iterations * int(cfg.meta_batch) / train_seconds if train_seconds > 0 else float("nan")
@@ -214,9 +252,10 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                "best_iteration": best_iteration, "test_accuracy": test, "test_ci95": test_ci,
                "test_tasks": int(cfg.test_tasks), "train_seconds": train_seconds,
                "wall_seconds": wall_before + segment_wall, "segment_wall_seconds": segment_wall,
-               "tasks_per_s": tasks_per_s, "device": str(device), "impl": maml.impl, "data_source": data["source"],
-               "history": history}
-    writer.add_hparams({k: cfg[k] for k in HPARAM_KEYS},
+               "tasks_per_s": tasks_per_s, "device": str(device),
+               "impl": algorithm.impl, "algorithm": algorithm.name, "workers": algorithm.workers,
+               "threads": execution["threads"], "data_source": data["source"], "history": history}
+    writer.add_hparams({"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
                        {"hparam/best_val_accuracy": best_val, "hparam/test_accuracy": test,
                         "hparam/tasks_per_s": tasks_per_s}, run_name=".")
     writer.close()

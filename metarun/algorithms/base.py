@@ -1,0 +1,237 @@
+"""What every gradient-based meta-learner of the MAML family shares: the inner loop, the losses, the outer
+objective over a meta-batch (run by the engine), evaluation, and the hooks an algorithm overrides.
+
+An algorithm's meta-parameters are ONE flat dict {name: tensor}: the learner's weights under the model's
+names, plus the algorithm's own (learned learning rates, per-step batch-norm weights, ...) under prefixed
+names. The optimizer updates that dict and checkpoints store it as `params`.
+
+Hooks (defaults = MAML, Finn et al. 2017):
+- `extra_params`: the algorithm's own meta-parameters (default none);
+- `adapted_names`: which learner weights the inner loop adapts (default all);
+- `learner_weights`: the learner's weights at an inner step (adapted ones + the others, e.g. per-step BN);
+- `inner_lrs`: the inner learning rates of a step: one float, or {name: tensor broadcastable to the weight};
+- `step_loss_weights`: weights of the query loss after each inner step in the outer objective (None: the
+  last step only);
+- `second_order`: whether the inner gradients are differentiated (False = first order);
+- `begin_iteration`: a per-iteration hook for schedules (epochs, meta learning rate);
+- `scalars` / `histograms`: what the runner logs to TensorBoard.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from metarun.algorithms.engine import Engine
+from metarun.data.episodes import Episodes
+from metarun.errors import MetarunError
+
+INNER_LOSSES = ("sum_over_shot", "mean")
+
+
+@dataclass
+class StepResult:
+    meta_loss: torch.Tensor      # scalar, detached: mean query loss (mean cross-entropy) after the last step
+    accuracy: torch.Tensor       # [B] post-adaptation query accuracy per task, detached
+
+
+def inner_update(weights: dict, grads: dict, lrs) -> dict:
+    """One SGD step of the inner loop: w - lr * g for every weight in `grads` (learn2learn's update rule).
+    lrs: one float for all, or {name: tensor} broadcastable to the weight (Meta-SGD: the weight's shape;
+    MAML++ LSLR: a scalar per weight and step). Pure: returns new tensors, never modifies its inputs."""
+    if isinstance(lrs, dict):
+        return {k: weights[k] - lrs[k] * g for k, g in grads.items()}
+    return {k: weights[k] - lrs * g for k, g in grads.items()}
+
+
+class GradientMetaLearner:
+    """MAML-family meta-learner on a functional learner (models/conv4.py), executed by an Engine.
+
+    Args:
+        model: the learner (forward(params [T, ...], x [T, N, C, H, W]) -> logits [T, N, way]).
+        update_lr: inner step size (positive); update_step / update_step_test: inner steps in training /
+        evaluation; first_order: drop the second-order terms; inner_loss: sum_over_shot (cbfinn/maml) | mean;
+        engine: how meta-batches are executed (default: Engine(impl, workers, task_chunk, device)).
+    Raises MetarunError for an impossible setting.
+    """
+    name = "base"
+
+    def __init__(self, model, update_lr: float, update_step: int, update_step_test: int, first_order: bool = False,
+                 impl: str = "auto", task_chunk: int = 0, inner_loss: str = "sum_over_shot", device="cpu",
+                 workers: int = 0, engine: Engine | None = None):
+        if inner_loss not in INNER_LOSSES:
+            raise MetarunError(f"unknown algorithm.inner_loss={inner_loss!r}: use sum_over_shot or mean.")
+        if not float(update_lr) > 0:
+            raise MetarunError(f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way).")
+        for name, value in (("update_step", update_step), ("update_step_test", update_step_test)):
+            if int(value) <= 0:
+                raise MetarunError(f"{name}={value} must be a positive number of inner SGD steps.")
+        self.model = model
+        self.update_lr, self.update_step, self.update_step_test = float(update_lr), int(update_step), int(update_step_test)
+        self.first_order, self.inner_loss = bool(first_order), inner_loss
+        self.engine = engine if engine is not None else Engine(impl, workers, task_chunk, device)
+
+    @property
+    def impl(self) -> str:
+        return self.engine.impl
+
+    @property
+    def workers(self) -> int:
+        return self.engine.workers
+
+    def describe(self) -> str:
+        return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order"
+
+    # -- meta-parameters --------------------------------------------------------------------------------
+    def init_meta_params(self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> dict:
+        """The learner's initial weights (model.init_params) followed by the algorithm's own meta-parameters."""
+        params = self.model.init_params(generator, dtype=dtype, device=device)
+        params = {k: v for k, v in params.items() if k not in self.replaced_names()}
+        params.update(self.extra_params(dtype, device))
+        return params
+
+    def extra_params(self, dtype, device) -> dict:
+        return {}
+
+    def replaced_names(self) -> set:
+        """Learner weights the algorithm replaces by its own meta-parameters (MAML++ BNWB)."""
+        return set()
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def learner_names(self) -> list:
+        """The learner's weight names (a local generator: no global RNG is touched)."""
+        if not hasattr(self, "_learner_names"):
+            self._learner_names = list(self.model.init_params(torch.Generator()))
+        return self._learner_names
+
+    def adapted_names(self, params: dict) -> list:
+        names = set(self.learner_names())
+        return [k for k in params if k in names]
+
+    def learner_weights(self, params: dict, fast: dict, step: int, tasks: int | None) -> dict:
+        """The learner's weights for inner step `step` (the support pass of that step, and the query pass
+        after it): the adapted ones, and every other learner weight from `params` (expanded to `tasks`
+        copies; tasks=None: one task, no task dimension)."""
+        return fast
+
+    def inner_lrs(self, params: dict, step: int):
+        return self.update_lr
+
+    def step_loss_weights(self, steps: int) -> list[float] | None:
+        return None
+
+    def second_order(self) -> bool:
+        return not self.first_order
+
+    def begin_iteration(self, iteration: int, optimizer) -> None:
+        """Called by the runner before meta-iteration `iteration` (0-based); schedules go here."""
+
+    def scalars(self, params: dict) -> dict:
+        """{tag: float} logged to TensorBoard every log_every iterations."""
+        return {"lr/update_lr": self.update_lr}
+
+    def histograms(self, params: dict) -> dict:
+        """{tag: tensor} logged to TensorBoard as histograms at every validation."""
+        return {}
+
+    # -- losses -----------------------------------------------------------------------------------------
+    def support_loss(self, logits: torch.Tensor, y: torch.Tensor, shot: int) -> torch.Tensor:
+        """Sum over tasks of each task's inner loss. `sum_over_shot` is cbfinn/maml's xent/update_batch_size
+        summed over the support set (= way x mean cross-entropy), which its update_lr values assume."""
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        per_task = ce.sum(1) / shot if self.inner_loss == "sum_over_shot" else ce.mean(1)
+        return per_task.sum()
+
+    @staticmethod
+    def query_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task mean cross-entropy and accuracy, [T] each."""
+        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
+        accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean(1)
+        return ce.mean(1), accuracy.detach()
+
+    # -- inner loop -------------------------------------------------------------------------------------
+    def adapt(self, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, create_graph: bool,
+              trajectory: bool = False):
+        """`steps` SGD steps on the support set of each of the T tasks in x [T, N, C, H, W], from copies of
+        the adapted weights. Returns the adapted weights {name: [T, ...]} (trajectory=True: a list with
+        those after each step)."""
+        tasks, shot = x.shape[0], y.shape[1] // self.model.way
+        fast = {k: params[k].unsqueeze(0).expand(tasks, *params[k].shape) for k in self.adapted_names(params)}
+        after = []
+        for step in range(steps):
+            loss = self.support_loss(self.model.forward(self.learner_weights(params, fast, step, tasks), x), y, shot)
+            grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
+            fast = inner_update(fast, dict(zip(fast, grads)), self.inner_lrs(params, step))
+            after.append(fast)
+        return after if trajectory else fast
+
+    # -- meta-training ----------------------------------------------------------------------------------
+    def accumulate_meta_gradient(self, params: dict, ep: Episodes) -> StepResult:
+        """Adds d(meta-loss)/d(params) to each param's .grad; returns the detached meta-loss and accuracies.
+        Meta-loss: mean over tasks of sum_s w_s * (query loss after step s), w from step_loss_weights (the
+        last step only by default)."""
+        meta_batch, steps = ep.x_support.shape[0], self.update_step
+        leaves = list(params.values())
+        weights = self.step_loss_weights(steps)
+        create_graph = self.second_order()
+
+        def chunk_gradients(part):
+            after = self.adapt(params, ep.x_support[part], ep.y_support[part], steps, create_graph, trajectory=True)
+            tasks = ep.x_support[part].shape[0]
+            loss, accuracy = self.query_loss(
+                self.model.forward(self.learner_weights(params, after[-1], steps - 1, tasks), ep.x_query[part]),
+                ep.y_query[part])
+            if weights is None:
+                objective = loss
+            else:
+                objective = weights[-1] * loss
+                for s in range(steps - 2, -1, -1):
+                    earlier = self.query_loss(self.model.forward(self.learner_weights(params, after[s], s, tasks),
+                                                                 ep.x_query[part]), ep.y_query[part])[0]
+                    objective = objective + weights[s] * earlier
+            # One chunk's graph at a time; dividing by the whole batch makes the sum the mean.
+            grads = torch.autograd.grad(objective.sum() / meta_batch, leaves, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+            return grads, (loss.detach(), accuracy)
+
+        images = ep.x_support.shape[1] + ep.x_query.shape[1]
+        extras = self.engine.accumulate(chunk_gradients, leaves, meta_batch, images)
+        return StepResult(torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras]))
+
+    # -- evaluation -------------------------------------------------------------------------------------
+    def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
+        """Post-adaptation query logits [T, way*query, way] after `steps` (default update_step_test) inner
+        steps on each task's support set; keeps no graph."""
+        steps = self.update_step_test if steps is None else int(steps)
+        # Fresh leaves: the inner loop's graph ends here, never reaching the caller's parameters.
+        start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+        def chunk_logits(part):
+            with torch.enable_grad():
+                fast = self.adapt(start, ep.x_support[part], ep.y_support[part], steps, create_graph=False)
+            with torch.no_grad():
+                tasks = ep.x_support[part].shape[0]
+                return self.model.forward(self.learner_weights(start, fast, steps - 1, tasks), ep.x_query[part])
+
+        images = ep.x_support.shape[1] + ep.x_query.shape[1]
+        return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images))
+
+    def evaluate(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
+        """Post-adaptation query accuracy [T] after `steps` (default update_step_test) steps; keeps no graph."""
+        return self.query_loss(self.query_logits(params, ep, steps), ep.y_query)[1]
+
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The algorithm's resolved execution (a resumed run keeps it); everything learned is in params."""
+        return {"name": self.name, "impl": self.impl, "workers": self.workers}
+
+
+def meta_train_step(algorithm: GradientMetaLearner, params: dict, optimizer: torch.optim.Optimizer,
+                    ep: Episodes) -> StepResult:
+    """One meta-iteration: meta-gradient of a meta-batch, then one optimizer step. `metarun train` and
+    scripts/bench.py both call exactly this."""
+    optimizer.zero_grad(set_to_none=True)
+    result = algorithm.accumulate_meta_gradient(params, ep)
+    optimizer.step()
+    return result

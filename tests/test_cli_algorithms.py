@@ -1,0 +1,76 @@
+"""Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit), the top-K
+checkpoints and `metarun eval ensemble=K`, and one-line errors for impossible algorithm settings."""
+import json
+
+import pytest
+import torch
+
+from conftest import run_metarun, tiny_args
+from test_robustness import assert_clean_error
+
+# Every MAML++ schedule changes inside the 6 iterations: epochs of 2 iterations, MSL over 2 epochs,
+# first order in epoch 0, cosine annealing over 3 epochs (given, so that the 3-iteration first part is
+# the same run cut short).
+ALGORITHMS = {
+    "metasgd": ["algorithm=metasgd"],
+    "mamlpp": ["algorithm=mamlpp", "update_step=2", "update_step_test=2", "algorithm.iterations_per_epoch=2",
+               "algorithm.msl_epochs=2", "algorithm.first_order_epochs=1", "algorithm.cosine_epochs=3"],
+}
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
+    extra = ALGORITHMS[name]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    run_metarun(*tiny_args(tiny_root, whole, *extra), cwd=tmp_path, check=True)
+    run_metarun(*tiny_args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)
+    # the resumed run keeps the saved execution even when asked for another
+    proc = run_metarun(*[a for a in tiny_args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
+                       f"resume={parts}", "algorithm.impl=loop", cwd=tmp_path, check=True)
+    assert "at iteration 3" in proc.stdout
+    a, b = load(whole / "checkpoints" / "last.pt"), load(parts / "checkpoints" / "last.pt")
+    assert a["algorithm"] == b["algorithm"] and a["algorithm"]["name"] == name and a["algorithm"]["impl"] != "loop"
+    assert set(a["params"]) == set(b["params"]) and any(k.startswith(("alpha.", "lslr.")) for k in a["params"])
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+
+
+def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    run_metarun(*tiny_args(tiny_root, run, "algorithm=metasgd", "iterations=9", "keep_best=2"), cwd=tmp_path,
+                check=True)
+    last = load(run / "checkpoints" / "last.pt")
+    assert len(last["top"]) == 2 and last["top"][0][0] >= last["top"][1][0]
+    kept = sorted(p.name for p in (run / "checkpoints" / "top").glob("*.pt"))
+    assert kept == sorted(f"iteration-{e[1]}.pt" for e in last["top"])
+    assert last["top"][0][1] == last["best_iteration"]
+    common = ["tasks=6", f"data_root={tiny_root}", "device=cpu"]
+    run_metarun("eval", f"checkpoint={run}", "ensemble=2", *common, f"hydra.run.dir={tmp_path / 'e2'}",
+                cwd=tmp_path, check=True)
+    result = json.loads((tmp_path / "e2" / "eval.json").read_text())
+    assert len(result["ensemble"]) == 2 and "ensemble of the 2 best" in result["summary"]
+    # an ensemble of one is the best checkpoint's own score
+    run_metarun("eval", f"checkpoint={run}", *common, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=True)
+    single = json.loads((tmp_path / "e1" / "eval.json").read_text())
+    assert single["ensemble"] == [str(run / "checkpoints" / "best.pt")]
+    assert_clean_error(run_metarun("eval", f"checkpoint={run}", "ensemble=3", *common,
+                                   f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path), "ensemble=3", "ensemble<=2")
+
+
+@pytest.mark.parametrize("overrides,fragments", [
+    (["algorithm=nosuch"], ["unknown algorithm=nosuch", "maml", "metasgd", "mamlpp"]),
+    (["algorithm.name=reptile"], ["unknown algorithm 'reptile'", "maml, metasgd, mamlpp"]),
+    (["algorithm=metasgd", "algorithm.alpha_init_low=0"], ["alpha_init_low=0", "positive"]),
+    (["algorithm=mamlpp", "algorithm.update_lr_init=-1"], ["unknown setting"]),
+    (["algorithm=mamlpp", "update_lr=-0.1"], ["update_lr=-0.1"]),
+    (["algorithm=mamlpp", "algorithm.msl_epochs=10"], ["msl_epochs=10", "iterations"]),
+    (["threads=-1"], ["threads=-1"]),
+])
+def test_impossible_algorithm_setting_is_one_line(tiny_root, tmp_path, overrides, fragments):
+    proc = run_metarun(*tiny_args(tiny_root, tmp_path / "run"), *overrides, cwd=tmp_path)
+    assert_clean_error(proc, *fragments)
+    assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
