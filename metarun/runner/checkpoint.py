@@ -10,8 +10,6 @@ from metarun.data.omniglot import atomic_torch_save
 from metarun.errors import MetarunError
 
 FORMAT = "metarun-checkpoint-v1"
-# Settings that decide the shape of the learner: a checkpoint only fits a run with the same ones.
-MODEL_KEYS = ("algorithm.name", "way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
