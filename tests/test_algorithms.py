@@ -287,7 +287,7 @@ def test_every_experiment_config_builds_its_algorithm(experiment):
     from metarun.runner.setup import build_algorithm, check_train_settings
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"+experiment={experiment}", "model.filters=4"])
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "model.filters=4"])
     check_train_settings(cfg)
     threads = torch.get_num_threads()
     _, algo = build_algorithm(cfg, torch.device("cpu"))

@@ -131,6 +131,10 @@ def test_every_setting_is_either_resumable_and_applied_or_refused():
         # the run's own value, repeated, is no change
         same = f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
         assert resume_config(saved, compose_train(same), [same], "x")[1] == {}, same
+    # the run's own config group option again is no change; another one is refused
+    assert resume_config(saved, compose_train("algorithm=maml"), ["algorithm=maml"], "x")[1] == {}
+    with pytest.raises(MetarunError, match="algorithm=metasgd chooses a config group"):
+        resume_config(saved, compose_train("algorithm=metasgd"), ["algorithm=metasgd"], "x")
     # a setting newer than the run takes the requested value
     older = {k: v for k, v in saved.items() if k != "eval_chunk"}
     assert resume_config(older, compose_train("eval_chunk=7"), [], "x")[0].eval_chunk == 7
@@ -328,9 +332,13 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     # into a new dir a resume is a branch of the run; the original is untouched
     last = (run / "checkpoints" / "last.pt").read_bytes()
     branch = tmp_path / "branch"
-    run_metarun("train", f"resume={run}", "iterations=7", f"hydra.run.dir={branch}", cwd=tmp_path, check=True)
+    run_metarun("train", f"resume={run}", "iterations=7", f"hydra.run.dir={branch}", "algorithm.impl=loop",
+                cwd=tmp_path, check=True)
     assert ckpt(branch)["iteration"] == 7 and (run / "checkpoints" / "last.pt").read_bytes() == last
     assert ckpt(branch)["history"][-1]["resumed_from"] == str(run)
+    # 1. an execution setting given on resume is applied for real, not overridden by the saved execution
+    assert ckpt(run)["algorithm"]["impl"] != "loop" and ckpt(branch)["algorithm"]["impl"] == "loop"
+    assert ckpt(branch)["history"][-1]["changes"]["algorithm.impl"] == ["auto", "loop"]
     assert (branch / "checkpoints" / "best.pt").is_file()  # the run's best checkpoint goes with it
     # into a dir that belongs to another run (here: the branch) it is refused, and that run is untouched
     files = {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()}

@@ -45,12 +45,16 @@ def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) ->
     command line's composition), and {key: [saved value, new value]} of the settings that changed.
 
     Raises MetarunError for an override of any other setting whose value differs from the saved one, and for
-    a config group choice (it would swap a whole group of the run's settings)."""
+    a config group choice other than the run's own (it would swap a whole group of the run's settings)."""
     # The saved config wins; a setting newer than the run (absent from its config) takes the requested value.
     base = OmegaConf.merge(OmegaConf.to_container(requested, resolve=True), saved)
     changes = {}
     for key, text in override_keys(overrides):
         if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
+            # a config group: choosing the run's own option again changes nothing (its settings stay the run's)
+            if (key in requested and OmegaConf.select(requested, f"{key}.name", default=None) is not None
+                    and requested[key].name == OmegaConf.select(base, f"{key}.name", default=None)):
+                continue
             raise MetarunError(f"{text} chooses a config group; resume={resume} continues the run with its own "
                                f"settings: drop {text}, or start a new run without resume.")
         new = OmegaConf.select(requested, key, default=None)
