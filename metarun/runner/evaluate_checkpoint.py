@@ -90,5 +90,6 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
               "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": algorithm.impl,
               "summary": line, "ensemble": [str(p.absolute()) for p in paths]}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; wrote {run_dir / 'eval.json'}")
+    log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; "
+             f"wrote {run_dir / 'eval.json'}")
     return result

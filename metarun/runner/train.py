@@ -68,7 +68,7 @@ def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> Metarun
     kept = ckpt_dir / "last.pt"
     return MetarunError(
         f"{what} at iteration {done}{'' if exact else ' (or shortly before)'}; training stopped and "
-        f"{'the last good checkpoint ' + str(kept) + ' is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
+        f"{f'the last good checkpoint {kept} is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
         f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
 
 
@@ -242,7 +242,8 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     bar.close()
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
-    best_params = {k: v.to(device) for k, v in checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint").items()}
+    best_saved = checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint")
+    best_params = {k: v.to(device) for k, v in best_saved.items()}
     test, test_ci = evaluate_tasks(algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
     log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
              f"(iteration {best_iteration})")
