@@ -18,6 +18,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         raise MetarunError(f"tasks={cfg.tasks} must be a positive number of evaluation tasks.")
     if cfg.split not in ("train", "val", "test"):
         raise MetarunError(f"split={cfg.split!r} is not a split: use test, val or train.")
+    if cfg.get("benchmark") not in (None, "lake"):
+        raise MetarunError(f"benchmark={cfg.benchmark!r} is not a benchmark: use benchmark=lake (Lake et al.'s 20 "
+                           "one-shot runs) or leave it out (fixed tasks of `split`).")
     device = resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
@@ -33,6 +36,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     model, maml = build_algorithm(train_cfg, device)
     saved = checkpoint_params(blob, model.init_params(), path, "checkpoint")
     params = {k: v.to(device) for k, v in saved.items()}
+    if cfg.get("benchmark") == "lake":
+        from metarun.runner.lake_benchmark import lake_benchmark
+        return lake_benchmark(cfg, train_cfg, blob, path, maml, params, device, steps, run_dir)
     splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(maml, params, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks), steps)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
