@@ -21,7 +21,9 @@ USAGE = """usage: metarun <command> [overrides...]
 
 commands:
   train   meta-train a learner (e.g. metarun train way=20 shot=1; sweep: metarun train -m way=5,20 shot=1,5)
-  eval    score a checkpoint on held-out tasks (metarun eval checkpoint=outputs/train/<run>/checkpoints/best.pt)
+  eval    score a checkpoint on held-out tasks (metarun eval checkpoint=outputs/train/<run>/checkpoints/best.pt;
+          Lake et al.'s one-shot runs: add benchmark=lake)
+  report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> [--paper] [--out DIR])
 
 `metarun <command> --help` lists that command's settings and config groups (Hydra).
 Set METARUN_DEBUG=1 to see Python tracebacks with errors."""
@@ -124,8 +126,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if command == "report":  # not a Hydra app: it reads finished runs
+        from metarun.report import main as report_main
+        try:
+            return report_main(rest)
+        except MetarunError as exc:
+            if os.environ.get("METARUN_DEBUG"):
+                raise
+            return _fail(str(exc))
     if command not in COMMANDS:
-        return _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (metarun --help).")
+        return _fail(f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun --help).")
     if command == "train":
         rest = _resume_run_dir(rest)
     # Hydra's parser wants -m before the overrides; accept it anywhere.
