@@ -111,7 +111,10 @@ def load_result(path: Path) -> Result | None:
         settings = {**_flatten(config), "split": "test", "file": path.name}
         if data.get("status") == "failed":
             return Result(run_dir, settings, failed=str(data.get("reason") or "no reason recorded"))
-        return Result(run_dir, settings, float(data["test_accuracy"]), float(data["test_ci95"]))
+        if not isinstance(data.get("test_accuracy"), (int, float)):
+            raise MetarunError(f"{path} has no test_accuracy and no \"status\": \"failed\": it is not a finished "
+                               "metarun run; leave its run dir out of the report.")
+        return Result(run_dir, settings, float(data["test_accuracy"]), float(data.get("test_ci95") or 0.0))
     if data.get("benchmark"):
         return None
     ckpt = Path(str(data.get("checkpoint", "")))
@@ -119,7 +122,9 @@ def load_result(path: Path) -> Result | None:
     settings = _flatten(config) if config else {k: data[k] for k in ("way", "shot", "query") if k in data}
     settings.update({"split": data.get("split", "test"), "update_step_test": data.get("update_step_test"),
                      "file": path.name})
-    return Result(run_dir, settings, float(data["accuracy"]), float(data["ci95"]))
+    if not isinstance(data.get("accuracy"), (int, float)):
+        raise MetarunError(f"{path} has no accuracy: it is not an eval.json of metarun eval; leave its dir out.")
+    return Result(run_dir, settings, float(data["accuracy"]), float(data.get("ci95") or 0.0))
 
 
 def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
