@@ -267,8 +267,13 @@ def report(dirs: list[Path], out: Path | None = None, paper: bool = False) -> tu
     return text, out
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every metarun error (the CLI prints it, exit status 2)
+        raise MetarunError(f"{message} (usage: metarun report DIR... [--paper] [--out DIR]; metarun report --help)")
+
+
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="metarun report", description="Table of a sweep's or several runs' "
+    parser = _Parser(prog="metarun report", description="Table of a sweep's or several runs' "
                                      "results (results.json / eval.json), printed and written as report.md and "
                                      "report.csv.")
     parser.add_argument("dirs", nargs="+", type=Path, help="sweep dirs (outputs/sweep/<time>) or run dirs")

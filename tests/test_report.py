@@ -136,6 +136,9 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert err.startswith("metarun: error: no results.json or eval.json under ") and err.count("\n") == 1
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
+    assert main(["report"]) == 2
+    assert capsys.readouterr().err == ("metarun: error: the following arguments are required: dirs (usage: metarun "
+                                       "report DIR... [--paper] [--out DIR]; metarun report --help)\n")
     (tmp_path / "running").mkdir()
     (tmp_path / "running" / "results.json").write_text(json.dumps({"config": config(5, 1, 0)}))
     assert main(["report", str(tmp_path / "running")]) == 2
