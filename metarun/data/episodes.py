@@ -5,15 +5,15 @@ from dataclasses import dataclass
 
 import torch
 
-from metarun.data.omniglot import ClassImages
+from metarun.data.classes import ClassImages
 from metarun.errors import MetarunError
 
 
 @dataclass
 class Episodes:
-    x_support: torch.Tensor   # float [B, way*shot, 1, H, W], ink = 1
+    x_support: torch.Tensor   # float [B, way*shot, C, H, W], pixel / 255 (Omniglot: C = 1, ink = 1)
     y_support: torch.Tensor   # long  [B, way*shot], labels 0..way-1 in a random order per task
-    x_query: torch.Tensor     # float [B, way*query, 1, H, W]
+    x_query: torch.Tensor     # float [B, way*query, C, H, W]
     y_query: torch.Tensor     # long  [B, way*query]
 
 
@@ -25,16 +25,19 @@ def check_episode_shape(classes: ClassImages, split: str, way: int, shot: int, q
         raise MetarunError(f"way={way} is larger than the {classes.num_classes} classes of the {split} split: "
                            f"use way<={classes.num_classes} or another dataset.split.")
     if shot + query > classes.per_class:
+        smallest = "" if int(classes.counts.max()) == classes.per_class else f" of class {classes.smallest_class!r}"
         raise MetarunError(f"shot+query={shot}+{query}={shot + query} is more than the {classes.per_class} images "
-                           f"per class: lower shot or query so that shot+query<={classes.per_class}.")
+                           f"per class{smallest} in the {split} split: lower shot or query so that "
+                           f"shot+query<={classes.per_class}, or give that class more images.")
 
 
 class EpisodeSampler:
     """Draws meta-batches of tasks from one split.
 
     Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
-    both support and query), optionally one rotation by k*90 degrees per class (the MAML paper's
-    augmentation: a rotated character is a new class), and a random assignment of labels 0..way-1.
+    both support and query; classes may differ in size), optionally one rotation by k*90 degrees per class
+    (the MAML paper's augmentation: a rotated character is a new class), and a random assignment of labels
+    0..way-1. Images: uint8 [N, C, H, W] on `device`; episodes: float [B, way*(shot|query), C, H, W].
     Random numbers come from the sampler's own generator (on `index_device`): the same seed gives the same
     tasks, and its state is saved in checkpoints so that a resumed run draws what it would have drawn.
     """
@@ -44,7 +47,15 @@ class EpisodeSampler:
         check_episode_shape(classes, split, way, shot, query)
         self.way, self.shot, self.query, self.rotate = way, shot, query, rotate
         self.device = torch.device(device)
-        self.images = classes.images.to(self.device)          # uint8: 4x less memory, cast per episode
+        if rotate and classes.images.shape[-1] != classes.images.shape[-2]:
+            raise MetarunError(f"dataset.rotate=true needs square images, not {tuple(classes.images.shape[-2:])}: "
+                               "set dataset.rotate=false.")
+        self.images = classes.images.to(self.device)          # uint8 [N, C, H, W]: 4x less memory, cast per episode
+        self.starts, self.counts = classes.starts.to(self.device), classes.counts.to(self.device)
+        self.max_count = int(classes.counts.max())
+        # Classes of unequal size: positions past a class's count get a key above every rand() draw, so argsort
+        # picks only real images; with equal classes nothing changes (and neither do the random streams).
+        self.ragged = int(classes.counts.min()) != self.max_count
         self.index_device = torch.device(index_device) if index_device is not None else self.device
         self.generator = torch.Generator(device=self.index_device)
         self.generator.manual_seed(seed)
@@ -55,24 +66,29 @@ class EpisodeSampler:
 
     def sample(self, meta_batch: int) -> Episodes:
         B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query
-        num_classes, per_class, side = self.images.shape[0], self.images.shape[1], self.images.shape[-1]
+        num_classes, per_class = len(self.counts), self.max_count
+        C, H, W = self.images.shape[1:]
         g, dev = self.generator, self.index_device
         classes = torch.rand(B, num_classes, generator=g, device=dev).argsort(dim=1)[:, :way]
-        picks = torch.rand(B, way, per_class, generator=g, device=dev).argsort(dim=2)[:, :, :per_task]
+        keys = torch.rand(B, way, per_class, generator=g, device=dev)
+        if self.ragged:
+            counts = self.counts.to(dev)[classes]                                # [B, way]
+            keys = keys.masked_fill(torch.arange(per_class, device=dev) >= counts.unsqueeze(-1), 2.0)
+        picks = keys.argsort(dim=2)[:, :, :per_task]
         labels = torch.rand(B, way, generator=g, device=dev).argsort(dim=1)
         turns = torch.randint(0, 4, (B, way), generator=g, device=dev) if self.rotate else None
         classes, picks, labels = classes.to(self.device), picks.to(self.device), labels.to(self.device)
-        x = self.images[classes.unsqueeze(-1), picks]                          # [B, way, S+Q, H, W]
+        x = self.images[self.starts[classes].unsqueeze(-1) + picks]            # [B, way, S+Q, C, H, W] uint8
         if turns is not None:
-            flat = x.reshape(B, way, per_task, side * side)
-            index = self.rotations[turns.to(self.device)].unsqueeze(2).expand(-1, -1, per_task, -1)
-            x = flat.gather(3, index).view(B, way, per_task, side, side)
-        x = x.unsqueeze(3).float().div_(255.0)                                 # [B, way, S+Q, 1, H, W]
+            flat = x.reshape(B, way, per_task, C, H * W)
+            index = self.rotations[turns.to(self.device)][:, :, None, None, :].expand(-1, -1, per_task, C, -1)
+            x = flat.gather(4, index).view(B, way, per_task, C, H, W)
+        x = x.float().div_(255.0)                                              # cast per episode
         y = labels.unsqueeze(-1)
         return Episodes(
-            x[:, :, :shot].reshape(B, way * shot, 1, side, side),
+            x[:, :, :shot].reshape(B, way * shot, C, H, W),
             y.expand(B, way, shot).reshape(B, way * shot),
-            x[:, :, shot:].reshape(B, way * self.query, 1, side, side),
+            x[:, :, shot:].reshape(B, way * self.query, C, H, W),
             y.expand(B, way, self.query).reshape(B, way * self.query),
         )
 

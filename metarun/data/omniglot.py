@@ -17,27 +17,13 @@ import torch
 from PIL import Image
 
 from metarun.data import embedded, sources
+from metarun.data.classes import ClassImages
 from metarun.errors import MetarunError
 
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
 # The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
 # the last 100 are held out for validation; the other 423 are for testing.
 MAML_TRAIN, MAML_VAL, MAML_TOTAL = 1100, 100, 1623
-
-
-@dataclass
-class ClassImages:
-    """The images of one split, grouped by class (character)."""
-    images: torch.Tensor          # uint8 [classes, per_class, H, W]
-    class_names: list[str]
-
-    @property
-    def num_classes(self) -> int:
-        return self.images.shape[0]
-
-    @property
-    def per_class(self) -> int:
-        return self.images.shape[1]
 
 
 @dataclass

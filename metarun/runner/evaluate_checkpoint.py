@@ -25,7 +25,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
     train_cfg = OmegaConf.create(blob["config"])
-    if cfg.data_root or os.environ.get("METARUN_DATA"):
+    if cfg.data_root or (os.environ.get("METARUN_DATA") and train_cfg.dataset.name == "omniglot"):
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
         train_cfg.eval_seed = int(cfg.eval_seed)

@@ -7,8 +7,7 @@ import torch
 
 from metarun.algorithms.maml import MAML
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
-from metarun.data import sources
-from metarun.data.omniglot import load_omniglot, split_characters
+from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
 from metarun.models.conv4 import build_model
 
@@ -50,15 +49,14 @@ def check_train_settings(cfg) -> None:
 
 def load_splits(cfg, device) -> dict:
     """{split name: ClassImages} of the configured dataset, with the episode shape checked on each split."""
-    if cfg.dataset.name != "omniglot":
-        raise MetarunError(f"unknown dataset={cfg.dataset.name!r}: metarun has omniglot.")
-    data = load_omniglot(cfg.dataset)
-    chars = split_characters(data, cfg.dataset.split, int(cfg.dataset.split_seed), int(cfg.dataset.lake_val_alphabets))
-    splits = {name: data.class_images(ids) for name, ids in chars.items()}
+    splits, where = load_dataset(cfg.dataset)
     for name, classes in splits.items():
         check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query))
-    where = ("the copy inside metarun" if data.source == "embedded"
-             else f"the archives in {sources.source_root(cfg.dataset.root)}")
+    have = splits["train"].channels
+    channels = int(cfg.model.get("in_channels", have))
+    if channels != have:
+        raise MetarunError(f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} channel(s): "
+                           f"leave model.in_channels=${{dataset.channels}} or set it to {have}.")
     return {"splits": splits, "source": where}
 
 

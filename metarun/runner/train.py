@@ -63,7 +63,7 @@ def train(cfg, run_dir: Path) -> dict:
     splits = data["splits"]
     model, maml = build_algorithm(cfg, device)
     print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({maml.impl} MAML, "
-          f"{'first' if cfg.first_order else 'second'} order), Omniglot from {data['source']} "
+          f"{'first' if cfg.first_order else 'second'} order), {data['source']} "
           f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
 
     init = model.init_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)

@@ -1,0 +1,145 @@
+"""Decoding image files once into a uint8 cache, shared by the file-based datasets (folder, miniImageNet).
+
+Same style as Omniglot's cache: one `torch.save` file of plain tensors, lists and strings (loads with
+`weights_only=True`), written atomically, keyed by a fingerprint of the source files and the settings, and
+rebuilt when that fingerprint changes or the file is unreadable.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from metarun.data.classes import ClassImages, check_splits
+from metarun.data.omniglot import atomic_torch_save
+from metarun.errors import MetarunError
+
+CACHE_FORMAT = "metarun-class-images-cache-v1"
+SPLITS = ("train", "val", "test")
+MODES = {1: "L", 3: "RGB"}
+
+
+def default_cache_dir(root: Path, cache_dir) -> Path:
+    """dataset.cache_dir if set, else the data root if writable, else ~/.cache/metarun (as Omniglot)."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    if root.is_dir() and os.access(root, os.W_OK):
+        return root
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metarun"
+
+
+def check_image_settings(image_size, channels) -> tuple[int, int]:
+    size, channels = int(image_size), int(channels)
+    if size <= 0:
+        raise MetarunError(f"dataset.image_size={size} must be a positive number of pixels (e.g. 84).")
+    if channels not in MODES:
+        raise MetarunError(f"dataset.channels={channels} must be 1 (grayscale) or 3 (RGB).")
+    return size, channels
+
+
+def files_fingerprint(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, extra: str = "") -> str:
+    """sha256 of every file's (path, size, mtime), the split membership and the decode settings."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}:{extra}".encode())
+    for split in SPLITS:
+        for name, files in splits[split].items():
+            h.update(f"\n{split}/{name}".encode())
+            for f in files:
+                st = f.stat()
+                h.update(f"|{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One file -> uint8 [channels, size, size]; resized with PIL's (antialiased) bilinear filter if needed."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert(MODES[channels])
+            if img.size != (size, size):
+                img = img.resize((size, size), Image.Resampling.BILINEAR)
+            pixels = np.asarray(img, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types for bad bytes
+        raise MetarunError(f"cannot read the image {path} ({exc}): replace or delete that file.")
+    return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
+
+
+def decode_splits(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, desc: str) -> dict:
+    """Decodes every file into one uint8 array; returns the cache blob (without format/fingerprint)."""
+    from tqdm import tqdm
+
+    files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
+    images = np.empty((len(files), channels, size, size), dtype=np.uint8)
+    for i, f in enumerate(tqdm(files, desc=f"decoding {desc}", unit="img", mininterval=1.0, leave=False,
+                               disable=len(files) < 2000)):
+        images[i] = decode_image(f, size, channels)
+    return {"images": torch.from_numpy(images),
+            "splits": {s: list(splits[s].keys()) for s in SPLITS},
+            "counts": {s: [len(fs) for fs in splits[s].values()] for s in SPLITS}}
+
+
+def read_cache(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("fingerprint") == fingerprint
+              and blob["images"].dtype == torch.uint8 and blob["images"].dim() == 4
+              and sum(sum(c) for c in blob["counts"].values()) == len(blob["images"]))
+    except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
+        ok = False
+    if not ok:
+        print(f"metarun: cache {path} is stale or corrupt; rebuilding it", file=sys.stderr)
+        return None
+    return blob
+
+
+def mib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**20:.1f} MiB"
+
+
+def cached_class_images(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, cache: Path,
+                        desc: str, where: str, build=None, fingerprint: str | None = None) -> dict[str, ClassImages]:
+    """{split: ClassImages} from the cache at `cache` when its fingerprint matches, else decoded and cached.
+
+    splits: {split: {class name: [image files]}} (checked: no empty split, no class in two splits, no empty
+    class); `build()` may replace file decoding (it returns the blob of `decode_splits`).
+    """
+    check_splits({s: list(splits[s]) for s in SPLITS}, where)
+    for split in SPLITS:
+        for name, files in splits[split].items():
+            if not files and build is None:
+                raise MetarunError(f"class {name!r} of the {split} split of {where} has no images (.png/.jpg): "
+                                   "add images or remove that class.")
+    fingerprint = fingerprint or files_fingerprint(splits, size, channels)
+    blob = read_cache(cache, fingerprint)
+    if blob is None:
+        n = sum(len(fs) for s in SPLITS for fs in splits[s].values())
+        print(f"metarun: decoding {n} images of {desc} once into the cache {cache} "
+              f"({mib(n * channels * size * size)} uint8)", file=sys.stderr, flush=True)
+        blob = build() if build is not None else decode_splits(splits, size, channels, desc)
+        blob.update(format=CACHE_FORMAT, fingerprint=fingerprint)
+        try:
+            atomic_torch_save(blob, cache)
+        except OSError as exc:  # a read-only place only costs the next run a decode
+            print(f"metarun: could not write the cache {cache} ({exc}); set dataset.cache_dir to a writable "
+                  "folder to start faster next time", file=sys.stderr)
+    else:
+        print(f"metarun: {desc} from the cache {cache} ({mib(blob['images'].numel())} uint8)", file=sys.stderr,
+              flush=True)
+    return split_blob(blob)
+
+
+def split_blob(blob: dict) -> dict[str, ClassImages]:
+    """The cache blob (images of train, val, test classes, in that order) -> {split: ClassImages}."""
+    out, start = {}, 0
+    for split in SPLITS:
+        counts = torch.tensor(blob["counts"][split], dtype=torch.long)
+        n = int(counts.sum())
+        starts = torch.cumsum(counts, 0) - counts
+        out[split] = ClassImages(blob["images"][start:start + n], list(blob["splits"][split]), starts, counts)
+        start += n
+    return out
