@@ -25,7 +25,9 @@ USAGE = """usage: metarun <command> [overrides...]
 
 commands:
   train   meta-train a learner (e.g. metarun train way=20 shot=1; sweep: metarun train -m way=5,20 shot=1,5)
-  eval    score a checkpoint on held-out tasks (metarun eval checkpoint=outputs/train/<run>/checkpoints/best.pt)
+  eval    score a checkpoint on held-out tasks (metarun eval checkpoint=outputs/train/<run>/checkpoints/best.pt;
+          Lake et al.'s one-shot runs: add benchmark=lake)
+  report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> [--paper] [--out DIR])
 
 `metarun <command> --help` lists that command's settings and config groups (Hydra).
 Set METARUN_DEBUG=1 to see Python tracebacks with errors."""
@@ -43,10 +45,15 @@ def _log_to_file(level: int, message: str) -> None:
             handler.handle(record)
 
 
-def _record_failure(run_dir: Path, reason: str, overrides: list[str]) -> None:
-    """A failed sweep cell's results.json: status, reason and the cell's settings, in its own dir."""
+def _record_failure(run_dir: Path, reason: str, overrides: list[str], cfg) -> None:
+    """A failed sweep cell's results.json: status, reason, the cell's overrides and its resolved config (when
+    it resolves: `metarun report` reads the cell's settings from it), in its own dir."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # e.g. an environment variable the config needs is unset: the overrides still say it
+        config = None
     (run_dir / "results.json").write_text(json.dumps(
-        {"status": "failed", "error": reason, "overrides": overrides}, indent=2))
+        {"status": "failed", "reason": reason, "overrides": overrides, "config": config}, indent=2))
 
 
 def _run(job, cfg) -> None:
@@ -65,7 +72,7 @@ def _run(job, cfg) -> None:
             raise
         _log_to_file(logging.ERROR, f"metarun: error: {exc}")
         if multirun:
-            _record_failure(run_dir, str(exc), overrides)
+            _record_failure(run_dir, str(exc), overrides, cfg)
             print(f"metarun: sweep cell {run_dir} failed: {exc}", file=sys.stderr, flush=True)
             return
         print(f"metarun: error: {exc}", file=sys.stderr, flush=True)
@@ -79,7 +86,7 @@ def _run(job, cfg) -> None:
         if not multirun or os.environ.get("METARUN_DEBUG"):
             raise
         logging.getLogger("metarun").exception("metarun: sweep cell %s failed", run_dir)
-        _record_failure(run_dir, f"{type(exc).__name__}: {exc}", overrides)
+        _record_failure(run_dir, f"{type(exc).__name__}: {exc}", overrides, cfg)
 
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
@@ -243,7 +250,7 @@ def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
         if record.get("status") == "failed":
             cell = [o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") in swept]
             failed.append(f"{results.parent.relative_to(sweep_dir)} [{' '.join(cell)}]: "
-                          f"{record.get('error')}")
+                          f"{record.get('reason')}")
     return failed
 
 
@@ -253,8 +260,16 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if command == "report":  # not a Hydra app: it reads finished runs
+        from metarun.report import main as report_main
+        try:
+            return report_main(rest)
+        except MetarunError as exc:
+            if os.environ.get("METARUN_DEBUG"):
+                raise
+            return _fail(str(exc))
     if command not in COMMANDS:
-        return _fail(f"unknown command {command!r}; use one of: {', '.join(COMMANDS)} (metarun --help).")
+        return _fail(f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun --help).")
     try:
         rest = [_normalize(a) for a in rest]
         multirun = any(a in ("-m", "--multirun") for a in rest)

@@ -371,10 +371,16 @@ def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
     line = [l for l in proc.stderr.splitlines() if l.startswith("metarun: error:")]
     assert len(line) == 1 and "2 sweep cell(s) failed" in line[0] and "way=5000" in line[0] and "way=five" in line[0]
     cells = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1", "2")}
-    assert cells["0"]["status"] == "failed" and "larger than the 33 classes" in cells["0"]["error"]
-    assert cells["1"]["status"] == "failed" and "way=five must be a positive integer" in cells["1"]["error"]
+    assert cells["0"]["status"] == "failed" and "larger than the 33 classes" in cells["0"]["reason"]
+    assert cells["1"]["status"] == "failed" and "way=five must be a positive integer" in cells["1"]["reason"]
     assert cells["2"]["status"] == "completed" and cells["2"]["config"]["way"] == 3
     assert "larger than the 33 classes" in (sweep / "0" / "metarun-train.log").read_text()
+    # the report of that sweep: the finished cell filled, the failed ones marked with their reasons (#16)
+    report = run_metarun("report", str(sweep), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = report.stdout
+    assert "| 3 |" in table and table.count("failed") >= 2 and "larger than the 33 classes" in table
+    assert (sweep / "report.md").read_text() == table and (sweep / "report.csv").is_file()
 
 
 def test_sweep_with_a_mistyped_setting_fails_before_any_cell(tiny_root, tmp_path):

@@ -46,6 +46,11 @@ def check_eval_settings(cfg) -> tuple[Path, dict]:
         raise MetarunError(f"split={cfg.split!r} is not a split: use test, val or train.")
     if isinstance(cfg.eval_chunk, bool) or not isinstance(cfg.eval_chunk, int) or cfg.eval_chunk <= 0:
         raise MetarunError(f"eval_chunk={cfg.eval_chunk} must be a positive number of tasks per pass.")
+    if cfg.get("benchmark") not in (None, "lake"):
+        raise MetarunError(f"benchmark={cfg.benchmark!r} is not a benchmark: use benchmark=lake (Lake et al.'s 20 "
+                           "one-shot runs) or leave it out (fixed tasks of `split`).")
+    if cfg.get("benchmark") == "lake" and int(cfg.ensemble) != 1:
+        raise MetarunError(f"benchmark=lake scores one checkpoint: drop ensemble={cfg.ensemble}.")
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
@@ -78,6 +83,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     for member in paths:
         member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
         params.append({k: v.to(device) for k, v in checkpoint_params(member_blob, expected, member, "checkpoint").items()})
+    if cfg.get("benchmark") == "lake":
+        from metarun.runner.lake_benchmark import lake_benchmark
+        return lake_benchmark(cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir)
     splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(algorithm, params if len(params) > 1 else params[0], splits[cfg.split], cfg.split,
                               train_cfg, device, int(cfg.tasks), steps)
