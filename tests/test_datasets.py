@@ -125,7 +125,7 @@ def test_folder_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch, cap
     assert grown["train"].counts.tolist() == [4, 3] and (0, 99) in traced(grown["train"])[0]
     caches[0].write_bytes(b"garbage")
     assert torch.equal(load_folder(folder_cfg(root))[0]["train"].images, grown["train"].images)
-    assert "stale or corrupt" in caplog.text
+    assert "does not match the data (changed files or settings) or is corrupt; rebuilding" in caplog.text
 
 
 def test_folder_errors_are_one_line(tmp_path):

@@ -200,3 +200,11 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == total
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+def test_atomic_save_gives_the_permissions_of_a_plain_write(tmp_path):
+    """Caches and checkpoints in shared folders stay readable as the umask allows (mkstemp alone gives 0600)."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "saved.pt")
+    assert (tmp_path / "saved.pt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

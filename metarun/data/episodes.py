@@ -17,18 +17,22 @@ class Episodes:
     y_query: torch.Tensor     # long  [B, way*query]
 
 
-def check_episode_shape(classes: ClassImages, split: str, way: int, shot: int, query: int) -> None:
+def check_episode_shape(classes: ClassImages, split: str, way: int, shot: int, query: int,
+                        more_classes: str = "another dataset.split") -> None:
+    """way, shot and query fit the split: errors name the setting and the fix (`more_classes`: where a user
+    gets more classes for this dataset, e.g. Omniglot's dataset.split)."""
     for name, value in (("way", way), ("shot", shot), ("query", query)):
         if int(value) <= 0:
             raise MetarunError(f"{name}={value} must be a positive integer.")
     if way > classes.num_classes:
         raise MetarunError(f"way={way} is larger than the {classes.num_classes} classes of the {split} split: "
-                           f"use way<={classes.num_classes} or another dataset.split.")
+                           f"use way<={classes.num_classes} or {more_classes}.")
     if shot + query > classes.per_class:
-        smallest = "" if int(classes.counts.max()) == classes.per_class else f" of class {classes.smallest_class!r}"
+        unequal = int(classes.counts.max()) != classes.per_class
+        smallest = f" of class {classes.smallest_class!r}" if unequal else ""
         raise MetarunError(f"shot+query={shot}+{query}={shot + query} is more than the {classes.per_class} images "
                            f"per class{smallest} in the {split} split: lower shot or query so that "
-                           f"shot+query<={classes.per_class}, or give that class more images.")
+                           f"shot+query<={classes.per_class}" + (", or give that class more images." if unequal else "."))
 
 
 class EpisodeSampler:

@@ -94,7 +94,8 @@ def read_cache(path: Path, fingerprint: str) -> dict | None:
     except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
         ok = False
     if not ok:
-        log.warning(f"metarun: cache {path} is stale or corrupt; rebuilding it")
+        log.warning(f"metarun: cache {path} does not match the data (changed files or settings) or is corrupt; "
+                    "rebuilding it")
         return None
     return blob
 
@@ -120,9 +121,13 @@ def cached_class_images(splits: dict[str, dict[str, list[Path]]], size: int, cha
     blob = read_cache(cache, fingerprint)
     if blob is None:
         n = sum(len(fs) for s in SPLITS for fs in splits[s].values())
-        log.info(f"metarun: decoding {n} images of {desc} once into the cache {cache} "
-                 f"({mib(n * channels * size * size)} uint8)")
+        if build is None:  # a `build` (CIFAR's pickles) decodes from elsewhere: its size is known once built
+            log.info(f"metarun: decoding {n} images of {desc} once into the cache {cache} "
+                     f"({mib(n * channels * size * size)} uint8)")
         blob = build() if build is not None else decode_splits(splits, size, channels, desc)
+        if build is not None:
+            log.info(f"metarun: decoded {len(blob['images'])} images of {desc} once into the cache {cache} "
+                     f"({mib(blob['images'].numel())} uint8)")
         blob.update(format=CACHE_FORMAT, fingerprint=fingerprint)
         try:
             atomic_torch_save(blob, cache)

@@ -58,8 +58,10 @@ def check_train_settings(cfg) -> None:
 def load_splits(cfg, device) -> dict:
     """{split name: ClassImages} of the configured dataset, with the episode shape checked on each split."""
     splits, where = load_dataset(cfg.dataset)
+    # Omniglot's split protocols hold different class counts; other datasets have fixed splits
+    more = "another dataset.split" if "split" in cfg.dataset else "a dataset with more classes per split"
     for name, classes in splits.items():
-        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query))
+        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query), more)
     have = splits["train"].channels
     channels = int(cfg.model.get("in_channels", have))
     if channels != have:
