@@ -244,6 +244,22 @@ def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
     assert not (tmp_path / "outputs").exists()
 
 
+def test_resume_refuses_a_damaged_best_checkpoint_before_training(run, tmp_path):
+    """best.pt is scored at the end of training: a resume finds a damaged one before any iteration runs."""
+    import shutil
+    run, _, _ = run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    (copy / ".metarun-run").unlink()
+    blob = ckpt(copy, "best.pt")
+    blob["params"]["fc.bias"][0] = float("inf")
+    torch.save(blob, copy / "checkpoints" / "best.pt")
+    before = (copy / "checkpoints" / "last.pt").read_bytes()
+    proc = run_metarun("train", f"resume={copy}", "iterations=9", cwd=tmp_path)
+    assert_clean_error(proc, "best.pt", "tensor 'params.fc.bias'", "checkpoints/top/*.pt or last.pt")
+    assert (copy / "checkpoints" / "last.pt").read_bytes() == before
+
+
 @pytest.mark.parametrize("setting", ["checkpoint", "resume"])
 def test_every_loaded_tensor_is_checked(run, tmp_path, setting):
     """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf, and

@@ -31,6 +31,13 @@ def resolve_checkpoint_path(path: str | Path, setting: str) -> Path:
     return p
 
 
+def _another(path: Path) -> str:
+    """Where to look instead of a bad checkpoint file of a run."""
+    if path.name == "best.pt":
+        return "another of the run's checkpoints (checkpoints/top/*.pt or last.pt)"
+    return "an earlier checkpoint of the run (checkpoints/best.pt or checkpoints/top/*.pt)"
+
+
 def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
     """Loads and checks a metarun checkpoint; every failure is a MetarunError naming the file and setting."""
     p = resolve_checkpoint_path(path, setting)
@@ -54,7 +61,7 @@ def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
     bad = nonfinite_tensor(blob["params"], "params") or nonfinite_tensor(blob.get("optimizer", {}), "optimizer")
     if bad:
         raise MetarunError(f"{setting}={p}: {bad} holds NaN or inf values, so it would score or train as garbage "
-                           "(a diverged run or a damaged file): use an earlier checkpoint, e.g. best.pt.")
+                           f"(a diverged run or a damaged file): use {_another(p)}.")
     return blob
 
 

@@ -64,8 +64,9 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path,
                 n += 1
                 candidate = path.with_name(f"{path.name}_{n}")
                 continue
-            raise MetarunError(f"{setting}={path} already belongs to another run: continue that run with "
-                               f"resume={path}, or choose a new {setting}.")
+            hint = (f"continue that run with resume={path}, or " if (path / "checkpoints" / "last.pt").is_file()
+                    else "")
+            raise MetarunError(f"{setting}={path} already belongs to another run: {hint}choose a new {setting}.")
         except OSError as exc:
             raise _unwritable(path, exc, setting)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,

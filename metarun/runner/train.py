@@ -90,6 +90,12 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
 
     `overrides` are the command line's settings: on resume the saved run's config is the base and only
     these may change it (see metarun/runner/resume.py). Raises MetarunError for a user error."""
+    # From the start: a SIGINT/SIGTERM during setup stops the run after its first iteration, cleanly.
+    with StopRequest() as stop:
+        return _train(cfg, run_dir, overrides, stop)
+
+
+def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     wall_start = time.perf_counter()
     resume = cfg.resume
     resumed, changes = None, {}
@@ -119,7 +125,7 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     resolved = resolved_settings(cfg, device, execution, data["source"])
     (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
-             f"{execution['threads']} threads), {data['source']} "
+             f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}), {data['source']} "
              f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
@@ -139,8 +145,10 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
         top = [list(e) for e in resumed.get("top", [])]
         wall_before, history = float(resumed.get("wall_seconds", 0.0)), list(resumed.get("history", []))
         resume_file = resolve_checkpoint_path(resume, "resume")
+        best_file = resume_file.parent / "best.pt"
+        if best_file.is_file() and best_file.resolve() != resume_file.resolve():
+            load_checkpoint(best_file, "resume")  # the end of training scores it: refuse a damaged one now
         if resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
-            best_file = resume_file.parent / "best.pt"
             if best_file.is_file():
                 shutil.copyfile(best_file, ckpt_dir / "best.pt")
             else:  # its best checkpoint is unknown: the branch's next validation writes one
@@ -183,7 +191,7 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     window_start, window_tasks = time.perf_counter(), 0
     bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
-    with StopRequest() as stop, logging_redirect_tqdm():
+    with logging_redirect_tqdm():
         for it in range(start, iterations):
             algorithm.begin_iteration(it, optimizer)  # the algorithm's schedules (epochs, meta learning rate)
             result = meta_train_step(algorithm, params, optimizer, sampler.sample(int(cfg.meta_batch)))
@@ -213,6 +221,10 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 window_start, window_tasks = time.perf_counter(), 0
             if validating:
+                bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
+                if bad:  # the loss can still be finite when a weight the query pass barely uses is not
+                    bar.close()
+                    raise _diverged(f"the weights became non-finite ({bad})", done, check_every_step, ckpt_dir, cfg)
                 if not logging_step:  # close the speed window (the loss check synced) so validation is not counted
                     train_seconds += time.perf_counter() - window_start
                 val, ci = evaluate_tasks(algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
