@@ -30,7 +30,7 @@ IMPLS = ("auto", "batched", "loop", "parallel")
 # (torch 2.14.1, second order): 4 tasks per pass was fastest on A and B (80 images a task, +20% over the
 # whole share, -40% memory), 1-2 on C (120 images a task), the whole share on the default 5-way 1-shot
 # 1-query shape (10 images a task).
-PARALLEL_IMAGES_PER_PASS = 320
+PARALLEL_IMAGES_PER_PASS = 160
 
 # (impl, task_chunk) pairs `auto` times on CUDA (task_chunk None: the configured one); TIMED_ITERATIONS
 # timed meta-batches each after one warm-up.
