@@ -325,7 +325,7 @@ def main(argv=None):
     parser.add_argument("--suite", action="store_true", help="settings A, B, C and the sampler")
     parser.add_argument("--first-order", action="store_true", help="with --suite: first-order MAML")
     parser.add_argument("--sampler", action="store_true", help="time the episode sampler on the real cache")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; --gpu-check: 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="alternate metarun/reference runs this many times "
                         "and keep the median of each")
@@ -337,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--settings", default="A,B,C", help="with --gpu-check: suite settings to run")
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.iters is None:
+        args.iters = 3 if args.gpu_check else 5
     if args.threads is not None:
         args.overrides = [*args.overrides, f"threads={args.threads}"]
     if args.worker:

@@ -26,10 +26,10 @@ from metarun.errors import MetarunError
 
 IMPLS = ("auto", "batched", "loop", "parallel")
 
-# Images (support + query) per grouped pass in each `parallel` thread when task_chunk=0. Measured on 2 cores
-# (torch 2.14.1, second order): 4 tasks per pass was fastest on A and B (80 images a task, +20% over the
-# whole share, -40% memory), 1-2 on C (120 images a task), the whole share on the default 5-way 1-shot
-# 1-query shape (10 images a task).
+# Images (support + query) per grouped pass in each `parallel` thread when task_chunk=0. Measured on 2 loaded
+# cores (torch 2.14.1, one thread, tasks/s alternating in one process; README, Performance): one or two tasks
+# per pass were as fast as the per-task loop, 4 tasks 0.7x at A (80 images a task); 160 gives 2 tasks at A
+# and B, 1 at C (120 images a task), 16 on the default 5-way 1-shot 1-query shape (10 images a task).
 PARALLEL_IMAGES_PER_PASS = 160
 
 # (impl, task_chunk) pairs `auto` times on CUDA (task_chunk None: the configured one); TIMED_ITERATIONS
@@ -65,7 +65,7 @@ class Engine:
         task_chunk: tasks per chunk (0: the implementation's default).
         device: where the tensors live (resolves `auto`, and the autocast device).
         autocast: none | bf16: the per-chunk functions run under bfloat16 autocast (CUDA only).
-        timed_auto: pick `auto` by timing on any device (None: on CUDA only).
+        timed_auto: pick `auto` by timing on any device (None: on CUDA only; False: never, `batched` on CUDA).
     `choice` holds the timed pick: {"impl", "task_chunk", "ms_per_meta_batch": {candidate: ms}}.
     Raises MetarunError for an unknown impl or autocast, a negative task_chunk, or bf16 off CUDA.
     """
@@ -83,6 +83,8 @@ class Engine:
         self.impl = resolve_impl(impl, device, threads)
         if impl == "auto" and timed_auto:
             self.impl = "auto"
+        elif self.impl == "auto" and timed_auto is False:
+            self.impl = "batched"  # CUDA without timing: one pass for the whole meta-batch
         self.workers = threads if self.impl == "parallel" else 1
         self.task_chunk = int(task_chunk)
         self.autocast = str(autocast)
@@ -103,13 +105,21 @@ class Engine:
         timings, configured = {}, self.task_chunk
         for impl, chunk in TIMED_CANDIDATES:
             self.impl, self.task_chunk = impl, configured if chunk is None else chunk
-            run()
-            self._sync()
-            start = time.perf_counter()
-            for _ in range(TIMED_ITERATIONS):
+            try:
                 run()
-            self._sync()
+                self._sync()
+                start = time.perf_counter()
+                for _ in range(TIMED_ITERATIONS):
+                    run()
+                self._sync()
+            except torch.OutOfMemoryError:  # a candidate that does not fit is not a candidate
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             timings[f"{impl}/task_chunk={self.task_chunk}"] = (time.perf_counter() - start) / TIMED_ITERATIONS * 1e3
+        if not timings:
+            raise MetarunError("algorithm.impl=auto: no implementation fits in device memory: lower meta_batch "
+                               "or set algorithm.task_chunk.")
         best = min(timings, key=timings.get)
         impl, chunk = best.split("/task_chunk=")
         self.impl, self.task_chunk = impl, int(chunk)
