@@ -233,8 +233,9 @@ def exactness_cases(device) -> list[dict]:
     return cases
 
 
-def check_exactness(device) -> dict:
-    """Meta-gradients of metarun's engine vs the plain per-task loop (algorithms/reference.py), on `device`."""
+def check_exactness(device, cases: list[dict] | None = None, autocast: str = "none") -> dict:
+    """Meta-gradients of metarun's engine vs the plain per-task loop (algorithms/reference.py), on `device`
+    (cases: default exactness_cases; autocast: the engine's, for measuring bf16's error)."""
     from metarun.algorithms import algorithm_class
     from metarun.algorithms.engine import Engine
     from metarun.algorithms.reference import reference_meta_loss
@@ -265,11 +266,12 @@ def check_exactness(device) -> dict:
         return (diff.norm() / torch.cat([v.flatten() for v in b.values()]).norm()).item()
 
     results, failed, choice = {"float64": 0.0, "float32": 0.0}, [], None
-    for case in exactness_cases(device):
+    cases = exactness_cases(device) if cases is None else cases
+    for case in cases:
         model = Conv4(way, filters=6, image_size=side, downsample=case["downsample"])
         cfg = compose([f"algorithm={case['algorithm']}", "update_lr=0.4", f"update_step={case['update_step']}",
                        f"first_order={str(case['first_order']).lower()}", "update_step_test=1"])
-        engine = Engine(case["impl"], 2, case["task_chunk"], device, timed_auto=case["impl"] == "auto")
+        engine = Engine(case["impl"], 2, case["task_chunk"], device, autocast, timed_auto=case["impl"] == "auto")
         algorithm = algorithm_class(case["algorithm"]).from_config(cfg, model, engine)
         init = algorithm.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64, device=device)
         expected = gradients(algorithm, init, episodes(torch.float64), reference=True)
@@ -281,7 +283,7 @@ def check_exactness(device) -> dict:
             if not err < tolerance:
                 failed.append({**case, "dtype": key, "relative_error": err})
         choice = engine.choice or choice
-    return {"cases": len(exactness_cases(device)), "float64_max_rel_error": results["float64"],
+    return {"cases": len(cases), "float64_max_rel_error": results["float64"],
             "float64_tolerance": FLOAT64_TOLERANCE, "float32_max_rel_error": results["float32"],
             "float32_tolerance": FLOAT32_TOLERANCE, "auto_pick": choice, "failed": failed, "passed": not failed}
 
@@ -291,6 +293,8 @@ def gpu_check(overrides: list[str], iters: int, warmup: int, long_iterations: in
 
     start = time.perf_counter()
     device = resolve_device(compose(overrides).device)
+    if device.type == "cuda":  # the defaults (tf32=false) for the exactness checks; cuDNN allows TF32 otherwise
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     summary = {"gpu_check": True, "device": str(device),
                "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "torch": torch.__version__, "cuda": torch.version.cuda, "overrides": overrides}
@@ -308,10 +312,15 @@ def gpu_check(overrides: list[str], iters: int, warmup: int, long_iterations: in
     if device.type == "cuda":
         base = SUITE["C"] + overrides
         plain = run_worker(base, "metarun", iters, warmup)["tasks_per_s"]
+        case = [{"algorithm": "maml", "first_order": False, "update_step": 3, "downsample": "stride",
+                 "impl": "batched", "task_chunk": 0}]
         for key, setting in (("tf32", "tf32=true"), ("bf16", "autocast=bf16")):
             fast = run_worker(base + [setting], "metarun", iters, warmup)["tasks_per_s"]
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = key == "tf32"
+            err = check_exactness(device, case, "bf16" if key == "bf16" else "none")["float32_max_rel_error"]
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
             precision[key] = {"setting": setting, "tasks_per_s": fast, "default_tasks_per_s": plain,
-                              "speedup": fast / plain}
+                              "speedup": fast / plain, "float32_meta_gradient_rel_error": err}
     summary["precision"] = precision
     summary["wall_s"] = time.perf_counter() - start
     summary["passed"] = summary["exactness"]["passed"]
