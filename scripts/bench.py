@@ -4,6 +4,7 @@
     python scripts/bench.py algorithm=mamlpp --compare                # any algorithm (algorithm=NAME)
     python scripts/bench.py --suite [--first-order] [--compare]      # settings A, B, C (README, Performance)
     python scripts/bench.py --sampler                                # the episode sampler on the real cache
+    python scripts/bench.py --gpu-check [device=cuda:N]              # GPU readiness, one JSON summary
 
 Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16 first_order=true
 algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is `meta_train_step`, exactly
@@ -14,6 +15,14 @@ same algorithm. Each side runs in its own process with the same `threads` settin
 all cores), applied by the runner's own setup (metarun/runner/setup.py): metarun's `parallel` gets N workers
 of 1 intra-op thread, the loop N intra-op threads; each side reports the threads it really ran on, read
 inside its process after setup.
+
+`--gpu-check` (for a machine with a GPU; device=cpu runs it on the CPU, for its test) runs in one call:
+the exactness checks on the device (every impl of every algorithm against the per-task reference of
+algorithms/reference.py, float64 within 1e-8 and float32 within 1e-4 of the float64 reference), the suite
+with --compare on the device (both orders), a timed LONG_ITERATIONS-iteration 20-way 1-shot run
+extrapolated to the paper's 60,000 iterations and, on CUDA, setting C with tf32=true and with
+autocast=bf16 and their gradient errors; then prints one JSON summary (exit 1 if an exactness check fails).
+Extra overrides apply to every timed part (e.g. model.filters=4 meta_batch=2 for a tiny check).
 """
 from __future__ import annotations
 
@@ -135,7 +144,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
             "tasks_per_s": int(cfg.meta_batch) / median,
             "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
             "peak_memory_mb": peak / 2 ** 20, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
-            "flops_per_iter": flops, "gflops_per_s": flops / median / 1e9}
+            "flops_per_iter": flops, "gflops_per_s": flops / median / 1e9, "total_s": sum(times),
+            "auto_choice": algorithm.engine.choice if which == "metarun" else None}
 
 
 def run_worker(overrides, which, iters, warmup) -> dict:
@@ -201,6 +211,122 @@ def bench_sampler(overrides: list[str], batches: int = 200) -> dict:
             "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+LONG = ["way=20", "shot=1", "query=1", "update_step=5", "meta_batch=16", "update_lr=0.1"]
+LONG_ITERATIONS = 1000
+PAPER_ITERATIONS = 60000
+FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-8, 1e-4
+
+
+def exactness_cases(device) -> list[dict]:
+    """Every (algorithm, order, steps, downsample, impl, task_chunk) checked on `device`: MAML in full, and
+    Meta-SGD and MAML++ (every feature on) on the batched path, plus `auto` picked by timing."""
+    impls = [("batched", 0), ("batched", 2), ("loop", 0)]
+    if device.type == "cpu":
+        impls.append(("parallel", 1))
+    cases = [{"algorithm": "maml", "first_order": fo, "update_step": steps, "downsample": ds, "impl": impl,
+              "task_chunk": chunk}
+             for fo in (False, True) for steps in (1, 3) for ds in ("stride", "maxpool") for impl, chunk in impls]
+    cases += [{"algorithm": name, "first_order": False, "update_step": 2, "downsample": "stride", "impl": "batched",
+               "task_chunk": 0} for name in ("metasgd", "mamlpp")]
+    cases.append({"algorithm": "maml", "first_order": False, "update_step": 3, "downsample": "stride", "impl": "auto",
+                  "task_chunk": 0})
+    return cases
+
+
+def check_exactness(device, cases: list[dict] | None = None, autocast: str = "none") -> dict:
+    """Meta-gradients of metarun's engine vs the plain per-task loop (algorithms/reference.py), on `device`
+    (cases: default exactness_cases; autocast: the engine's, for measuring bf16's error)."""
+    from metarun.algorithms import algorithm_class
+    from metarun.algorithms.engine import Engine
+    from metarun.algorithms.reference import reference_meta_loss
+    from metarun.models.conv4 import Conv4
+
+    way, tasks, side = 3, 3, 16
+    g = torch.Generator().manual_seed(0)
+
+    def labels(n):
+        return torch.stack([torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)])
+    data = (torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64), labels(2),
+            torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64), labels(2))
+
+    def episodes(dtype):
+        return Episodes(*(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in data))
+
+    def gradients(algorithm, init, ep, reference):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
+        if reference:
+            grads = torch.autograd.grad(reference_meta_loss(algorithm, leaves, ep), list(leaves.values()),
+                                        allow_unused=True)
+            return {k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)}
+        algorithm.accumulate_meta_gradient(leaves, ep)
+        return {k: v.grad for k, v in leaves.items()}
+
+    def error(a, b):
+        diff = torch.cat([(a[k].double() - b[k]).flatten() for k in b])
+        return (diff.norm() / torch.cat([v.flatten() for v in b.values()]).norm()).item()
+
+    results, failed, choice = {"float64": 0.0, "float32": 0.0}, [], None
+    cases = exactness_cases(device) if cases is None else cases
+    for case in cases:
+        model = Conv4(way, filters=6, image_size=side, downsample=case["downsample"])
+        cfg = compose([f"algorithm={case['algorithm']}", "update_lr=0.4", f"update_step={case['update_step']}",
+                       f"first_order={str(case['first_order']).lower()}", "update_step_test=1"])
+        engine = Engine(case["impl"], 2, case["task_chunk"], device, autocast, timed_auto=case["impl"] == "auto")
+        algorithm = algorithm_class(case["algorithm"]).from_config(cfg, model, engine)
+        init = algorithm.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64, device=device)
+        expected = gradients(algorithm, init, episodes(torch.float64), reference=True)
+        for dtype, tolerance in ((torch.float64, FLOAT64_TOLERANCE), (torch.float32, FLOAT32_TOLERANCE)):
+            init_d = {k: v.to(dtype) for k, v in init.items()}
+            err = error(gradients(algorithm, init_d, episodes(dtype), reference=False), expected)
+            key = "float64" if dtype == torch.float64 else "float32"
+            results[key] = max(results[key], err)
+            if not err < tolerance:
+                failed.append({**case, "dtype": key, "relative_error": err})
+        choice = engine.choice or choice
+    return {"cases": len(cases), "float64_max_rel_error": results["float64"],
+            "float64_tolerance": FLOAT64_TOLERANCE, "float32_max_rel_error": results["float32"],
+            "float32_tolerance": FLOAT32_TOLERANCE, "auto_pick": choice, "failed": failed, "passed": not failed}
+
+
+def gpu_check(overrides: list[str], iters: int, warmup: int, long_iterations: int, settings: list[str]) -> dict:
+    from metarun.runner.setup import resolve_device
+
+    start = time.perf_counter()
+    device = resolve_device(compose(overrides).device)
+    if device.type == "cuda":  # the defaults (tf32=false) for the exactness checks; cuDNN allows TF32 otherwise
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    summary = {"gpu_check": True, "device": str(device),
+               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "cuda": torch.version.cuda, "overrides": overrides}
+    summary["exactness"] = check_exactness(device)
+    summary["suite"] = [bench_setting(name, SUITE[name] + extra + overrides, True, iters, warmup)
+                        for extra in ([], ["first_order=true"]) for name in settings]
+    run = run_worker(LONG + overrides, "metarun", long_iterations, warmup)
+    per_iter = run["total_s"] / long_iterations
+    summary["long_run"] = {"overrides": LONG + overrides, "iterations": long_iterations, "seconds": run["total_s"],
+                           "s_per_iter": per_iter, "impl": run["impl"], "auto_choice": run["auto_choice"],
+                           "extrapolated_iterations": PAPER_ITERATIONS,
+                           "extrapolated_hours": per_iter * PAPER_ITERATIONS / 3600,
+                           "note": "training step on random episodes; no evaluation, checkpoints or sampling"}
+    precision = {"tf32": None, "bf16": None}
+    if device.type == "cuda":
+        base = SUITE["C"] + overrides
+        plain = run_worker(base, "metarun", iters, warmup)["tasks_per_s"]
+        case = [{"algorithm": "maml", "first_order": False, "update_step": 3, "downsample": "stride",
+                 "impl": "batched", "task_chunk": 0}]
+        for key, setting in (("tf32", "tf32=true"), ("bf16", "autocast=bf16")):
+            fast = run_worker(base + [setting], "metarun", iters, warmup)["tasks_per_s"]
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = key == "tf32"
+            err = check_exactness(device, case, "bf16" if key == "bf16" else "none")["float32_max_rel_error"]
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            precision[key] = {"setting": setting, "tasks_per_s": fast, "default_tasks_per_s": plain,
+                              "speedup": fast / plain, "float32_meta_gradient_rel_error": err}
+    summary["precision"] = precision
+    summary["wall_s"] = time.perf_counter() - start
+    summary["passed"] = summary["exactness"]["passed"]
+    return summary
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("overrides", nargs="*", help="metarun train overrides, e.g. way=20 update_step=5")
@@ -208,19 +334,29 @@ def main(argv=None):
     parser.add_argument("--suite", action="store_true", help="settings A, B, C and the sampler")
     parser.add_argument("--first-order", action="store_true", help="with --suite: first-order MAML")
     parser.add_argument("--sampler", action="store_true", help="time the episode sampler on the real cache")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; --gpu-check: 3)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=1, help="alternate metarun/reference runs this many times "
                         "and keep the median of each")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (metarun's `threads` "
                         "setting; default: the config's, 0 = all cores)")
+    parser.add_argument("--gpu-check", action="store_true", help="exactness on the device, the suite with "
+                        "--compare, a long 20-way run; one JSON summary")
+    parser.add_argument("--long-iterations", type=int, default=LONG_ITERATIONS, help="with --gpu-check")
+    parser.add_argument("--settings", default="A,B,C", help="with --gpu-check: suite settings to run")
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.iters is None:
+        args.iters = 3 if args.gpu_check else 5
     if args.threads is not None:
         args.overrides = [*args.overrides, f"threads={args.threads}"]
     if args.worker:
         print(json.dumps(measure(args.overrides, args.worker, args.iters, args.warmup)), flush=True)
         return
+    if args.gpu_check:
+        summary = gpu_check(args.overrides, args.iters, args.warmup, args.long_iterations, args.settings.split(","))
+        print(json.dumps(summary), flush=True)
+        raise SystemExit(0 if summary["passed"] else 1)
     if args.sampler:
         print(json.dumps(bench_sampler(args.overrides)), flush=True)
         return

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import REPO
@@ -62,3 +63,28 @@ def test_runner_applies_the_threads_setting_once(monkeypatch):
         assert execution == {"impl": "parallel", "workers": 3, "threads": 3} and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_gpu_check_on_the_cpu_prints_every_field():
+    """`--gpu-check` (written for a GPU) runs end to end with device=cpu on a tiny setting: exactness of
+    every impl against the per-task reference, the suite with --compare, the long run extrapolated."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "--gpu-check", "device=cpu",
+                           "model.filters=4", "meta_batch=2", "--iters", "1", "--warmup", "1",
+                           "--long-iterations", "2", "--settings", "A"],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("device", "device_name", "torch", "cuda", "exactness", "suite", "long_run", "precision", "wall_s",
+                "passed"):
+        assert key in summary, key
+    exact = summary["exactness"]
+    assert exact["passed"] and not exact["failed"] and exact["cases"] >= 35
+    assert exact["float64_max_rel_error"] < 1e-8 and exact["float32_max_rel_error"] < 1e-4
+    assert exact["auto_pick"]["impl"] in ("batched", "loop") and len(exact["auto_pick"]["ms_per_meta_batch"]) == 2
+    assert [(r["setting"], r["shape"]["first_order"]) for r in summary["suite"]] == [("A", False), ("A", True)]
+    for r in summary["suite"]:
+        assert r["device"] == "cpu" and r["shape"]["meta_batch"] == 2 and r["speedup_vs_reference"] > 0
+    long_run = summary["long_run"]
+    assert long_run["iterations"] == 2 and long_run["extrapolated_iterations"] == 60000
+    assert long_run["extrapolated_hours"] == pytest.approx(long_run["s_per_iter"] * 60000 / 3600)
+    assert "way=20" in long_run["overrides"] and summary["precision"] == {"tf32": None, "bf16": None}

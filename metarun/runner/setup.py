@@ -89,11 +89,30 @@ def apply_threads(threads: int, impl: str) -> int:
     return int(threads) if impl == "parallel" else torch.get_num_threads()
 
 
+def apply_precision(cfg, device) -> None:
+    """`tf32` (CUDA matmuls and cuDNN convolutions in TensorFloat-32), set once for the process; on CUDA
+    it is set either way, because cuDNN allows TF32 by default. `autocast` is checked here, applied by the
+    engine. Both default off until measured on a GPU (README, Performance)."""
+    tf32, autocast = cfg.get("tf32", False), str(cfg.get("autocast", "none"))
+    if not isinstance(tf32, bool):
+        raise MetarunError(f"tf32={tf32} must be true or false.")
+    if autocast not in ("none", "bf16"):
+        raise MetarunError(f"autocast={autocast} is not a setting: use none or bf16 (CUDA).")
+    if device.type != "cuda":
+        if tf32 or autocast != "none":
+            raise MetarunError(f"tf32={str(tf32).lower()} autocast={autocast} need device=cuda: leave "
+                               "tf32=false autocast=none on the CPU.")
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
 def configure_execution(cfg, device, saved: dict | None = None) -> dict:
     """The run's execution, resolved and applied once (`metarun train`, `metarun eval` and scripts/bench.py
     all call this): {"impl", "workers", "threads"}. `saved`: a resumed checkpoint's {"impl", "workers"},
     which the run keeps (float32 results depend on the operation order)."""
     threads = cpu_threads(cfg.get("threads", 0))
+    apply_precision(cfg, device)
     if saved is not None and saved.get("impl") and saved.get("workers"):
         impl, workers = str(saved["impl"]), int(saved["workers"])
         threads = workers if impl == "parallel" else threads
@@ -110,7 +129,9 @@ def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
     model = build_model(cfg)
     cls = algorithm_class(str(cfg.algorithm.name))
     if execution is None:
-        engine = Engine(str(cfg.algorithm.impl), 0, int(cfg.algorithm.task_chunk), device)
+        engine = Engine(str(cfg.algorithm.impl), 0, int(cfg.algorithm.task_chunk), device,
+                        autocast=str(cfg.get("autocast", "none")))
     else:
-        engine = Engine(execution["impl"], execution["workers"], int(cfg.algorithm.task_chunk), device)
+        engine = Engine(execution["impl"], execution["workers"], int(cfg.algorithm.task_chunk), device,
+                        autocast=str(cfg.get("autocast", "none")))
     return model, cls.from_config(cfg, model, engine)
