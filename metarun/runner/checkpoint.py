@@ -11,7 +11,8 @@ from metarun.errors import MetarunError
 
 FORMAT = "metarun-checkpoint-v1"
 # Settings that decide the shape of the learner: a checkpoint only fits a run with the same ones.
-MODEL_KEYS = ("algorithm.name", "way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size")
+MODEL_KEYS = ("algorithm.name", "way", "model.filters", "model.in_channels", "model.downsample", "dataset.image_size",
+              "model._target_")
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

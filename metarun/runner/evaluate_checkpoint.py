@@ -55,13 +55,14 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
     saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
     model, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    splits = load_splits(train_cfg, device)["splits"]
+    algorithm.bind_data(splits)
     expected = algorithm.init_meta_params(torch.Generator())
     paths = ensemble_paths(path, blob, int(cfg.ensemble))
     params = []
     for member in paths:
         member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
         params.append({k: v.to(device) for k, v in checkpoint_params(member_blob, expected, member, "checkpoint").items()})
-    splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(algorithm, params if len(params) > 1 else params[0], splits[cfg.split], cfg.split,
                               train_cfg, device, int(cfg.tasks), steps)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)

@@ -17,7 +17,7 @@ from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner.checkpoint import check_compatible, checkpoint_params, load_checkpoint, save_checkpoint
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
-                                  resolve_device, train_sampler)
+                                  resolve_device)
 
 HPARAM_KEYS = ("way", "shot", "query", "meta_batch", "update_step", "update_step_test", "update_lr", "meta_lr",
                "first_order", "iterations", "seed")
@@ -76,14 +76,15 @@ def train(cfg, run_dir: Path) -> dict:
     model, algorithm = build_algorithm(cfg, device, execution)
     data = load_splits(cfg, device)
     splits = data["splits"]
+    algorithm.bind_data(splits)  # settings only the data can check (train_shots, the classifier's classes)
     print(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
           f"{execution['threads']} threads), {data['source']} "
           f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}", flush=True)
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
-    sampler = train_sampler(cfg, splits["train"], device)
+    optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
+    sampler = algorithm.train_sampler(cfg, splits["train"], device)  # episodes, or the algorithm's own batches
     start, best_val, best_iteration, train_seconds = 0, -1.0, 0, 0.0
     top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
     if resumed is not None:
