@@ -83,7 +83,7 @@ class Reptile(GradientMetaLearner):
     steps in training): train_shots (images per class of a training task; None: shot), inner_batch (images
     per inner step), inner_optimizer (adam | sgd), adam_beta1 / adam_beta2 / adam_eps (their Adam: 0, 0.999,
     1e-8), meta_step / meta_step_final (the outer step size, annealed linearly), iterations (the run's
-    length, for the annealing), eval_inner_batch (0: the whole support set), transductive, way, shot.
+    length, or algorithm.meta_step_iterations: the annealing's length), eval_inner_batch (0: the whole support set), transductive, way, shot.
     Raises MetarunError for an impossible setting.
     """
     name = "reptile"
@@ -123,7 +123,8 @@ class Reptile(GradientMetaLearner):
         return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, train_shots=a.train_shots,
                    shot=cfg.shot, inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer,
                    adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, meta_step=a.meta_step,
-                   meta_step_final=a.meta_step_final, iterations=cfg.iterations,
+                   meta_step_final=a.meta_step_final,
+                   iterations=a.meta_step_iterations if a.get("meta_step_iterations") is not None else cfg.iterations,
                    eval_inner_batch=a.eval_inner_batch, transductive=a.transductive, engine=engine)
 
     def describe(self) -> str:
