@@ -109,9 +109,10 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     if which == "metarun":
         step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
     else:
-        if not isinstance(ep, Episodes):
+        from metarun.models.conv4 import Conv4
+        if not isinstance(ep, Episodes) or not isinstance(algorithm.model, Conv4):
             raise SystemExit(f"--compare: algorithms/reference.py has no per-task loop of {algorithm.name}'s "
-                             "training step (it trains on its own batches, not episodes): drop --compare.")
+                             "training step on this learner (it is written for conv4 and episodes): drop --compare.")
         step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):
         step()
@@ -163,7 +164,7 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
     peak = matmul_gflops(device)
     result = {"setting": name, "overrides": overrides,
               "shape": {k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")},
-              "downsample": cfg.model.downsample, "device": str(device),
+              "downsample": cfg.model.get("downsample"), "model": cfg.model.get("_target_", "conv4"), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "algorithm": str(cfg.algorithm.name), "matmul_gflops_per_s": peak}
     # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these

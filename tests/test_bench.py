@@ -62,3 +62,18 @@ def test_runner_applies_the_threads_setting_once(monkeypatch):
         assert execution == {"impl": "parallel", "workers": 3, "threads": 3} and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+def test_benchmark_runs_algorithms_with_their_own_batches():
+    """Reptile and the baseline train on their own batches (bench_batch); the per-task reference is refused."""
+    common = ["way=2", "shot=1", "query=2", "meta_batch=2", "model.filters=4", "device=cpu", "--iters", "1",
+              "--warmup", "0", "--threads", "1"]
+    for extra in (["algorithm=reptile", "algorithm.inner_batch=3"], ["algorithm=pretrain", "algorithm.num_classes=7"]):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *extra, *common], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["algorithm"] == extra[0].split("=")[1] and result["metarun"]["tasks_per_s"] > 0
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "algorithm=reptile", *common, "--compare"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0 and "drop --compare" in proc.stderr
