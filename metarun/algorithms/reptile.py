@@ -220,7 +220,7 @@ class Reptile(GradientMetaLearner):
         for the mini-batch order)."""
         steps = self.update_step_test if steps is None else int(steps)
         shots, queries = ep.x_support.shape[1], ep.x_query.shape[1]
-        batch = shots if self.eval_inner_batch in (0,) or self.eval_inner_batch >= shots else self.eval_inner_batch
+        batch = shots if self.eval_inner_batch == 0 or self.eval_inner_batch >= shots else self.eval_inner_batch
 
         def chunk_logits(part):
             x, y = ep.x_support[part], ep.y_support[part]
