@@ -9,7 +9,9 @@
 Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16 first_order=true
 algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is `meta_train_step`, exactly
 what `metarun train` runs (forward, inner loop, meta-backward, Adam step), on random episodes of the
-configured shapes. Each measurement runs in a fresh process, so that its peak memory is its own.
+configured shapes (for algorithms that train on their own batches, e.g. reptile and pretrain, the
+algorithm's bench_batch of them; pretrain needs algorithm.num_classes=N). Any learner: model=resnet12
+dataset.image_size=84 dataset.channels=3. Each measurement runs in a fresh process, so that its peak memory is its own.
 `--compare` also times, in the same run and shapes, the plain per-task loop (algorithms/reference.py) of the
 same algorithm. Each side runs in its own process with the same `threads` setting (`--threads N`, default
 all cores), applied by the runner's own setup (metarun/runner/setup.py): metarun's `parallel` gets N workers
@@ -109,12 +111,17 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     intra_op = torch.get_num_threads()
     workers = algorithm.workers if which == "metarun" and algorithm.impl == "parallel" else 1
     params = {k: v.requires_grad_(True) for k, v in algorithm.init_meta_params(torch.Generator().manual_seed(0), device=device).items()}
-    optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
+    optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
     algorithm.begin_iteration(0, optimizer)
-    ep = random_episodes(cfg, device)
+    # the algorithm's own kind of training batch (episodes; Reptile's image sets; the baseline's images)
+    ep = algorithm.bench_batch(random_episodes(cfg, device), torch.Generator().manual_seed(1))
     if which == "metarun":
         step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
     else:
+        from metarun.models.conv4 import Conv4
+        if not isinstance(ep, Episodes) or not isinstance(algorithm.model, Conv4):
+            raise SystemExit(f"--compare: algorithms/reference.py has no per-task loop of {algorithm.name}'s "
+                             "training step on this learner (it is written for conv4 and episodes): drop --compare.")
         step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):
         step()
@@ -167,7 +174,7 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
     peak = matmul_gflops(device)
     result = {"setting": name, "overrides": overrides,
               "shape": {k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")},
-              "downsample": cfg.model.downsample, "device": str(device),
+              "downsample": cfg.model.get("downsample"), "model": cfg.model.get("_target_", "conv4"), "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "algorithm": str(cfg.algorithm.name), "matmul_gflops_per_s": peak}
     # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these

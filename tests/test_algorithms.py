@@ -275,10 +275,10 @@ def test_constructing_an_algorithm_changes_no_process_state(name):
 def test_registry_matches_the_algorithm_configs():
     import yaml
     confs = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "algorithm").glob("*.yaml")}
-    assert set(confs) == set(registry()) == {"maml", "metasgd", "mamlpp"}
+    assert set(confs) == set(registry()) == {"maml", "metasgd", "mamlpp", "anil", "reptile", "pretrain"}
     assert all(c["name"] == stem for stem, c in confs.items())
-    with pytest.raises(MetarunError, match="maml, metasgd, mamlpp"):
-        algorithm_class("reptile")
+    with pytest.raises(MetarunError, match="maml, metasgd, mamlpp, anil, reptile, pretrain"):
+        algorithm_class("nosuch")
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
@@ -287,7 +287,8 @@ def test_every_experiment_config_builds_its_algorithm(experiment):
     from metarun.runner.setup import build_algorithm, check_train_settings
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "model.filters=4"])
+        extra = ["algorithm.num_classes=12"] if experiment.startswith("pretrain") else []  # the data's, else
+        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "model.filters=4", *extra])
     check_train_settings(cfg)
     threads = torch.get_num_threads()
     _, algo = build_algorithm(cfg, torch.device("cpu"))
@@ -301,7 +302,8 @@ def test_every_experiment_config_builds_its_algorithm(experiment):
     ep = Episodes(torch.rand(2, int(cfg.way) * int(cfg.shot), *shape, generator=g), labels(int(cfg.shot)),
                   torch.rand(2, int(cfg.way), *shape, generator=g), labels(1))
     algo.begin_iteration(0, None)
-    assert algo.accumulate_meta_gradient({k: v.requires_grad_(True) for k, v in params.items()}, ep).meta_loss.isfinite()
+    batch = algo.bench_batch(ep, g)  # reptile, pretrain: their own kind of training batch
+    assert algo.accumulate_meta_gradient({k: v.requires_grad_(True) for k, v in params.items()}, batch).meta_loss.isfinite()
 
 
 @pytest.mark.parametrize("kw,fragment", [

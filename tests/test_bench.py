@@ -88,3 +88,18 @@ def test_gpu_check_on_the_cpu_prints_every_field():
     assert long_run["iterations"] == 2 and long_run["extrapolated_iterations"] == 60000
     assert long_run["extrapolated_hours"] == pytest.approx(long_run["s_per_iter"] * 60000 / 3600)
     assert "way=20" in long_run["overrides"] and summary["precision"] == {"tf32": None, "bf16": None}
+
+
+def test_benchmark_runs_algorithms_with_their_own_batches():
+    """Reptile and the baseline train on their own batches (bench_batch); the per-task reference is refused."""
+    common = ["way=2", "shot=1", "query=2", "meta_batch=2", "model.filters=4", "device=cpu", "--iters", "1",
+              "--warmup", "0", "--threads", "1"]
+    for extra in (["algorithm=reptile", "algorithm.inner_batch=3"], ["algorithm=pretrain", "algorithm.num_classes=7"]):
+        proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), *extra, *common], capture_output=True,
+                              text=True, timeout=300, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["algorithm"] == extra[0].split("=")[1] and result["metarun"]["tasks_per_s"] > 0
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench.py"), "algorithm=reptile", *common, "--compare"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode != 0 and "drop --compare" in proc.stderr

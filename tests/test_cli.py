@@ -15,8 +15,9 @@ def test_help_lists_commands_and_groups(tmp_path):
     top = run_metarun("--help", cwd=tmp_path, check=True)
     assert "train" in top.stdout and "eval" in top.stdout
     out = run_metarun("train", "--help", cwd=tmp_path, check=True).stdout
-    for group in ("algorithm: maml", "dataset: cifar_fs, fc100, folder, miniimagenet, omniglot", "model: conv4",
-                      "omniglot_20way_1shot", "miniimagenet_5way_1shot"):
+    for group in ("algorithm: anil, maml, mamlpp, metasgd, pretrain, reptile",
+                  "dataset: cifar_fs, fc100, folder, miniimagenet, omniglot", "model: conv4, resnet12",
+                  "omniglot_20way_1shot", "miniimagenet_5way_1shot"):
         assert group in out
     job = run_metarun("train", "+experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True).stdout
     assert "way: 20" in job and "meta_batch: 16" in job and "update_lr: 0.1" in job and "update_step: 5" in job

@@ -1,5 +1,6 @@
-"""Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit), the top-K
-checkpoints and `metarun eval ensemble=K`, and one-line errors for impossible algorithm settings."""
+"""Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit), `metarun eval`
+reproducing a run's test score, the top-K checkpoints and `metarun eval ensemble=K`, and one-line errors for
+impossible algorithm settings and bad learners."""
 import json
 
 import pytest
@@ -15,7 +16,21 @@ ALGORITHMS = {
     "metasgd": ["algorithm=metasgd"],
     "mamlpp": ["algorithm=mamlpp", "update_step=2", "update_step_test=2", "algorithm.iterations_per_epoch=2",
                "algorithm.msl_epochs=2", "algorithm.first_order_epochs=1", "algorithm.cosine_epochs=3"],
+    # ANIL on the generic learner path: a tiny ResNet-12 through functional_call
+    "anil": ["algorithm=anil", "model=resnet12", "model.channels=[4,4,4,4]"],
+    # Reptile: meta_step annealed inside the run, random inner and evaluation mini-batches
+    "reptile": ["algorithm=reptile", "algorithm.train_shots=3", "algorithm.inner_batch=4", "update_step=2",
+                "algorithm.eval_inner_batch=2", "update_lr=0.01", "algorithm.meta_step_iterations=6"],
+    "pretrain": ["algorithm=pretrain", "algorithm.head=cosine", "algorithm.finetune_epochs=3", "algorithm.batch_size=8"],
 }
+# a parameter name only that algorithm's checkpoints hold
+OWN_PARAM = {"metasgd": "alpha.", "mamlpp": "lslr.", "anil": "blocks.", "reptile": "conv0.", "pretrain": "pretrain."}
+
+
+def args(root, run_dir, *extra):
+    """tiny_args, without conv4's model.filters when another model is chosen."""
+    out = tiny_args(root, run_dir, *extra)
+    return [a for a in out if a != "model.filters=8"] if "model=resnet12" in extra else out
 
 
 def load(path):
@@ -26,18 +41,24 @@ def load(path):
 def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
     extra = ALGORITHMS[name]
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    run_metarun(*tiny_args(tiny_root, whole, *extra), cwd=tmp_path, check=True)
-    run_metarun(*tiny_args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)
+    run_metarun(*args(tiny_root, whole, *extra), cwd=tmp_path, check=True)
+    run_metarun(*args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)
     # the resumed run keeps its saved execution (a resume that gives algorithm.impl or threads changes it,
     # recorded in its history: #11); repeating the run's own settings, algorithm= included, is no change
-    proc = run_metarun(*[a for a in tiny_args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
+    proc = run_metarun(*[a for a in args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
                        f"resume={parts}", cwd=tmp_path, check=True)
     assert "at iteration 3" in proc.stdout
     a, b = load(whole / "checkpoints" / "last.pt"), load(parts / "checkpoints" / "last.pt")
     assert a["algorithm"] == b["algorithm"] and a["algorithm"]["name"] == name and a["algorithm"]["impl"] != "loop"
-    assert set(a["params"]) == set(b["params"]) and any(k.startswith(("alpha.", "lslr.")) for k in a["params"])
+    assert set(a["params"]) == set(b["params"]) and any(k.startswith(OWN_PARAM[name]) for k in a["params"])
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
+    if name in ("anil", "reptile", "pretrain"):
+        # `metarun eval` scores the best checkpoint on the same fixed tasks as the run's own test
+        results = json.loads((whole / "results.json").read_text())
+        run_metarun("eval", f"checkpoint={whole}", "tasks=6", "eval_chunk=4", f"data_root={tiny_root}", "device=cpu",
+                    f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True)
+        assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == results["test_accuracy"]
 
 
 def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
@@ -64,7 +85,10 @@ def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
 
 @pytest.mark.parametrize("overrides,fragments", [
     (["algorithm=nosuch"], ["unknown algorithm=nosuch", "maml", "metasgd", "mamlpp"]),
-    (["algorithm.name=reptile"], ["unknown algorithm 'reptile'", "maml, metasgd, mamlpp"]),
+    (["algorithm.name=nosuch"], ["unknown algorithm 'nosuch'", "maml, metasgd, mamlpp, anil, reptile, pretrain"]),
+    (["algorithm=reptile", "algorithm.train_shots=25"], ["train_shots=25", "20 images per class"]),
+    (["+model._target_=nosuch.Net"], ["model._target_=nosuch.Net", "could not be built"]),
+    (["model=resnet12", "model.way=4", "model.channels=[2,2,2,2]"], ["ResNet12", "way=3"]),
     (["algorithm=metasgd", "algorithm.alpha_init_low=0"], ["alpha_init_low=0", "positive"]),
     (["algorithm=mamlpp", "algorithm.update_lr_init=-1"], ["unknown setting"]),
     (["algorithm=mamlpp", "update_lr=-0.1"], ["update_lr=-0.1"]),
@@ -72,6 +96,6 @@ def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
     (["threads=-1"], ["threads=-1"]),
 ])
 def test_impossible_algorithm_setting_is_one_line(tiny_root, tmp_path, overrides, fragments):
-    proc = run_metarun(*tiny_args(tiny_root, tmp_path / "run"), *overrides, cwd=tmp_path)
+    proc = run_metarun(*args(tiny_root, tmp_path / "run", *overrides), cwd=tmp_path)
     assert_clean_error(proc, *fragments)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()

@@ -15,6 +15,14 @@ Hooks (defaults = MAML, Finn et al. 2017):
 - `second_order`: whether the inner gradients are differentiated (False = first order);
 - `begin_iteration`: a per-iteration hook for schedules (epochs, meta learning rate);
 - `scalars` / `histograms`: what the runner logs to TensorBoard.
+
+Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAML):
+- `bind_data`: sees the loaded splits before the meta-parameters are made (the pre-training baseline sizes
+  its classifier by the training classes; Reptile checks train_shots);
+- `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
+  the baseline: mini-batches of labelled images); its state() is checkpointed;
+- `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted weights);
+- `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
 """
 from __future__ import annotations
 
@@ -24,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.engine import Engine
-from metarun.data.episodes import Episodes
+from metarun.data.episodes import EpisodeSampler, Episodes
 from metarun.errors import MetarunError
 
 INNER_LOSSES = ("sum_over_shot", "mean")
@@ -46,7 +54,8 @@ def inner_update(weights: dict, grads: dict, lrs) -> dict:
 
 
 class GradientMetaLearner:
-    """MAML-family meta-learner on a functional learner (models/conv4.py), executed by an Engine.
+    """MAML-family meta-learner on a functional learner (models/conv4.py, or any nn.Module through
+    models/learner.py), executed by an Engine.
 
     Args:
         model: the learner (forward(params [T, ...], x [T, N, C, H, W]) -> logits [T, N, way]).
@@ -134,6 +143,35 @@ class GradientMetaLearner:
     def histograms(self, params: dict) -> dict:
         """{tag: tensor} logged to TensorBoard as histograms at every validation."""
         return {}
+
+    def bind_data(self, splits: dict) -> None:
+        """Called by the runner with {split: ClassImages} after the data loads, before init_meta_params;
+        raises MetarunError for a setting the data cannot satisfy."""
+
+    def train_sampler(self, cfg, classes, device):
+        """The training batches: an object with sample(meta_batch), state() and load_state(state)."""
+        return EpisodeSampler(classes, "train", int(cfg.way), int(cfg.shot), int(cfg.query), device,
+                              seed=int(cfg.seed), rotate=bool(cfg.dataset.rotate))
+
+    def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
+        """The outer-loop optimizer over the meta-parameters (MAML: Adam, Finn et al. 2017)."""
+        return torch.optim.Adam(params, lr=float(meta_lr))
+
+    def bench_batch(self, ep: Episodes, generator: torch.Generator):
+        """A training batch of this algorithm's kind made from random episodes (scripts/bench.py)."""
+        return ep
+
+    def frozen_learner_weights(self, params: dict, fast: dict, tasks: int | None) -> dict:
+        """The adapted weights `fast`, and every other learner weight from `params` (expanded to `tasks`
+        copies; tasks=None: one task)."""
+        weights = {}
+        for k in self.learner_names():
+            if k in fast:
+                weights[k] = fast[k]
+            else:
+                w = params[k]
+                weights[k] = w if tasks is None else w.unsqueeze(0).expand(tasks, *w.shape)
+        return weights
 
     # -- losses -----------------------------------------------------------------------------------------
     def support_loss(self, logits: torch.Tensor, y: torch.Tensor, shot: int) -> torch.Tensor:

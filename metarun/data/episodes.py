@@ -35,7 +35,36 @@ def check_episode_shape(classes: ClassImages, split: str, way: int, shot: int, q
                            f"shot+query<={classes.per_class}" + (", or give that class more images." if unequal else "."))
 
 
-class EpisodeSampler:
+class SeededDraws:
+    """A generator on `device` re-seeded before every draw from (seed, number of draws so far): the whole
+    state is that counter, a plain dict that fits any device (a raw generator state is device-specific), so
+    a resumed run draws what it would have drawn, also on another device type (there with that device's
+    generator: deterministic, not the same numbers)."""
+
+    def __init__(self, seed: int, device):
+        self.generator = torch.Generator(device=device)
+        self.seed, self.draws = int(seed), 0
+
+    def next_generator(self) -> torch.Generator:
+        """The generator, seeded for the next draw."""
+        self.generator.manual_seed(draw_seed(self.seed, self.draws))
+        self.draws += 1
+        return self.generator
+
+    def state(self) -> dict:
+        """{"seed", "draws"}: plain ints, the same on every device (generator states are device-specific)."""
+        return {"seed": self.seed, "draws": self.draws}
+
+    def load_state(self, state: dict) -> None:
+        """Continues from `state()`; raises MetarunError for anything else (e.g. a raw generator state)."""
+        if not (isinstance(state, dict) and isinstance(state.get("seed"), int) and isinstance(state.get("draws"), int)
+                and state["draws"] >= 0):
+            raise MetarunError(f"the sampler state {type(state).__name__} is not a metarun sampler state "
+                               "({'seed', 'draws'}): the checkpoint is damaged or from another version.")
+        self.seed, self.draws = state["seed"], state["draws"]
+
+
+class EpisodeSampler(SeededDraws):
     """Draws meta-batches of tasks from one split.
 
     Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
@@ -64,8 +93,7 @@ class EpisodeSampler:
         # picks only real images; with equal classes nothing changes (and neither do the random streams).
         self.ragged = int(classes.counts.min()) != self.max_count
         self.index_device = torch.device(index_device) if index_device is not None else self.device
-        self.generator = torch.Generator(device=self.index_device)
-        self.seed, self.draws = int(seed), 0
+        super().__init__(seed, self.index_device)
         side = self.images.shape[-1]
         grid = torch.arange(side * side).view(side, side)
         # Flat pixel index of each rotation, so one gather rotates every class by its own k.
@@ -75,9 +103,7 @@ class EpisodeSampler:
         B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query
         num_classes, per_class = len(self.counts), self.max_count
         C, H, W = self.images.shape[1:]
-        g, dev = self.generator, self.index_device
-        g.manual_seed(draw_seed(self.seed, self.draws))
-        self.draws += 1
+        g, dev = self.next_generator(), self.index_device
         classes = torch.rand(B, num_classes, generator=g, device=dev).argsort(dim=1)[:, :way]
         keys = torch.rand(B, way, per_class, generator=g, device=dev)
         if self.ragged:
@@ -100,18 +126,6 @@ class EpisodeSampler:
             x[:, :, shot:].reshape(B, way * self.query, C, H, W),
             y.expand(B, way, self.query).reshape(B, way * self.query),
         )
-
-    def state(self) -> dict:
-        """{"seed", "draws"}: plain ints, the same on every device (generator states are device-specific)."""
-        return {"seed": self.seed, "draws": self.draws}
-
-    def load_state(self, state: dict) -> None:
-        """Continues from `state()`; raises MetarunError for anything else (e.g. a raw generator state)."""
-        if not (isinstance(state, dict) and isinstance(state.get("seed"), int) and isinstance(state.get("draws"), int)
-                and state["draws"] >= 0):
-            raise MetarunError(f"the sampler state {type(state).__name__} is not a metarun sampler state "
-                               "({'seed', 'draws'}): the checkpoint is damaged or from another version.")
-        self.seed, self.draws = state["seed"], state["draws"]
 
 
 def draw_seed(seed: int, draw: int) -> int:

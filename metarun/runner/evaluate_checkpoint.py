@@ -77,6 +77,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
     saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
     model, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    splits = load_splits(train_cfg, device)["splits"]
+    algorithm.bind_data(splits)
     expected = algorithm.init_meta_params(torch.Generator())
     paths = ensemble_paths(path, blob, int(cfg.ensemble))
     params = []
@@ -86,7 +88,6 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     if cfg.get("benchmark") == "lake":
         from metarun.runner.lake_benchmark import lake_benchmark
         return lake_benchmark(cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir)
-    splits = load_splits(train_cfg, device)["splits"]
     mean, ci = evaluate_tasks(algorithm, params if len(params) > 1 else params[0], splits[cfg.split], cfg.split,
                               train_cfg, device, int(cfg.tasks), steps)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)

@@ -40,6 +40,13 @@ def override_keys(overrides) -> list[tuple[str, str]]:
     return list(keys.items())
 
 
+def _option(config, group: str):
+    """Which option of a config group a config holds: its `name`, else (a learner built from a class) its
+    `_target_`."""
+    return (OmegaConf.select(config, f"{group}.name", default=None)
+            or OmegaConf.select(config, f"{group}._target_", default=None))
+
+
 def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) -> tuple[DictConfig, dict]:
     """The resumed run's config: `saved` with the overridden RESUMABLE settings taken from `requested` (the
     command line's composition), and {key: [saved value, new value]} of the settings that changed.
@@ -52,8 +59,7 @@ def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) ->
     for key, text in override_keys(overrides):
         if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
             # a config group: choosing the run's own option again changes nothing (its settings stay the run's)
-            if (key in requested and OmegaConf.select(requested, f"{key}.name", default=None) is not None
-                    and requested[key].name == OmegaConf.select(base, f"{key}.name", default=None)):
+            if key in requested and _option(requested, key) is not None and _option(requested, key) == _option(base, key):
                 continue
             raise MetarunError(f"{text} chooses a config group; resume={resume} continues the run with its own "
                                f"settings: drop {text}, or start a new run without resume.")

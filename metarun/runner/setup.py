@@ -11,7 +11,7 @@ from metarun.algorithms.engine import Engine, resolve_impl
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
-from metarun.models.conv4 import build_model
+from metarun.models.learner import build_learner
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,7 +126,7 @@ def configure_execution(cfg, device, saved: dict | None = None) -> dict:
 def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
     """(learner, algorithm) of cfg.algorithm.name; `execution` from configure_execution (None: the config's
     impl resolved with torch's current thread count, nothing applied)."""
-    model = build_model(cfg)
+    model = build_learner(cfg)
     cls = algorithm_class(str(cfg.algorithm.name))
     if execution is None:
         engine = Engine(str(cfg.algorithm.impl), 0, int(cfg.algorithm.task_chunk), device,

@@ -23,7 +23,7 @@ from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfi
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.resume import history_entry, resumed_config
 from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
-                                  resolve_device, train_sampler)
+                                  resolve_device)
 
 log = logging.getLogger("metarun")
 
@@ -122,6 +122,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     model, algorithm = build_algorithm(cfg, device, execution)
     data = load_splits(cfg, device)
     splits = data["splits"]
+    algorithm.bind_data(splits)  # settings only the data can check (train_shots, the classifier's classes)
     resolved = resolved_settings(cfg, device, execution, data["source"])
     (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
     log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
@@ -130,8 +131,8 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
-    optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
-    sampler = train_sampler(cfg, splits["train"], device)
+    optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
+    sampler = algorithm.train_sampler(cfg, splits["train"], device)  # episodes, or the algorithm's own batches
     start, best_val, best_iteration, train_seconds, wall_before, history = 0, -1.0, 0, 0.0, 0.0, []
     top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
     if resumed is not None:
