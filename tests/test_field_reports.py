@@ -491,3 +491,21 @@ def test_eval_says_what_it_scored(run, tmp_path):
     proc = run_metarun("eval", f"checkpoint={early}", "tasks=3", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path,
                        check=True)
     assert "has no checkpoints/best.pt" in proc.stderr and "scoring last.pt (iteration 6)" in proc.stderr
+
+
+def test_time_limit_ends_training_with_a_test_and_results(tiny_root, tmp_path):
+    """time_limit (minutes) ends a run early as if its iterations were reached: last validation, test of
+    the best checkpoint, results.json saying how far it got; the run continues with resume."""
+    run = tmp_path / "run"
+    proc = run_metarun(*tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "time_limit=0.02"),
+                       cwd=tmp_path, check=True)
+    results = json.loads((run / "results.json").read_text())
+    done = results["iterations_done"]
+    assert results["stopped_by"] == "time_limit" and 0 < done < 100000 and "time_limit=0.02 min reached" in proc.stdout
+    assert results["best_iteration"] == done and ckpt(run)["iteration"] == done and "test_accuracy" in results
+    more = run_metarun("train", f"resume={run}", f"iterations={done + 2}", "time_limit=null", cwd=tmp_path, check=True)
+    assert f"at iteration {done}" in more.stdout
+    final = json.loads((run / "results.json").read_text())
+    assert final["iterations_done"] == done + 2 and final["stopped_by"] == "iterations"
+    assert_clean_error(run_metarun(*tiny_args(tiny_root, tmp_path / "bad", "time_limit=-1"), cwd=tmp_path),
+                       "time_limit=-1 must be a positive number of minutes")

@@ -47,6 +47,10 @@ def check_train_settings(cfg) -> None:
                                "0.1 for 20-way; meta_lr=0.001).")
     if not isinstance(cfg.first_order, bool):
         raise MetarunError(f"first_order={cfg.first_order} must be true or false.")
+    limit = cfg.get("time_limit")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or limit <= 0):
+        raise MetarunError(f"time_limit={limit} must be a positive number of minutes (or null: no limit).")
     for key in ("threads", "keep_best"):
         value = cfg.get(key)
         if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "threads" else 1):

@@ -188,6 +188,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 "algorithm": algorithm.state_dict(), "top": [list(e) for e in top]}
 
     iterations, log_every = int(cfg.iterations), int(cfg.log_every)
+    # time_limit: minutes of this segment's wall clock after which training ends as if `iterations` were
+    # reached (a last validation, the test, results.json); the run can be continued later with resume.
+    deadline = wall_start + 60 * float(cfg.time_limit) if cfg.get("time_limit") else None
+    done, out_of_time = start, False
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
     window_start, window_tasks = time.perf_counter(), 0
     bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
@@ -198,8 +202,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
             result = meta_train_step(algorithm, params, optimizer, sampler.sample(int(cfg.meta_batch)))
             done = it + 1
             window_tasks += int(cfg.meta_batch)
-            logging_step = done % log_every == 0 or done == iterations
-            validating = done % int(cfg.eval_every) == 0 or done == iterations
+            out_of_time = deadline is not None and time.perf_counter() >= deadline and done < iterations
+            last = done == iterations or out_of_time
+            logging_step = done % log_every == 0 or last
+            validating = done % int(cfg.eval_every) == 0 or last
             # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
             if check_every_step or logging_step or validating or stop.signum is not None:
                 loss = result.meta_loss.item()
@@ -252,6 +258,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 log.info(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
                          f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}")
                 sys.exit(128 + stop.signum)
+            if out_of_time:
+                log.info(f"metarun: time_limit={cfg.time_limit} min reached at iteration {done} of {iterations}; "
+                         f"testing the best checkpoint. Continue with: metarun train resume={shlex.quote(str(run_dir))}")
+                break
     bar.close()
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
@@ -260,9 +270,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     test, test_ci = evaluate_tasks(algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
     log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
              f"(iteration {best_iteration})")
-    tasks_per_s = iterations * int(cfg.meta_batch) / train_seconds if train_seconds > 0 else float("nan")
+    tasks_per_s = done * int(cfg.meta_batch) / train_seconds if train_seconds > 0 else float("nan")
     segment_wall = time.perf_counter() - wall_start
-    results = {"status": "completed", "config": config, "resolved": resolved, "best_val_accuracy": best_val,
+    results = {"status": "completed", "iterations_done": done, "stopped_by": "time_limit" if out_of_time else "iterations",
+               "config": config, "resolved": resolved, "best_val_accuracy": best_val,
                "best_iteration": best_iteration, "test_accuracy": test, "test_ci95": test_ci,
                "test_tasks": int(cfg.test_tasks), "train_seconds": train_seconds,
                "wall_seconds": wall_before + segment_wall, "segment_wall_seconds": segment_wall,
