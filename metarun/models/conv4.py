@@ -14,8 +14,8 @@ per channel. T=1 is an ordinary network.
 Faithfulness switches (cbfinn/maml maml.py + utils.py; README "Faithfulness"): `bn_scale=False` gives batch
 norm an offset only (tf.contrib's batch_norm default, scale=False: no `bn<i>.weight`); `head_init=normal`
 draws the last layer from a standard normal (cbfinn's Omniglot `w5 = tf.random_normal`, std 1) instead of
-Xavier-uniform; `activation=leaky_relu` (slope 0.01) is the MAML++ code's; `adapt_bn=False` marks the
-batch-norm weights as not adapted in the inner loop (cbfinn: they are not in the `weights` dict the inner
+Xavier-uniform; `activation=leaky_relu` (slope 0.01) and `bn_eps=1e-5` are the MAML++ code's; `adapt_bn=False`
+marks the batch-norm weights as not adapted in the inner loop (cbfinn: they are not in the `weights` dict the inner
 loop updates), which the algorithms read through their `adapted_names` hook.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ class Conv4:
 
     def __init__(self, way: int, in_channels: int = 1, filters: int = 64, image_size: int = 28,
                  downsample: str = "stride", bn_scale: bool = True, adapt_bn: bool = True, head_init: str = "xavier",
-                 activation: str = "relu"):
+                 activation: str = "relu", bn_eps: float = BN_EPS):
         if head_init not in HEAD_INITS:
             raise MetarunError(f"unknown model.head_init={head_init!r}: use xavier (metarun's default) or normal "
                                "(cbfinn/maml's Omniglot head, std 1).")
@@ -47,7 +47,11 @@ class Conv4:
         for name, value in (("model.bn_scale", bn_scale), ("model.adapt_bn", adapt_bn)):
             if not isinstance(value, bool):
                 raise MetarunError(f"{name}={value} must be true or false.")
+        if isinstance(bn_eps, bool) or not float(bn_eps) > 0:
+            raise MetarunError(f"model.bn_eps={bn_eps} must be positive (1e-3 as tf.contrib, 1e-5 as the MAML++ "
+                               "code).")
         self.bn_scale, self.adapt_bn, self.head_init, self.activation = bn_scale, adapt_bn, head_init, activation
+        self.bn_eps = float(bn_eps)
         if downsample not in DOWNSAMPLES:
             raise MetarunError(f"unknown model.downsample={downsample!r}: use stride (Omniglot, the paper's "
                                "default) or maxpool (MiniImagenet).")
@@ -90,7 +94,8 @@ class Conv4:
 
     def bn_names(self) -> list:
         """Names of the batch-norm weights (scales if bn_scale, offsets)."""
-        return [f"bn{i}.{part}" for i in range(self.blocks) for part in (("weight", "bias") if self.bn_scale else ("bias",))]
+        parts = ("weight", "bias") if self.bn_scale else ("bias",)
+        return [f"bn{i}.{part}" for i in range(self.blocks) for part in parts]
 
     def frozen_names(self) -> set:
         """Learner weights the inner loop must not adapt (meta-learned only): the batch-norm ones if not adapt_bn."""
@@ -105,8 +110,10 @@ class Conv4:
             w = params[f"conv{i}.weight"]
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), params[f"conv{i}.bias"].reshape(-1),
                          stride=stride, padding=1, groups=tasks)
-            scale = params[f"bn{i}.weight"].reshape(-1) if self.bn_scale else None
-            h = F.batch_norm(h, None, None, scale, params[f"bn{i}.bias"].reshape(-1), training=True, eps=BN_EPS)
+            # offset only: a constant unit scale (torch's batch-norm double backward fails with weight=None)
+            scale = params[f"bn{i}.weight"].reshape(-1) if self.bn_scale else h.new_ones(h.shape[1])
+            h = F.batch_norm(h, None, None, scale, params[f"bn{i}.bias"].reshape(-1), training=True,
+                             eps=self.bn_eps)
             h = F.relu(h) if self.activation == "relu" else F.leaky_relu(h)
             if self.downsample == "maxpool":
                 h = F.max_pool2d(h, 2)
@@ -125,4 +132,5 @@ def build_model(cfg) -> Conv4:
     return Conv4(way=int(cfg.way), in_channels=int(m.in_channels), filters=int(m.filters),
                  image_size=int(cfg.dataset.image_size), downsample=str(m.downsample),
                  bn_scale=m.get("bn_scale", True), adapt_bn=m.get("adapt_bn", True),
-                 head_init=str(m.get("head_init", "xavier")), activation=str(m.get("activation", "relu")))
+                 head_init=str(m.get("head_init", "xavier")), activation=str(m.get("activation", "relu")),
+                 bn_eps=m.get("bn_eps", BN_EPS))

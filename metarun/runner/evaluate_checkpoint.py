@@ -92,6 +92,10 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
         train_cfg.eval_seed = int(cfg.eval_seed)
+    if cfg.get("rotate_eval") is not None:
+        if not isinstance(cfg.rotate_eval, bool):
+            raise MetarunError(f"rotate_eval={cfg.rotate_eval} must be true, false or null (the checkpoint's).")
+        train_cfg.dataset.rotate_eval = cfg.rotate_eval
     train_cfg.eval_chunk = int(cfg.eval_chunk)
     steps = int(cfg.update_step_test) if cfg.update_step_test is not None else int(train_cfg.update_step_test)
     if steps <= 0:
@@ -125,14 +129,17 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     result = {"checkpoint": str(path.absolute()), "iteration": int(blob["iteration"]), "split": cfg.split,
               "tasks": int(cfg.tasks), "update_step_test": steps, "accuracy": mean, "ci95": ci,
               "way": int(train_cfg.way), "shot": int(train_cfg.shot), "query": int(train_cfg.query),
-              "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": algorithm.impl,
+              "eval_seed": int(train_cfg.eval_seed),
+              "rotate_eval": bool(train_cfg.dataset.get("rotate_eval", False)), "device": str(device),
+              "impl": algorithm.impl,
               "summary": line, "ensemble": [str(p.absolute()) for p in paths]}
     if curve is not None:
         result["curve"] = [{"steps": s, "accuracy": m, "ci95": c} for s, (m, c) in zip(curve, scores)]
         table = [f"{'inner steps':>11}  {'accuracy':>8}  95% CI"]
         table += [f"{s:>11}  {100 * m:7.2f}%  ± {100 * c:.2f}%{'  (update_step_test)' if s == steps else ''}"
                   for s, (m, c) in zip(curve, scores)]
-        log.info(f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n" + "\n".join(table))
+        log.info(f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
+                 + "\n".join(table))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; "
              f"wrote {run_dir / 'eval.json'}")
