@@ -119,10 +119,11 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         mean, ci = evaluate_tasks(algorithm, members, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks),
                                   steps)
     else:  # the headline (update_step_test) comes from the same inner loop
-        curve = sorted(set(curve) | {steps})
+        computed = sorted(set(curve) | {steps})
         scores = evaluate_curve(algorithm, members, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks),
-                                curve)
-        mean, ci = scores[curve.index(steps)]
+                                computed)
+        mean, ci = scores[computed.index(steps)]
+        scores = [scores[computed.index(s)] for s in curve]
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
     if len(paths) > 1:
         line += f", ensemble of the {len(paths)} best checkpoints"
