@@ -294,14 +294,16 @@ MEASURED = {1: 0.560, 3: 0.604}  # accuracy after 1 and 3 steps, from the measur
 MARGIN = 0.08
 
 
-def short_protocol_run(filters, meta_batch, iterations, tasks):
+def short_protocol_run(filters, meta_batch, iterations, tasks, *overrides):
+    """[(accuracy, ci95)] after 0, 1, 3 inner steps; `overrides`: further settings (to measure one setting's
+    effect)."""
     from metarun.algorithms.base import meta_train_step
     from metarun.runner.evaluate import evaluate_curve
     from metarun.runner.setup import build_algorithm, load_splits, train_sampler
     cache = os.environ.get("METARUN_TEST_CACHE") or str(REPO / ".pytest_cache" / "omniglot")
     cfg = compose("experiment=maml_paper/omniglot_5way_1shot", f"model.filters={filters}",
                   f"meta_batch={meta_batch}", f"iterations={iterations}", "dataset.source=embedded",
-                  f"dataset.cache_dir={cache}")
+                  f"dataset.cache_dir={cache}", *overrides)
     device = torch.device("cpu")
     _, algo = build_algorithm(cfg, device)
     splits = load_splits(cfg, device)["splits"]
