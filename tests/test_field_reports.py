@@ -105,6 +105,8 @@ def leaves(cfg, prefix=""):
 
 
 def other_value(value):
+    if isinstance(value, list):  # e.g. dataset.split_sizes
+        return [other_value(v) for v in value]
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
