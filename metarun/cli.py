@@ -275,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         multirun = any(a in ("-m", "--multirun") for a in rest)
         flags = [a for a in rest if a.startswith("-") and a not in ("-m", "--multirun")]
         overrides = [a for a in rest if not a.startswith("-")]
+        if command == "eval" and not multirun:  # steps=0,1,3 is one list here, not a sweep
+            overrides = [re.sub(r"^steps=(\d+(?:,\d+)+)$", r"steps=[\1]", o) for o in overrides]
         # --help, --cfg, --info ...: Hydra's own business, nothing is run or created
         extra = [] if flags else _prepare(command, overrides, multirun)
     except MetarunError as exc:

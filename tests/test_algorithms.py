@@ -281,7 +281,8 @@ def test_registry_matches_the_algorithm_configs():
         algorithm_class("nosuch")
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+                                         for p in (REPO / "conf" / "experiment").rglob("*.yaml")))
 def test_every_experiment_config_builds_its_algorithm(experiment):
     from hydra import compose, initialize_config_dir
     from metarun.runner.setup import build_algorithm, check_train_settings

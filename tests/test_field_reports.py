@@ -105,6 +105,8 @@ def leaves(cfg, prefix=""):
 
 
 def other_value(value):
+    if isinstance(value, list):  # e.g. dataset.split_sizes
+        return [other_value(v) for v in value]
     if isinstance(value, bool):
         return not value
     if isinstance(value, (int, float)):
@@ -464,7 +466,8 @@ def test_resolved_settings_are_recorded(run):
     assert ckpt(run)["resolved"]["algorithm"]["impl"] == resolved.algorithm.impl
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("name", sorted(str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+                                         for p in (REPO / "conf" / "experiment").rglob("*.yaml")))
 def test_experiment_group_without_plus(name):
     plain = compose_train(cli._normalize(f"experiment={name}"))
     plus = compose_train(cli._normalize(f"+experiment={name}"))

@@ -7,7 +7,8 @@ names. The optimizer updates that dict and checkpoints store it as `params`.
 
 Hooks (defaults = MAML, Finn et al. 2017):
 - `extra_params`: the algorithm's own meta-parameters (default none);
-- `adapted_names`: which learner weights the inner loop adapts (default all);
+- `adapted_names`: which learner weights the inner loop adapts (default all but the model's frozen_names,
+  e.g. batch norm with model.adapt_bn=false as cbfinn/maml);
 - `learner_weights`: the learner's weights at an inner step (adapted ones + the others, e.g. per-step BN);
 - `inner_lrs`: the inner learning rates of a step: one float, or {name: tensor broadcastable to the weight};
 - `step_loss_weights`: weights of the query loss after each inner step in the outer objective (None: the
@@ -114,15 +115,26 @@ class GradientMetaLearner:
             self._learner_names = list(self.model.init_params(torch.Generator()))
         return self._learner_names
 
+    def frozen_names(self) -> set:
+        """Learner weights the model marks as meta-learned but not adapted (model.adapt_bn=false)."""
+        frozen = getattr(self.model, "frozen_names", None)
+        return set(frozen()) if frozen is not None else set()
+
     def adapted_names(self, params: dict) -> list:
-        names = set(self.learner_names())
+        names = set(self.learner_names()) - self.frozen_names()
         return [k for k in params if k in names]
 
     def learner_weights(self, params: dict, fast: dict, step: int, tasks: int | None) -> dict:
         """The learner's weights for inner step `step` (the support pass of that step, and the query pass
         after it): the adapted ones, and every other learner weight from `params` (expanded to `tasks`
         copies; tasks=None: one task, no task dimension)."""
-        return fast
+        if len(fast) == len(self.learner_names()):
+            return fast
+        weights = {}
+        for k in self.learner_names():
+            w = fast[k] if k in fast else params[k]
+            weights[k] = w if k in fast or tasks is None else w.unsqueeze(0).expand(tasks, *w.shape)
+        return weights
 
     def inner_lrs(self, params: dict, step: int):
         return self.update_lr
@@ -254,6 +266,36 @@ class GradientMetaLearner:
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]
         return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images))
+
+    def query_logits_curve(self, params: dict, ep: Episodes, steps: list[int]) -> torch.Tensor:
+        """Query logits [len(steps), T, way*query, way] after each number of inner steps in `steps` (0: the
+        meta-learned weights, unadapted), from one inner loop of max(steps) steps per task (cbfinn/maml's test
+        reports accuracy after 0..10 steps this way); keeps no graph. Raises MetarunError for a negative count."""
+        steps = [int(s) for s in steps]
+        if not steps or min(steps) < 0:
+            raise MetarunError(f"steps={steps} must be numbers of inner steps >= 0 (0: no adaptation).")
+        last = max(steps)
+        start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+
+        def chunk_logits(part):
+            tasks = ep.x_support[part].shape[0]
+            after = []
+            if last > 0:
+                with torch.enable_grad():
+                    after = self.adapt(start, ep.x_support[part], ep.y_support[part], last, create_graph=False,
+                                       trajectory=True)
+            out = []
+            with torch.no_grad():
+                for s in steps:
+                    fast = after[s - 1] if s > 0 else {
+                        k: start[k].unsqueeze(0).expand(tasks, *start[k].shape) for k in self.adapted_names(start)}
+                    # step 0 uses the first step's weights (MAML++'s per-step batch norm: row 0)
+                    out.append(self.model.forward(self.learner_weights(start, fast, max(s - 1, 0), tasks),
+                                                  ep.x_query[part]))
+            return torch.stack(out)
+
+        images = ep.x_support.shape[1] + ep.x_query.shape[1]
+        return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images), dim=1)
 
     def evaluate(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
         """Post-adaptation query accuracy [T] after `steps` (default update_step_test) steps; keeps no graph."""

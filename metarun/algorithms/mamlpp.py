@@ -131,8 +131,8 @@ class MAMLPlusPlus(GradientMetaLearner):
         return extra
 
     def _lslr_names(self) -> list:
-        bn = set(self._bn_names())
-        return [k for k in self.learner_names() if self.inner_bn or k not in bn]
+        bn, frozen = set(self._bn_names()), self.frozen_names()
+        return [k for k in self.learner_names() if (self.inner_bn or k not in bn) and k not in frozen]
 
     # -- hooks ------------------------------------------------------------------------------------------
     def adapted_names(self, params: dict) -> list:

@@ -138,14 +138,16 @@ def draw_seed(seed: int, draw: int) -> int:
 
 
 def fixed_tasks(classes: ClassImages, split: str, way: int, shot: int, query: int, device, tasks: int,
-                seed: int, chunk: int):
+                seed: int, chunk: int, rotate: bool = False):
     """A fixed, seeded list of evaluation tasks, yielded in chunks of `chunk` tasks.
 
     Task i is drawn alone, from the generator seeded by (seed, i), on the CPU: the list depends only on the
     seed, the split's classes and the episode shape, never on the device, `chunk` or `tasks` (the first
-    100 of 600 tasks are the 100 tasks), so two checkpoints are compared on the same tasks.
+    100 of 600 tasks are the 100 tasks), so two checkpoints are compared on the same tasks. rotate=True
+    rotates each task's classes by a random multiple of 90 degrees as in training (cbfinn/maml's validation
+    and test tasks; dataset.rotate_eval): other tasks than rotate=False's.
     """
-    sampler = EpisodeSampler(classes, split, way, shot, query, device, seed, rotate=False, index_device="cpu")
+    sampler = EpisodeSampler(classes, split, way, shot, query, device, seed, rotate=rotate, index_device="cpu")
     done = 0
     while done < tasks:
         n = min(chunk, tasks - done)

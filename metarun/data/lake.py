@@ -9,7 +9,8 @@ runNN/training/class08.png` (the `runNN/` prefix may be absent). The images are 
 strokes on white, from the evaluation alphabets (images_evaluation).
 
 Images go through exactly the preprocessing of the training data (`sources.decode_png`: ink = True;
-`omniglot.resize`: ink = 255 uint8, Lanczos to `image_size`), then /255 as the episode sampler does.
+`omniglot.resize`: ink = 255 uint8, resized to `image_size` with the training data's dataset.resize), then /255
+as the episode sampler does.
 """
 from __future__ import annotations
 
@@ -69,8 +70,9 @@ def _read_members(path: Path) -> dict[str, bytes]:
                            f"all_runs.zip ({DOWNLOAD_URL}).")
 
 
-def read_all_runs(path: Path, image_size: int) -> list[LakeRun]:
-    """Every run of the archive (zip or folder) at `path`, in run-name order, images at image_size."""
+def read_all_runs(path: Path, image_size: int, method: str = "lanczos") -> list[LakeRun]:
+    """Every run of the archive (zip or folder) at `path`, in run-name order, images at image_size, resized
+    with `method` (the training data's dataset.resize)."""
     members = _read_members(path)
     runs: dict[str, dict] = {}
     for key, data in members.items():
@@ -84,10 +86,10 @@ def read_all_runs(path: Path, image_size: int) -> list[LakeRun]:
     if not runs:
         raise MetarunError(f"no runs found in {path}: expected runNN/training/classNN.png, runNN/test/itemNN.png "
                            f"and runNN/class_labels.txt inside (the public all_runs.zip: {DOWNLOAD_URL}).")
-    return [_build_run(name, runs[name], path, image_size) for name in sorted(runs)]
+    return [_build_run(name, runs[name], path, image_size, method) for name in sorted(runs)]
 
 
-def _build_run(name: str, run: dict, path: Path, image_size: int) -> LakeRun:
+def _build_run(name: str, run: dict, path: Path, image_size: int, method: str = "lanczos") -> LakeRun:
     where = f"{path} ({name})"
     if run["labels"] is None:
         raise MetarunError(f"{where} has no class_labels.txt: the archive is incomplete; replace it with the "
@@ -115,7 +117,7 @@ def _build_run(name: str, run: dict, path: Path, image_size: int) -> LakeRun:
 
     def images(names: list[str], kind: str) -> torch.Tensor:
         masks = np.stack([sources.decode_png(run[kind][n][1], run[kind][n][0]) for n in names])
-        return torch.from_numpy(resize(masks, image_size)).float().div_(255.0).unsqueeze(1)
+        return torch.from_numpy(resize(masks, image_size, method)).float().div_(255.0).unsqueeze(1)
 
     index = {c: i for i, c in enumerate(classes)}
     return LakeRun(name, images(classes, "training"), images(items, "test"),

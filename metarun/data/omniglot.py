@@ -25,6 +25,7 @@ CACHE_FORMAT = "metarun-omniglot-cache-v1"
 # The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
 # the last 100 are held out for validation; the other 423 are for testing.
 MAML_TRAIN, MAML_VAL, MAML_TOTAL = 1100, 100, 1623
+RESIZES = ("lanczos", "nearest")
 
 
 @dataclass
@@ -54,18 +55,23 @@ class Omniglot:
         return ClassImages(self.images[order[index]], [self.character_names[c] for c in characters])
 
 
-def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int) -> dict[str, list[int]]:
-    """Character indices of each split. No character is in two splits."""
+def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int,
+                     sizes=(MAML_TRAIN, MAML_VAL)) -> dict[str, list[int]]:
+    """Character indices of each split. No character is in two splits. sizes: split=maml's (train, val)
+    characters of the full 1,623 (the MAML paper's 1,100/100; MAML++'s code 1,150/50), the rest test.
+    Raises MetarunError for sizes that leave no test characters."""
     total = len(data.character_names)
     g = torch.Generator().manual_seed(seed)
     if protocol == "maml":
         # Characters in a fixed order (sorted names), shuffled with a fixed seed, like the paper's code.
         perm = torch.randperm(total, generator=g).tolist()
-        if total == MAML_TOTAL:
-            n_train, n_val = MAML_TRAIN, MAML_VAL
-        else:  # a smaller (test) dataset keeps the protocol's proportions
-            n_train = max(1, round(total * MAML_TRAIN / MAML_TOTAL))
-            n_val = max(1, round(total * MAML_VAL / MAML_TOTAL))
+        n_train, n_val = (int(n) for n in sizes)
+        if n_train <= 0 or n_val <= 0 or n_train + n_val >= MAML_TOTAL:
+            raise MetarunError(f"dataset.split_sizes={list(sizes)} must be two positive character counts (train, "
+                               f"validation) summing to less than {MAML_TOTAL}, e.g. [1100, 100] (the MAML paper).")
+        if total != MAML_TOTAL:  # a smaller (test) dataset keeps the protocol's proportions
+            n_train = max(1, round(total * n_train / MAML_TOTAL))
+            n_val = max(1, round(total * n_val / MAML_TOTAL))
         return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
     if protocol == "lake":
         # Background alphabets train (some held out whole for validation), evaluation alphabets test.
@@ -87,17 +93,23 @@ def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabet
                        "1,100/100/423 characters) or dataset.split=lake (background vs evaluation alphabets).")
 
 
-def resize(masks: np.ndarray, size: int) -> np.ndarray:
-    """Stroke masks -> uint8 [N, size, size] intensities (255 = ink), Lanczos-resampled."""
+def resize(masks: np.ndarray, size: int, method: str = "lanczos") -> np.ndarray:
+    """Stroke masks [N, S, S] -> uint8 [N, size, size] intensities (255 = ink). lanczos: Lanczos-resampled
+    grey levels; nearest: nearest neighbour, only 0 and 255 (cbfinn/maml's resize_images.py asks PIL for
+    Lanczos, but PIL resizes its 1-bit PNGs with nearest neighbour, so the paper's network saw binary images)."""
     from tqdm import tqdm
 
+    if method not in RESIZES:
+        raise MetarunError(f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
+                           "MAML paper's data).")
+    resample = Image.Resampling.LANCZOS if method == "lanczos" else Image.Resampling.NEAREST
     ink = masks.astype(np.uint8) * 255
     if size == masks.shape[-1]:
         return ink
     out = np.empty((len(masks), size, size), dtype=np.uint8)
     for i in tqdm(range(len(masks)), desc=f"resizing to {size}x{size}", unit="img", mininterval=1.0,
                   leave=False, disable=len(masks) < 2000):
-        out[i] = np.asarray(Image.fromarray(ink[i]).resize((size, size), Image.Resampling.LANCZOS))
+        out[i] = np.asarray(Image.fromarray(ink[i]).resize((size, size), resample))
     return out
 
 
@@ -125,13 +137,14 @@ def cache_dir(cfg) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "metarun"
 
 
-def _read_cache(path: Path, fingerprint: str, size: int) -> dict | None:
+def _read_cache(path: Path, fingerprint: str, size: int, method: str = "lanczos") -> dict | None:
     if not path.is_file():
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         ok = (isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("source") == fingerprint
               and blob.get("image_size") == size and blob["images"].shape[1:] == (size, size)
+              and blob.get("resize", "lanczos") == method  # caches before dataset.resize were Lanczos
               and blob["images"].dtype == torch.uint8
               and all(len(blob[k]) == len(blob["images"]) for k in ("archive", "alphabet", "character", "drawer")))
     except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
@@ -168,13 +181,18 @@ def load_omniglot(cfg) -> Omniglot:
     size = int(cfg.image_size)
     if size <= 0:
         raise MetarunError(f"dataset.image_size={size} must be positive (28 as in the MAML paper, or 105).")
+    method = str(cfg.get("resize", "lanczos"))
+    if method not in RESIZES:
+        raise MetarunError(f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
+                           "MAML paper's data).")
     fingerprint, read = resolve_source(cfg)
-    path = cache_dir(cfg) / f"omniglot_{size}.pt"
-    blob = _read_cache(path, fingerprint, size)
+    # one cache per resize method (Lanczos keeps the name it had before dataset.resize existed)
+    path = cache_dir(cfg) / f"omniglot_{size}{'' if method == 'lanczos' else '_' + method}.pt"
+    blob = _read_cache(path, fingerprint, size, method)
     if blob is None:
         strokes = read()
-        blob = {"format": CACHE_FORMAT, "source": fingerprint, "image_size": size,
-                "images": torch.from_numpy(resize(strokes.masks, size)),
+        blob = {"format": CACHE_FORMAT, "source": fingerprint, "image_size": size, "resize": method,
+                "images": torch.from_numpy(resize(strokes.masks, size, method)),
                 "archive": torch.from_numpy(strokes.archive.astype(np.int64)),
                 "alphabet": torch.from_numpy(strokes.alphabet.astype(np.int64)),
                 "character": torch.from_numpy(strokes.character.astype(np.int64)),
@@ -183,7 +201,7 @@ def load_omniglot(cfg) -> Omniglot:
                 "character_names": list(strokes.character_names)}
         try:
             atomic_torch_save(blob, path)
-            log.info(f"metarun: decoded Omniglot at {size}x{size} into the cache {path} "
+            log.info(f"metarun: decoded Omniglot at {size}x{size} ({method}) into the cache {path} "
                      f"({path.stat().st_size / 2**20:.1f} MiB; dataset.cache_dir sets where it goes)")
         except OSError as exc:  # a read-only place only costs the next run a decode
             log.warning(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "

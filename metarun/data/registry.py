@@ -7,10 +7,11 @@ from metarun.errors import MetarunError
 
 def load_omniglot_splits(cfg) -> tuple[dict[str, ClassImages], str]:
     from metarun.data import sources
-    from metarun.data.omniglot import load_omniglot, split_characters
+    from metarun.data.omniglot import MAML_TRAIN, MAML_VAL, load_omniglot, split_characters
 
     data = load_omniglot(cfg)
-    chars = split_characters(data, cfg.split, int(cfg.split_seed), int(cfg.lake_val_alphabets))
+    sizes = cfg.get("split_sizes") or (MAML_TRAIN, MAML_VAL)
+    chars = split_characters(data, cfg.split, int(cfg.split_seed), int(cfg.lake_val_alphabets), tuple(sizes))
     splits = {name: data.class_images(ids) for name, ids in chars.items()}
     where = ("Omniglot from the copy inside metarun" if data.source == "embedded"
              else f"Omniglot from the archives in {sources.source_root(cfg.root)}")

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
-from metarun.runner.evaluate import describe, evaluate_tasks
+from metarun.runner.evaluate import describe, evaluate_curve, evaluate_tasks
 from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
 
 log = logging.getLogger("metarun")
@@ -38,6 +38,24 @@ def ensemble_paths(path: Path, blob: dict, k: int) -> list[Path]:
     return paths
 
 
+def curve_steps(value) -> list[int] | None:
+    """The `steps` setting as a sorted list of distinct inner-step counts >= 0 (None when not given).
+    Accepts an int, a list, or text like "0,1,3"; raises MetarunError otherwise."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    steps = []
+    for item in items:
+        text = str(item).strip()
+        if isinstance(item, bool) or not text.isdigit():
+            raise MetarunError(f"steps={value} must be numbers of inner steps >= 0, e.g. steps=0,1,3,5,10 "
+                               "(0: no adaptation).")
+        steps.append(int(text))
+    if not steps:
+        raise MetarunError("steps= is empty: give numbers of inner steps, e.g. steps=0,1,3,5,10.")
+    return sorted(set(steps))
+
+
 def check_eval_settings(cfg) -> tuple[Path, dict]:
     """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content)."""
     if isinstance(cfg.tasks, bool) or not isinstance(cfg.tasks, int) or cfg.tasks <= 0:
@@ -51,6 +69,10 @@ def check_eval_settings(cfg) -> tuple[Path, dict]:
                            "one-shot runs) or leave it out (fixed tasks of `split`).")
     if cfg.get("benchmark") == "lake" and int(cfg.ensemble) != 1:
         raise MetarunError(f"benchmark=lake scores one checkpoint: drop ensemble={cfg.ensemble}.")
+    if cfg.get("benchmark") == "lake" and cfg.get("steps") is not None:
+        raise MetarunError(f"benchmark=lake scores one number of inner steps: drop steps={cfg.steps} "
+                           "(update_step_test sets it).")
+    curve_steps(cfg.get("steps"))
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
@@ -70,6 +92,10 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
         train_cfg.eval_seed = int(cfg.eval_seed)
+    if cfg.get("rotate_eval") is not None:
+        if not isinstance(cfg.rotate_eval, bool):
+            raise MetarunError(f"rotate_eval={cfg.rotate_eval} must be true, false or null (the checkpoint's).")
+        train_cfg.dataset.rotate_eval = cfg.rotate_eval
     train_cfg.eval_chunk = int(cfg.eval_chunk)
     steps = int(cfg.update_step_test) if cfg.update_step_test is not None else int(train_cfg.update_step_test)
     if steps <= 0:
@@ -88,16 +114,34 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     if cfg.get("benchmark") == "lake":
         from metarun.runner.lake_benchmark import lake_benchmark
         return lake_benchmark(cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir)
-    mean, ci = evaluate_tasks(algorithm, params if len(params) > 1 else params[0], splits[cfg.split], cfg.split,
-                              train_cfg, device, int(cfg.tasks), steps)
+    members = params if len(params) > 1 else params[0]
+    curve = curve_steps(cfg.get("steps"))
+    if curve is None:
+        mean, ci = evaluate_tasks(algorithm, members, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks),
+                                  steps)
+    else:  # the headline (update_step_test) comes from the same inner loop
+        computed = sorted(set(curve) | {steps})
+        scores = evaluate_curve(algorithm, members, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks),
+                                computed)
+        mean, ci = scores[computed.index(steps)]
+        scores = [scores[computed.index(s)] for s in curve]
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
     if len(paths) > 1:
         line += f", ensemble of the {len(paths)} best checkpoints"
     result = {"checkpoint": str(path.absolute()), "iteration": int(blob["iteration"]), "split": cfg.split,
               "tasks": int(cfg.tasks), "update_step_test": steps, "accuracy": mean, "ci95": ci,
               "way": int(train_cfg.way), "shot": int(train_cfg.shot), "query": int(train_cfg.query),
-              "eval_seed": int(train_cfg.eval_seed), "device": str(device), "impl": algorithm.impl,
+              "eval_seed": int(train_cfg.eval_seed),
+              "rotate_eval": bool(train_cfg.dataset.get("rotate_eval", False)), "device": str(device),
+              "impl": algorithm.impl,
               "summary": line, "ensemble": [str(p.absolute()) for p in paths]}
+    if curve is not None:
+        result["curve"] = [{"steps": s, "accuracy": m, "ci95": c} for s, (m, c) in zip(curve, scores)]
+        table = [f"{'inner steps':>11}  {'accuracy':>8}  95% CI"]
+        table += [f"{s:>11}  {100 * m:7.2f}%  ± {100 * c:.2f}%{'  (update_step_test)' if s == steps else ''}"
+                  for s, (m, c) in zip(curve, scores)]
+        log.info(f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
+                 + "\n".join(table))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; "
              f"wrote {run_dir / 'eval.json'}")

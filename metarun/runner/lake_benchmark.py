@@ -56,7 +56,7 @@ def lake_benchmark(cfg, train_cfg, blob: dict, path, maml, params: dict, device,
     """
     warning = check_lake_checkpoint(cfg, train_cfg, path)
     archive = find_all_runs(sources.source_root(train_cfg.dataset.root))
-    runs = read_all_runs(archive, int(train_cfg.dataset.image_size))
+    runs = read_all_runs(archive, int(train_cfg.dataset.image_size), str(train_cfg.dataset.get("resize", "lanczos")))
     for run in runs:
         if run.support.shape[0] != WAY or run.query.shape[0] != runs[0].query.shape[0]:
             raise MetarunError(f"{archive} ({run.name}) has {run.support.shape[0]} training and {run.query.shape[0]} "
