@@ -57,14 +57,13 @@ def _record_failure(run_dir: Path, reason: str, overrides: list[str], cfg) -> No
 
 
 def _parallel_cells(hydra_cfg) -> int:
-    """How many processes share this machine's cores with this one: torchrun's processes on this machine
-    times the cells the joblib launcher runs at once (its n_jobs; -1: one per core)."""
-    processes = distributed.local_world_size()
+    """How many sweep cells share this machine's cores at once: the joblib launcher's n_jobs (-1: one per
+    core, joblib's convention), else 1. (torchrun's processes are counted by runner/setup.cpu_threads.)"""
     launcher = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg.get("launcher") else ""
-    if "joblib" in launcher.lower():
-        n_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)
-        processes *= n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
-    return processes
+    if "joblib" not in launcher.lower():
+        return 1
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
 
 
 def _share_threads(cfg, hydra_cfg) -> None:
@@ -73,7 +72,7 @@ def _share_threads(cfg, hydra_cfg) -> None:
     from metarun.runner.setup import cpu_threads
 
     processes = _parallel_cells(hydra_cfg)
-    if processes > 1 and cfg.get("threads") == 0 and not cfg.get("resume"):
+    if processes > 1 and cfg.get("threads") == 0:
         with open_dict(cfg):
             cfg.threads = max(1, cpu_threads(0) // processes)
 

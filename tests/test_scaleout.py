@@ -110,7 +110,7 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
 
 def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()  # an empty dir: resume=auto starts a fresh run in it
+    run.mkdir()  # an empty dir: resume=auto starts a fresh run in it (checked below: history, no "resumed")
     args = tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "resume=auto")
     proc = subprocess.Popen([sys.executable, "-m", "metarun.cli", *args], cwd=tmp_path, env=env_without_data(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -121,7 +121,7 @@ def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGUSR2, err
-    assert "SIGUSR2 received" in out
+    assert "SIGUSR2 received" in out and "resumed" not in out
     stopped = ckpt(run)["iteration"]
     assert 0 < stopped < 100000 and ckpt(run)["history"][0]["resumed_from"] is None
     total = stopped + 3
@@ -133,14 +133,6 @@ def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     a, b = ckpt(whole), ckpt(run)
     assert a["iteration"] == b["iteration"] == total
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
-
-
-def test_resume_auto_without_a_checkpoint_starts_fresh(tiny_root, tmp_path):
-    run = tmp_path / "new"
-    proc = run_metarun(*tiny_args(tiny_root, run, "iterations=2", "eval_every=2", "resume=auto"), cwd=tmp_path,
-                       check=True)
-    assert "resumed" not in proc.stdout
-    assert ckpt(run)["iteration"] == 2 and ckpt(run)["history"][0]["resumed_from"] is None
 
 
 # 3. Optuna: the task returns the best validation accuracy --------------------------------------------
@@ -194,11 +186,12 @@ def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):
     first = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1")}
     assert [first[c]["config"]["way"] for c in ("0", "1")] == [2, 3]
     assert all(r["status"] == "completed" and ckpt(sweep / c)["iteration"] == 3 for c, r in first.items())
-    # what a requeue does: the same cells, the same dirs; each continues its own run (here, to 5 iterations)
-    run_metarun(*cells, "iterations=5", cwd=tmp_path, check=True)
-    for c in ("0", "1"):
-        history = json.loads((sweep / c / "results.json").read_text())["history"]
-        assert [h["start_iteration"] for h in history] == [0, 3] and ckpt(sweep / c)["iteration"] == 5
+    # what a requeue does: the cell's overrides again, into its dir; it continues its run (here, to 5 iterations)
+    requeued = [a if a != "way=2,3" else "way=2" for a in cells]
+    run_metarun(*requeued, "iterations=5", cwd=tmp_path, check=True)
+    history = json.loads((sweep / "0" / "results.json").read_text())["history"]
+    assert [h["start_iteration"] for h in history] == [0, 3] and ckpt(sweep / "0")["iteration"] == 5
+    assert ckpt(sweep / "1")["iteration"] == 3  # the other cell's run is untouched
 
 
 def test_parallel_cells_share_the_cores():
@@ -206,7 +199,7 @@ def test_parallel_cells_share_the_cores():
 
     joblib = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
                                                         "JoblibLauncher", "n_jobs": 2}})
-    cfg = OmegaConf.create({"threads": 0, "resume": None})
+    cfg = OmegaConf.create({"threads": 0, "resume": "auto"})
     cli._share_threads(cfg, joblib)
     assert cfg.threads == max(1, cpu_threads(0) // 2)
     given = OmegaConf.create({"threads": 3, "resume": None})
@@ -216,3 +209,11 @@ def test_parallel_cells_share_the_cores():
     alone = OmegaConf.create({"threads": 0, "resume": None})
     cli._share_threads(alone, basic)
     assert alone.threads == 0
+
+
+def test_torchrun_processes_share_the_cores(monkeypatch):
+    from metarun.runner.setup import cpu_threads
+
+    cores = cpu_threads(0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0) == max(1, cores // 2) and cpu_threads(3) == 3
