@@ -125,7 +125,10 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
     # changes it: another impl or thread count asked for, or another device type than the run's last one.
     kept = resumed.get("algorithm") if resumed is not None else None
     last_device = str((resumed or {}).get("resolved", {}).get("device", device))
-    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type):
+    # (torchrun: also when the number of processes changes, so that their threads share the cores again)
+    last_processes = int(((resumed or {}).get("history") or [{}])[-1].get("processes", 1))
+    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type
+                 or last_processes != distributed.world_size()):
         kept = None
     # the algorithm checks its own settings here, before any data is loaded
     execution = configure_execution(cfg, device, kept)
