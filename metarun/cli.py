@@ -274,12 +274,13 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
         for cell in cells:  # an unknown setting in any cell stops the sweep before the first one
             cfg, hydra_node = _compose(command, cell + ends)
         params = dict(hydra_node.sweeper.get("params") or {})  # hparams_search: the searched settings
+        absent = object()
         for key in params:
-            if OmegaConf.select(cfg, str(key), default=_CLAIM) is _CLAIM:
+            if OmegaConf.select(cfg, str(key), default=absent) is absent:
                 raise MetarunError(f"unknown setting '{key}' in hydra.sweeper.params: check its spelling; "
                                    f"`metarun {command} --help` lists the settings")
         sweep_dir = Path(hydra_node.sweep.dir).expanduser().absolute()
-        if "resume=auto" in overrides and (sweep_dir / rundir.MARKER).exists():
+        if "resume" in given and str(given["resume"].value()) == "auto" and (sweep_dir / rundir.MARKER).exists():
             rundir.lock_existing(sweep_dir)  # the same sweep again: each cell continues its own run
         else:
             sweep_dir, _ = rundir.claim(sweep_dir, auto="hydra.sweep.dir" not in given, setting="hydra.sweep.dir")
