@@ -270,8 +270,7 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
                 writer.close()
                 name = signal.Signals(signum).name
                 log.info(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
-                         f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}"
-                         " (or the same command with resume=auto)")
+                         f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}")
                 requeue = stop.previous_handler(signum)
                 if requeue is not None and signum != signal.SIGINT:
                     requeue(signum, None)  # submitit (Slurm): requeue the job, which resumes with resume=auto
