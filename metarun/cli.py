@@ -14,7 +14,7 @@ from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
 from metarun.errors import MetarunError
-from metarun.runner import rundir
+from metarun.runner import distributed, rundir
 
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable install),
 # else the copy the wheel carries inside the package (see pyproject.toml).
@@ -56,17 +56,57 @@ def _record_failure(run_dir: Path, reason: str, overrides: list[str], cfg) -> No
         {"status": "failed", "reason": reason, "overrides": overrides, "config": config}, indent=2))
 
 
-def _run(job, cfg) -> None:
-    """Runs a command. A user error becomes one line on stderr and exit status 2; in a sweep (-m) a failed
-    cell is recorded in its dir (results.json, status failed) and the other cells still run."""
+def _parallel_cells(hydra_cfg) -> int:
+    """How many sweep cells share this machine's cores at once: the joblib launcher's n_jobs (-1: one per
+    core, joblib's convention), else 1. (torchrun's processes are counted by runner/setup.cpu_threads.)"""
+    launcher = str(hydra_cfg.launcher.get("_target_", "")) if hydra_cfg.get("launcher") else ""
+    if "joblib" not in launcher.lower():
+        return 1
+    n_jobs = int(hydra_cfg.launcher.get("n_jobs") or 1)
+    return n_jobs if n_jobs > 0 else max(1, (os.cpu_count() or 1) + 1 + n_jobs)
+
+
+def _share_threads(cfg, hydra_cfg) -> None:
+    """threads=0 (all cores) with several processes on this machine: each gets its share of the cores, so
+    that parallel cells or torchrun processes do not oversubscribe them (recorded as the run's threads)."""
+    from metarun.runner.setup import cpu_threads
+
+    processes = _parallel_cells(hydra_cfg)
+    if processes > 1 and cfg.get("threads") == 0:
+        with open_dict(cfg):
+            cfg.threads = max(1, cpu_threads(0) // processes)
+
+
+def _quiet_rank() -> None:
+    """torchrun: ranks other than 0 write no log file and print warnings and errors only."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setLevel(logging.WARNING)
+    root.addHandler(handler)
+
+
+def _run(job, cfg):
+    """Runs a command and returns what it returns (train: the best validation accuracy, what Hydra's
+    optimizing sweepers maximise). A user error becomes one line on stderr and exit status 2; in a sweep
+    (-m) a failed cell is recorded in its dir (results.json, status failed), returns None (an optimizing
+    sweeper marks the trial failed) and the other cells still run."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
+    if not distributed.is_main():
+        _quiet_rank()
     try:
         if multirun:
-            rundir.claim(run_dir, auto=False)
-        job(cfg, run_dir, overrides)
+            if cfg.get("resume") == "auto" and (run_dir / rundir.MARKER).exists():
+                rundir.lock_existing(run_dir)  # a requeued cell (Slurm preemption): its own dir again
+            else:
+                rundir.claim(run_dir, auto=False)
+        _share_threads(cfg, hydra_cfg)
+        return job(cfg, run_dir, overrides)
     except MetarunError as exc:
         if os.environ.get("METARUN_DEBUG"):
             raise
@@ -74,8 +114,9 @@ def _run(job, cfg) -> None:
         if multirun:
             _record_failure(run_dir, str(exc), overrides, cfg)
             print(f"metarun: sweep cell {run_dir} failed: {exc}", file=sys.stderr, flush=True)
-            return
-        print(f"metarun: error: {exc}", file=sys.stderr, flush=True)
+            return None
+        if distributed.is_main():
+            print(f"metarun: error: {exc}", file=sys.stderr, flush=True)
         if _CLAIM.get("fresh"):
             rundir.remove_unused(run_dir, _CLAIM["created"])
         sys.exit(2)
@@ -87,12 +128,15 @@ def _run(job, cfg) -> None:
             raise
         logging.getLogger("metarun").exception("metarun: sweep cell %s failed", run_dir)
         _record_failure(run_dir, f"{type(exc).__name__}: {exc}", overrides, cfg)
+        return None
 
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
-def train_app(cfg) -> None:
+def train_app(cfg) -> float | None:
+    """The train task; returns the run's best validation accuracy (hydra/sweeper=optuna maximises it)."""
     from metarun.runner.train import train
-    _run(train, cfg)
+    results = _run(train, cfg)
+    return None if results is None else results.get("best_val_accuracy")
 
 
 @hydra.main(config_path=CONF, config_name="eval", version_base="1.3")
@@ -117,7 +161,7 @@ def _normalize(arg: str) -> str:
     """`~` expanded in path settings (quoted or not), `+experiment=` accepted as `experiment=`."""
     if arg.startswith("-"):
         return arg
-    if arg.startswith("+experiment="):  # experiment has a null default, so `+` would be refused
+    if arg.startswith(("+experiment=", "+hparams_search=")):  # null defaults: `+` would be refused
         arg = arg[1:]
     key, sep, value = arg.partition("=")
     if not sep or key.lstrip("+") not in PATH_SETTINGS:
@@ -170,6 +214,14 @@ def _compose(command: str, overrides: list[str]):
             raise MetarunError(f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` "
                                "lists the settings")
         option = re.search(r"Could not find '([\w/]+)/([^'/]+)' Available options in '[^']+': (.*?) Config search", text)
+        missing_plugin = re.search(r"Could not (?:find|load) '(hydra/(?:sweeper|launcher)/[\w]+)'", text)
+        if missing_plugin or (option and option[1] in ("hydra/sweeper", "hydra/launcher")):
+            group, _, name = (missing_plugin[1] if missing_plugin else f"{option[1]}/{option[2]}").rpartition("/")
+            extra = "sweep" if group.endswith("sweeper") else "launchers"
+            have = f" (installed: {', '.join(option[3].split())})" if option else ""
+            raise MetarunError(f"{group}={name} is not available{have}: check its spelling; the Optuna sweeper and "
+                               f"the submitit and joblib launchers come with pip install 'metarun[{extra}]' "
+                               "(README, Sweeps and scale-out).")
         if option:  # e.g. algorithm=nosuch: name the known choices of that group
             raise MetarunError(f"unknown {option[1]}={option[2]}: use one of {', '.join(option[3].split())}.")
         raise MetarunError(f"{text} (see `metarun {command} --help` for the settings)")
@@ -214,18 +266,42 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
     given = {o.key_or_group: o for o in parsed}
     if multirun:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-        cells = BasicSweeper.split_arguments(parsed, None)[0]
+        from hydra.core.override_parser.types import IntervalSweep
+        # an optimizing sweeper's ranges (interval(a,b)) are checked at their lower end
+        listed = [o for o in parsed if not isinstance(o.value(), IntervalSweep)]
+        ends = [f"{o.get_key_element()}={o.value().start}" for o in parsed if isinstance(o.value(), IntervalSweep)]
+        cells = BasicSweeper.split_arguments(listed, None)[0]
         for cell in cells:  # an unknown setting in any cell stops the sweep before the first one
-            _, hydra_node = _compose(command, cell)
-        sweep_dir, _ = rundir.claim(Path(hydra_node.sweep.dir), auto="hydra.sweep.dir" not in given,
-                                    setting="hydra.sweep.dir")
-        _CLAIM.update(sweep=sweep_dir, swept={o.key_or_group for o in parsed if o.is_sweep_override()})
+            cfg, hydra_node = _compose(command, cell + ends)
+        params = dict(hydra_node.sweeper.get("params") or {})  # hparams_search: the searched settings
+        absent = object()
+        for key in params:
+            if OmegaConf.select(cfg, str(key), default=absent) is absent:
+                raise MetarunError(f"unknown setting '{key}' in hydra.sweeper.params: check its spelling; "
+                                   f"`metarun {command} --help` lists the settings")
+        sweep_dir = Path(hydra_node.sweep.dir).expanduser().absolute()
+        if "resume" in given and str(given["resume"].value()) == "auto" and (sweep_dir / rundir.MARKER).exists():
+            rundir.lock_existing(sweep_dir)  # the same sweep again: each cell continues its own run
+        else:
+            sweep_dir, _ = rundir.claim(sweep_dir, auto="hydra.sweep.dir" not in given, setting="hydra.sweep.dir")
+        _CLAIM.update(sweep=sweep_dir, swept={o.key_or_group for o in parsed if o.is_sweep_override()} | set(params))
         return [f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
     cfg, hydra_node = _compose(command, overrides)
     settings = [o for o in overrides if not o.startswith("hydra.")]
-    _check(command, cfg, settings)
     wanted = Path(hydra_node.run.dir).expanduser().absolute()
     resume = cfg.get("resume") if command == "train" else None
+    auto = resume == "auto"
+    if auto:  # continue the run in hydra.run.dir when it wrote a checkpoint, else start a fresh one there
+        from metarun.runner.resume import auto_resume
+        resume = auto_resume(wanted) if "hydra.run.dir" in given else None
+        with open_dict(cfg):
+            cfg.resume = resume
+    _check(command, cfg, settings)
+    if auto and "hydra.run.dir" in given and (wanted / rundir.MARKER).exists():
+        # a requeued job: the dir is its own (resumed, or started again if it had written no checkpoint)
+        _CLAIM.update(fresh=False, created=None)
+        return (["hydra.output_subdir=null"] if resume else []) + [
+            f"hydra.run.dir={_quote(str(rundir.lock_existing(wanted)))}"]
     if resume:
         own = _resume_run_dir(resume)
         extra = ["hydra.output_subdir=null"]  # the run's .hydra/ records how it was started: never rewritten
@@ -254,6 +330,29 @@ def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
     return failed
 
 
+def _prepare_distributed(command: str, overrides: list[str], multirun: bool) -> list[str]:
+    """torchrun: rank 0 checks the command and claims the run dir (a ${now:...} dir name may differ by a
+    second between the ranks), then every rank gets its overrides; the other ranks write no .hydra/."""
+    distributed.init()
+    outcome = None
+    if distributed.is_main():
+        try:
+            if multirun or command != "train":
+                raise MetarunError(f"torchrun runs one `metarun train` (data parallel over the meta-batch), not "
+                                   f"{'a sweep (-m)' if multirun else f'metarun {command}'}: drop torchrun, or -m.")
+            outcome = ("ok", _prepare(command, overrides, multirun))
+        except MetarunError as exc:
+            outcome = ("error", str(exc))
+    outcome = distributed.broadcast_object(outcome)
+    if outcome[0] == "error":
+        raise MetarunError(outcome[1])
+    extra = outcome[1]
+    if not distributed.is_main():
+        _CLAIM.update(fresh=False, created=None)
+        extra = [o for o in extra if not o.startswith("hydra.output_subdir=")] + ["hydra.output_subdir=null"]
+    return extra
+
+
 def main(argv: list[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help", "help"):
@@ -278,9 +377,12 @@ def main(argv: list[str] | None = None) -> int:
         if command == "eval" and not multirun:  # steps=0,1,3 is one list here, not a sweep
             overrides = [re.sub(r"^steps=(\d+(?:,\d+)+)$", r"steps=[\1]", o) for o in overrides]
         # --help, --cfg, --info ...: Hydra's own business, nothing is run or created
-        extra = [] if flags else _prepare(command, overrides, multirun)
+        if distributed.world_size() > 1 and not flags:
+            extra = _prepare_distributed(command, overrides, multirun)
+        else:
+            extra = [] if flags else _prepare(command, overrides, multirun)
     except MetarunError as exc:
-        return _fail(str(exc))
+        return _fail(str(exc)) if distributed.is_main() else 2
     if flags:  # Hydra's own options keep their order (--cfg job, --info defaults ...)
         overrides = [a for a in rest if a not in ("-m", "--multirun")]
     elif extra:  # the claimed dir replaces the one asked for

@@ -91,3 +91,12 @@ def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dic
     return {"start_iteration": int(start_iteration), "resumed_from": None if resume is None else str(resume),
             "changes": {k: list(v) for k, v in changes.items()}, "overrides": [str(o) for o in overrides],
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def auto_resume(run_dir) -> str | None:
+    """`resume=auto`: the run dir itself when it holds checkpoints/last.pt (continue it), else None (start
+    fresh). This is what a requeued job needs: Slurm (through submitit) reruns a preempted cell with the
+    same overrides in the same run dir."""
+    from pathlib import Path
+
+    return str(run_dir) if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else None

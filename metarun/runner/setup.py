@@ -80,10 +80,12 @@ def train_sampler(cfg, classes, device) -> EpisodeSampler:
 
 
 def cpu_threads(setting: int) -> int:
-    """The `threads` setting resolved: 0 means every core this process may use."""
+    """The `threads` setting resolved: 0 means every core this process may use, shared equally by the
+    processes torchrun started on this machine (LOCAL_WORLD_SIZE), so that they do not oversubscribe it."""
     if int(setting) > 0:
         return int(setting)
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def apply_threads(threads: int, impl: str) -> int:

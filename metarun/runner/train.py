@@ -18,10 +18,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
+from metarun.runner import distributed
 from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
                                       save_checkpoint)
 from metarun.runner.evaluate import describe, evaluate_tasks
-from metarun.runner.resume import history_entry, resumed_config
+from metarun.runner.resume import auto_resume, history_entry, resumed_config
 from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
                                   resolve_device)
 
@@ -31,17 +32,26 @@ HPARAM_KEYS = ("way", "shot", "query", "meta_batch", "update_step", "update_step
                "first_order", "iterations", "seed")
 
 
+# SIGUSR2: Slurm's preemption warning as submitit asks for it (`#SBATCH --signal=USR2@<seconds>`).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+
+
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its iteration, writes a checkpoint and exits."""
+    """SIGINT/SIGTERM/SIGUSR2 set a flag; the loop finishes its iteration, writes a checkpoint and exits."""
 
     def __init__(self):
         self.signum = None
         self._old = {}
 
     def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in STOP_SIGNALS:
             self._old[sig] = signal.signal(sig, self._handle)
         return self
+
+    def previous_handler(self, signum):
+        """The handler this one replaced, when it is a Python function (submitit's requeue on SIGUSR2)."""
+        old = self._old.get(signum)
+        return old if callable(old) else None
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second signal: stop now
@@ -97,25 +107,38 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
 
 def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     wall_start = time.perf_counter()
+    main = distributed.is_main()  # torchrun: rank 0 alone logs, validates, checkpoints and writes results
     resume = cfg.resume
+    if resume == "auto":  # a requeued job: continue this dir's run if it wrote a checkpoint, else start
+        resume = auto_resume(run_dir)
     resumed, changes = None, {}
     if resume:
         resumed = load_checkpoint(resume, "resume")
         cfg, changes = resumed_config(resumed, cfg, overrides, resume)
     check_train_settings(cfg)
-    device = resolve_device(cfg.device)
+    if distributed.world_size() > 1 and cfg.get("time_limit"):
+        # each process's clock would end the loop at a different iteration
+        raise MetarunError(f"time_limit={cfg.time_limit} is not supported under torchrun yet: drop it, or stop "
+                           "the job with SIGTERM/SIGUSR2 (every rank stops at the same iteration).")
+    device = distributed.device_for_rank(resolve_device(cfg.device))
+    if distributed.world_size() > 1:
+        distributed.share(int(cfg.meta_batch))  # every process needs a task
     config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_dir = run_dir / "checkpoints"
     if resumed is None and (ckpt_dir / "last.pt").exists():
         raise MetarunError(f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
                            "or choose a new hydra.run.dir.")
-    require_writable_dir(ckpt_dir)
+    if main:
+        require_writable_dir(ckpt_dir)
 
     # A resumed run keeps its execution (float32 results depend on the operation order) unless this resume
     # changes it: another impl or thread count asked for, or another device type than the run's last one.
     kept = resumed.get("algorithm") if resumed is not None else None
     last_device = str((resumed or {}).get("resolved", {}).get("device", device))
-    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type):
+    # (torchrun: also when the number of processes changes, so that their threads share the cores again)
+    last_processes = int(((resumed or {}).get("history") or [{}])[-1].get("processes", 1))
+    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type
+                 or last_processes != distributed.world_size()):
         kept = None
     # the algorithm checks its own settings here, before any data is loaded
     execution = configure_execution(cfg, device, kept)
@@ -124,9 +147,11 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     splits = data["splits"]
     algorithm.bind_data(splits)  # settings only the data can check (train_shots, the classifier's classes)
     resolved = resolved_settings(cfg, device, execution, data["source"])
-    (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    if main:
+        (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    parallel = f", {distributed.world_size()} torchrun processes" if distributed.world_size() > 1 else ""
     log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
-             f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}), {data['source']} "
+             f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), {data['source']} "
              f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
@@ -149,7 +174,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         best_file = resume_file.parent / "best.pt"
         if best_file.is_file() and best_file.resolve() != resume_file.resolve():
             load_checkpoint(best_file, "resume")  # the end of training scores it: refuse a damaged one now
-        if resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
+        if main and resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
             if best_file.is_file():
                 shutil.copyfile(best_file, ckpt_dir / "best.pt")
             else:  # its best checkpoint is unknown: the branch's next validation writes one
@@ -168,13 +193,16 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                         f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start}).")
         log.info(f"metarun: resumed from {resume} at iteration {start}"
                  + (f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}" if changes else ""))
+    distributed.broadcast_params(params)  # every rank starts from rank 0's weights
     history.append({**history_entry(start, resume, changes, overrides), "device": str(device),
-                    "impl": execution["impl"], "threads": execution["threads"]})
+                    "impl": execution["impl"], "threads": execution["threads"],
+                    **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {})})
 
     from torch.utils.tensorboard import SummaryWriter
     # Events after the checkpoint's iteration were lost with the interruption and are redrawn; those of the
     # checkpoint's own iteration were written before it was saved and stay.
-    writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None)
+    writer = (SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None)
+              if main else distributed.NullWriter())
 
     def state(iteration: int) -> dict:
         bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
@@ -195,19 +223,26 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
     window_start, window_tasks = time.perf_counter(), 0
     bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
-               file=sys.stdout, mininterval=1.0)
+               file=sys.stdout, mininterval=1.0, disable=not main)
     with logging_redirect_tqdm():
         for it in range(start, iterations):
             algorithm.begin_iteration(it, optimizer)  # the algorithm's schedules (epochs, meta learning rate)
-            result = meta_train_step(algorithm, params, optimizer, sampler.sample(int(cfg.meta_batch)))
+            episodes = sampler.sample(int(cfg.meta_batch))
             done = it + 1
             window_tasks += int(cfg.meta_batch)
             out_of_time = deadline is not None and time.perf_counter() >= deadline and done < iterations
             last = done == iterations or out_of_time
             logging_step = done % log_every == 0 or last
             validating = done % int(cfg.eval_every) == 0 or last
+            if distributed.world_size() > 1:
+                # every rank stops at the same iteration: the all-reduced flag, read where every rank reads
+                result, stops = distributed.train_step(algorithm, params, optimizer, episodes, stop.signum is not None)
+                stopping = (check_every_step or logging_step or validating) and stops.item() > 0
+            else:
+                result = meta_train_step(algorithm, params, optimizer, episodes)
+                stopping = stop.signum is not None
             # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
-            if check_every_step or logging_step or validating or stop.signum is not None:
+            if check_every_step or logging_step or validating or stopping:
                 loss = result.meta_loss.item()
                 if not math.isfinite(loss):
                     bar.close()
@@ -227,7 +262,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                     writer.add_scalar(tag, value, done)
                 bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
                 window_start, window_tasks = time.perf_counter(), 0
-            if validating:
+            if validating and main:
                 bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
                 if bad:  # the loss can still be finite when a weight the query pass barely uses is not
                     bar.close()
@@ -250,19 +285,30 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 for entry in dropped:  # only once last.pt no longer lists them
                     top_path(ckpt_dir, entry[1]).unlink(missing_ok=True)
                 window_start, window_tasks = time.perf_counter(), 0  # validation time is not training speed
-            if stop.signum is not None:
-                save_checkpoint(ckpt_dir / "last.pt", state(done))
+            if stopping:
+                signum = stop.signum or int(signal.SIGTERM)  # torchrun: another rank may have got it
+                if main:
+                    save_checkpoint(ckpt_dir / "last.pt", state(done))
                 bar.close()
                 writer.close()
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(signum).name
                 log.info(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
                          f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}")
-                sys.exit(128 + stop.signum)
+                requeue = stop.previous_handler(signum)
+                if requeue is not None and signum != signal.SIGINT:
+                    requeue(signum, None)  # submitit (Slurm): requeue the job, which resumes with resume=auto
+                distributed.finish()
+                sys.exit(128 + signum)
             if out_of_time:
                 log.info(f"metarun: time_limit={cfg.time_limit} min reached at iteration {done} of {iterations}; "
                          f"testing the best checkpoint. Continue with: metarun train resume={shlex.quote(str(run_dir))}")
                 break
     bar.close()
+    if not main:  # rank 0 tests the best checkpoint and writes the results
+        writer.close()
+        distributed.finish()
+        return {"status": "completed", "best_val_accuracy": None}
+    distributed.finish()
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
     best_saved = checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint")

@@ -1,0 +1,144 @@
+"""Data parallelism over the meta-batch with `torchrun` and torch.distributed.
+
+Every rank draws the same meta-batch from the same seed (the sampler's state is a counter, identical on
+every rank) and computes the meta-gradient of its contiguous share of the tasks; one all-reduce per
+iteration sums the per-rank gradient sums, so every rank applies the meta-gradient over the whole
+meta-batch (the single-process one, up to the order of a float sum) and the weights stay identical.
+Parameters are broadcast from rank 0 at the start (and after a resume). Only rank 0 logs, validates,
+checkpoints and writes results; all ranks work in the one run dir that rank 0 claimed (metarun/cli.py).
+
+Backends: gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK); the process group also gets a
+gloo side for the CPU objects exchanged before training (the run dir, a user error).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from metarun.algorithms.base import StepResult
+from metarun.data.episodes import Episodes
+from metarun.errors import MetarunError
+
+
+def world_size() -> int:
+    """Processes started by torchrun for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_world_size() -> int:
+    """Processes of this run on this machine: they share its cores."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init() -> None:
+    """Joins the process group torchrun describes (env://), once; nothing without torchrun."""
+    import torch.distributed as dist
+
+    if world_size() > 1 and not dist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank (any picklable object; None without torchrun is returned as is)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def device_for_rank(device: torch.device) -> torch.device:
+    """CUDA: each rank on its own GPU (cuda:LOCAL_RANK); the CPU is shared."""
+    if world_size() > 1 and device.type == "cuda":
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+        if index >= torch.cuda.device_count():
+            raise MetarunError(f"torchrun started {local_world_size()} processes on this machine but it has "
+                               f"{torch.cuda.device_count()} CUDA device(s): use --nproc-per-node<="
+                               f"{torch.cuda.device_count()}.")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return device
+
+
+def share(meta_batch: int) -> slice:
+    """This rank's contiguous share of the meta-batch's tasks (sizes differ by at most one)."""
+    world, me = world_size(), rank()
+    if meta_batch < world:
+        raise MetarunError(f"meta_batch={meta_batch} is smaller than the {world} torchrun processes: every process "
+                           f"needs a task; use meta_batch>={world} or fewer processes (--nproc-per-node).")
+    return slice(me * meta_batch // world, (me + 1) * meta_batch // world)
+
+
+def take(ep: Episodes, part: slice) -> Episodes:
+    return Episodes(ep.x_support[part], ep.y_support[part], ep.x_query[part], ep.y_query[part])
+
+
+def broadcast_params(params: dict) -> None:
+    """Rank 0's meta-parameters on every rank (in place)."""
+    import torch.distributed as dist
+
+    if world_size() == 1:
+        return
+    with torch.no_grad():
+        for name in sorted(params):
+            dist.broadcast(params[name].data, src=0)
+
+
+def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool) -> tuple[StepResult, torch.Tensor]:
+    """One data-parallel meta-iteration (metarun.algorithms.base.meta_train_step over the ranks).
+
+    ep: the whole meta-batch (the same on every rank); this rank computes the gradient of its share
+    (mean over its tasks), turns it into its sum over the global meta-batch's size, and one all-reduce
+    (sum) of a flat buffer gives every rank the gradient of the mean over all tasks, the mean meta-loss
+    and accuracy, and whether any rank was asked to stop (SIGTERM/SIGUSR2 may reach one rank first; all
+    must stop at the same iteration). Returns (StepResult with the global meta-loss and a one-element
+    accuracy [1] = the mean over all tasks, a scalar tensor > 0 when any rank was asked to stop: read it
+    at the same iterations on every rank)."""
+    import torch.distributed as dist
+
+    total = ep.x_support.shape[0]
+    part = share(total)
+    local = part.stop - part.start
+    optimizer.zero_grad(set_to_none=True)
+    result = algorithm.accumulate_meta_gradient(params, take(ep, part))
+    leaves = list(params.values())
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
+    # this rank's sum over its tasks divided by the whole meta-batch: the sum over ranks is the mean
+    scale = local / total
+    stats = torch.stack([result.meta_loss * scale, result.accuracy.sum() / total,
+                         torch.tensor(float(stop), dtype=result.meta_loss.dtype, device=result.meta_loss.device)])
+    flat = torch.cat([g.reshape(-1) * scale for g in grads] + [stats.to(grads[0].dtype)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(leaves, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    optimizer.step()
+    loss, accuracy, stops = flat[offset], flat[offset + 1], flat[offset + 2]
+    return StepResult(loss.detach(), accuracy.detach().reshape(1)), stops
+
+
+def finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class NullWriter:
+    """TensorBoard's SummaryWriter on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None

@@ -1,0 +1,219 @@
+"""Issue #16, scale-out and sweepers: data parallelism with torchrun (gloo on the CPU), preemption (SIGUSR2)
+and `resume=auto`, Hydra's Optuna sweeper and its `hparams_search` config, Hydra's launchers."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import REPO, run_metarun, tiny_args
+from metarun import cli
+from test_robustness import assert_clean_error
+
+
+def ckpt(run, name="last.pt"):
+    return torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
+
+
+def strip(args, *prefixes):
+    return [a for a in args if not a.startswith(prefixes)]
+
+
+def env_without_data():
+    return {k: v for k, v in os.environ.items() if k not in ("METARUN_DATA", "METARUN_DEBUG")}
+
+
+def torchrun(*args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                          cwd=cwd, env=env_without_data(), capture_output=True, text=True, timeout=timeout)
+
+
+# 1. Data parallelism over the meta-batch -------------------------------------------------------------
+
+GRADIENT_WORKER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from metarun.algorithms.maml import MAML
+from metarun.models.conv4 import Conv4
+from metarun.runner import distributed
+from test_maml import random_episodes
+
+distributed.init()
+model = Conv4(3, filters=6, image_size=16)
+maml = MAML(model, 0.4, 2, 2, False, impl="batched")
+# rank 1 starts from other weights: the broadcast must replace them with rank 0's
+params = maml.init_meta_params(torch.Generator().manual_seed(distributed.rank()), dtype=torch.float64)
+params = {k: v.requires_grad_(True) for k, v in params.items()}
+distributed.broadcast_params(params)
+optimizer = torch.optim.SGD(params.values(), lr=0.0)   # the step leaves the weights, .grad keeps the gradient
+ep = random_episodes(5, 3, 1, 2)                       # 5 tasks: shares of 2 and 3
+result, stop = distributed.train_step(maml, params, optimizer, ep, distributed.rank() == 1)
+torch.save({"grads": {k: v.grad for k, v in params.items()}, "loss": result.meta_loss,
+            "accuracy": result.accuracy, "stop": stop}, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
+distributed.finish()
+"""
+
+
+def test_two_process_meta_gradient_equals_the_single_process_one(tmp_path):
+    from metarun.algorithms.maml import MAML
+    from metarun.models.conv4 import Conv4
+    from test_maml import random_episodes, reference_gradient
+
+    script = tmp_path / "worker.py"
+    script.write_text(GRADIENT_WORKER)
+    proc = torchrun(str(script), str(tmp_path), str(REPO / "tests"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = Conv4(3, filters=6, image_size=16)
+    maml = MAML(model, 0.4, 2, 2, False, impl="batched")
+    params = maml.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+    ep = random_episodes(5, 3, 1, 2)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    single = maml.accumulate_meta_gradient(leaves, ep)
+    reference = reference_gradient(params, ep, 3, 0.4, 2, False, "stride")
+    for rank in (0, 1):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        for k in params:
+            assert torch.allclose(out["grads"][k], leaves[k].grad, rtol=0, atol=1e-10), (rank, k)
+            assert torch.allclose(out["grads"][k], reference[k], rtol=0, atol=1e-10), (rank, k)
+        assert abs(out["loss"].item() - single.meta_loss.item()) < 1e-10
+        assert abs(out["accuracy"].item() - single.accuracy.mean().item()) < 1e-10
+        assert out["stop"].item() > 0  # rank 1 was asked to stop: both ranks learn it from the same all-reduce
+
+
+def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_path):
+    # the default run dir (${now:...}): rank 0 claims it, rank 1 must work in it and create no other
+    args = strip(tiny_args(tiny_root, tmp_path, "meta_batch=3"), "hydra.run.dir")
+    proc = torchrun("-m", "metarun.cli", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((tmp_path / "outputs" / "train").iterdir())
+    assert len(runs) == 1, runs
+    run = runs[0]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt", "top"]
+    # TensorBoard events of one process (rank 0): the file names end in <pid>.<n>
+    assert len({f.name.split(".")[-2] for f in (run / "tensorboard").iterdir()}) == 1
+    log = (run / "metarun-train.log").read_text()
+    assert log.count("iteration 3: validation accuracy") == 1 and log.count("test accuracy") == 1
+    assert proc.stdout.count("test accuracy") == 1
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["history"][-1]["processes"] == 2
+    assert ckpt(run)["iteration"] == 6
+
+
+# 2. Preemption: SIGUSR2 and resume=auto --------------------------------------------------------------
+
+def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()  # an empty dir: resume=auto starts a fresh run in it (checked below: history, no "resumed")
+    args = tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "resume=auto")
+    proc = subprocess.Popen([sys.executable, "-m", "metarun.cli", *args], cwd=tmp_path, env=env_without_data(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list((run / "tensorboard").glob("events.*")) and time.time() < deadline:
+        time.sleep(0.2)  # the writer is opened just before the loop (the handler is installed with it)
+    time.sleep(3)
+    proc.send_signal(signal.SIGUSR2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGUSR2, err
+    assert "SIGUSR2 received" in out and "resumed" not in out
+    stopped = ckpt(run)["iteration"]
+    assert 0 < stopped < 100000 and ckpt(run)["history"][0]["resumed_from"] is None
+    total = stopped + 3
+    # the requeued job: the same command (same dir, resume=auto), here with a reachable end
+    again = run_metarun(*args, f"iterations={total}", cwd=tmp_path, check=True)
+    assert f"resumed from {run} at iteration {stopped}" in again.stdout
+    whole = tmp_path / "whole"
+    run_metarun(*tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"), cwd=tmp_path, check=True)
+    a, b = ckpt(whole), ckpt(run)
+    assert a["iteration"] == b["iteration"] == total
+    assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
+
+
+# 3. Optuna: the task returns the best validation accuracy --------------------------------------------
+
+def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_trial(tiny_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    sweep = tmp_path / "sweep"
+    args = strip(tiny_args(tiny_root, tmp_path, "iterations=4", "eval_every=2"), "hydra.run.dir", "way=")
+    # the shipped search (update_lr, meta_lr) plus way, so that a trial can fail (way=5000); TPE's seed is 0
+    proc = run_metarun(*args, "-m", "hparams_search=maml_omniglot_5way_1shot", "way=choice(3,5000)",
+                       "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
+    assert len(trials) == 3
+    done = [t for t in trials if t["status"] == "completed"]
+    failed = [t for t in trials if t["status"] == "failed"]
+    assert len(done) >= 1 and len(failed) >= 1, "seed 0 no longer samples both ways: choose another seed"
+    assert all(t["config"]["way"] == 5000 and "larger than the" in t["reason"] for t in failed)
+    assert "sweep cell(s) failed" in proc.stderr and "way=5000" in proc.stderr
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    top = max(done, key=lambda t: t["best_val_accuracy"])
+    assert best["best_value"] == pytest.approx(max(t["best_val_accuracy"] for t in done), abs=0)
+    assert best["best_params"]["update_lr"] == top["config"]["update_lr"]
+    assert best["best_params"]["meta_lr"] == top["config"]["meta_lr"]
+    assert all(t["config"]["iterations"] == 4 and t["config"]["shot"] == 1 for t in done)
+
+
+def test_hparams_search_composes_without_plus():
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    for arg in ("hparams_search=maml_omniglot_5way_1shot", "+hparams_search=maml_omniglot_5way_1shot"):
+        cfg, hydra_node = cli._compose("train", [cli._normalize(arg)])
+        assert hydra_node.sweeper.direction == "maximize" and set(hydra_node.sweeper.params) == {"update_lr", "meta_lr"}
+        assert (cfg.way, cfg.shot) == (5, 1)
+
+
+def test_unknown_launcher_is_one_line(tiny_root, tmp_path):
+    args = strip(tiny_args(tiny_root, tmp_path), "hydra.run.dir")
+    proc = run_metarun(*args, "-m", "hydra/launcher=nosuch", "way=2,3", cwd=tmp_path)
+    assert_clean_error(proc, "hydra/launcher=nosuch")
+    assert "metarun[launchers]" in proc.stderr
+
+
+# 4. Launchers ----------------------------------------------------------------------------------------
+
+def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    sweep = tmp_path / "sweep"
+    args = strip(tiny_args(tiny_root, tmp_path, "iterations=3", "eval_every=3"), "hydra.run.dir", "way=")
+    cells = [*args, "-m", "hydra/launcher=submitit_local", "resume=auto", "way=2,3", f"hydra.sweep.dir={sweep}"]
+    run_metarun(*cells, cwd=tmp_path, check=True)
+    first = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1")}
+    assert [first[c]["config"]["way"] for c in ("0", "1")] == [2, 3]
+    assert all(r["status"] == "completed" and ckpt(sweep / c)["iteration"] == 3 for c, r in first.items())
+    # what a requeue does: the cell's overrides again, into its dir; it continues its run (here, to 5 iterations)
+    requeued = [a if a != "way=2,3" else "way=2" for a in cells]
+    run_metarun(*requeued, "iterations=5", cwd=tmp_path, check=True)
+    history = json.loads((sweep / "0" / "results.json").read_text())["history"]
+    assert [h["start_iteration"] for h in history] == [0, 3] and ckpt(sweep / "0")["iteration"] == 5
+    assert ckpt(sweep / "1")["iteration"] == 3  # the other cell's run is untouched
+
+
+def test_parallel_cells_share_the_cores():
+    from metarun.runner.setup import cpu_threads
+
+    joblib = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
+                                                        "JoblibLauncher", "n_jobs": 2}})
+    cfg = OmegaConf.create({"threads": 0, "resume": "auto"})
+    cli._share_threads(cfg, joblib)
+    assert cfg.threads == max(1, cpu_threads(0) // 2)
+    given = OmegaConf.create({"threads": 3, "resume": None})
+    cli._share_threads(given, joblib)  # a thread count the user gave is kept
+    assert given.threads == 3
+    basic = OmegaConf.create({"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    alone = OmegaConf.create({"threads": 0, "resume": None})
+    cli._share_threads(alone, basic)
+    assert alone.threads == 0
+
+
+def test_torchrun_processes_share_the_cores(monkeypatch):
+    from metarun.runner.setup import cpu_threads
+
+    cores = cpu_threads(0)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpu_threads(0) == max(1, cores // 2) and cpu_threads(3) == 3
