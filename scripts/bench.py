@@ -379,4 +379,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from metarun.errors import MetarunError
+
+    try:
+        main()
+    except MetarunError as exc:  # a bad setting: one line, as `metarun train` says it
+        raise SystemExit(f"bench: error: {exc}")

@@ -22,8 +22,12 @@ from metarun.errors import MetarunError
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+    """The root cause of an exception in one line (Hydra wraps import and argument errors: its own message
+    ends with `full_key: model`, the cause is in __cause__)."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = [line for line in str(exc).strip().splitlines() if line.strip() and not line.startswith("full_key:")]
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 class ModuleLearner:

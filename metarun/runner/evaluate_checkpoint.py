@@ -67,6 +67,8 @@ def check_eval_settings(cfg) -> tuple[Path, dict]:
     if cfg.get("benchmark") not in (None, "lake"):
         raise MetarunError(f"benchmark={cfg.benchmark!r} is not a benchmark: use benchmark=lake (Lake et al.'s 20 "
                            "one-shot runs) or leave it out (fixed tasks of `split`).")
+    if isinstance(cfg.ensemble, bool) or not isinstance(cfg.ensemble, int):
+        raise MetarunError(f"ensemble={cfg.ensemble} must be a whole number of checkpoints (1: the checkpoint alone).")
     if cfg.get("benchmark") == "lake" and int(cfg.ensemble) != 1:
         raise MetarunError(f"benchmark=lake scores one checkpoint: drop ensemble={cfg.ensemble}.")
     if cfg.get("benchmark") == "lake" and cfg.get("steps") is not None:
