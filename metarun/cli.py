@@ -326,7 +326,7 @@ def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
         if record.get("status") == "failed":
             cell = [o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") in swept]
             failed.append(f"{results.parent.relative_to(sweep_dir)} [{' '.join(cell)}]: "
-                          f"{record.get('reason')}")
+                          f"{str(record.get('reason')).rstrip('.')}")
     return failed
 
 

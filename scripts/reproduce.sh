@@ -43,7 +43,7 @@ for cell in "${CELLS[@]}"; do
   if [[ "$PRESET" == mamlpp_paper ]]; then
     probe+=(algorithm.iterations_per_epoch=$(( (PROBE + 9) / 10 )))
   fi
-  $METARUN train "${probe[@]}" "$@" > "$OUT/probe/$cell.log" 2>&1 || {
+  $METARUN train "$@" "${probe[@]}" > "$OUT/probe/$cell.log" 2>&1 || {
     echo "metarun: error: the probe of $cell failed: see $OUT/probe/$cell.log" >&2; exit 2; }
   seconds=$(python - "$OUT/probe/$cell" "$PRESET/$cell" "$@" <<'EOF'
 import json, sys

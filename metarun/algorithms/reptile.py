@@ -93,6 +93,9 @@ class Reptile(GradientMetaLearner):
                  meta_step=1.0, meta_step_final=0.0, iterations=100000, eval_inner_batch=0, transductive=False,
                  eval_seed=0, **kw):
         super().__init__(model, update_lr, update_step, update_step_test, True, inner_loss="mean", **kw)
+        if self.frozen_names():  # Reptile's outer step moves phi only along what its inner loop trained
+            raise MetarunError("algorithm=reptile trains every weight in its inner loop: model.adapt_bn=false would "
+                               "freeze batch norm for the whole run; use model.adapt_bn=true.")
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise MetarunError(f"unknown algorithm.inner_optimizer={inner_optimizer!r}: use adam (their Omniglot "
                                "runs, beta1=0) or sgd.")

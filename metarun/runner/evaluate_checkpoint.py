@@ -43,7 +43,12 @@ def curve_steps(value) -> list[int] | None:
     Accepts an int, a list, or text like "0,1,3"; raises MetarunError otherwise."""
     if value is None:
         return None
-    items = value.split(",") if isinstance(value, str) else [value] if isinstance(value, int) else list(value)
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (int, float)):  # a single number (bool included: refused below)
+        items = [value]
+    else:
+        items = list(value)
     steps = []
     for item in items:
         text = str(item).strip()
@@ -105,6 +110,12 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
     saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
     model, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    if cfg.get("benchmark") == "lake":  # its archive and checkpoint checks come before any data is decoded
+        from metarun.data import sources
+        from metarun.data.lake import find_all_runs
+        from metarun.runner.lake_benchmark import check_lake_checkpoint
+        check_lake_checkpoint(cfg, train_cfg, path)
+        find_all_runs(sources.source_root(train_cfg.dataset.root))
     splits = load_splits(train_cfg, device)["splits"]
     algorithm.bind_data(splits)
     expected = algorithm.init_meta_params(torch.Generator())

@@ -79,10 +79,9 @@ def lake_benchmark(cfg, train_cfg, blob: dict, path, maml, params: dict, device,
     lines += [f"  {r.name}: {e}/{items} errors ({100 * e / items:.1f}%)" for r, e in zip(runs, errors)]
     summary = f"Lake one-shot error {100 * rate:.2f}% ({total}/{items * tasks} test images, {tasks} runs)"
     published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in PUBLISHED_ERROR.items())
-    lines += [summary, f"published (Lake et al. 2015): {published}"]
+    lines += [summary, f"published (Lake et al. 2015): {published}", f"wrote {run_dir / 'eval.json'}"]
     if warning:
         lines.append(f"WARNING: {warning}")
-    log.info("\n".join(lines))
     result = {"benchmark": "lake", "checkpoint": str(path), "iteration": int(blob["iteration"]),
               "archive": str(archive), "update_step_test": steps, "way": WAY, "shot": 1,
               "trained_shot": int(train_cfg.shot), "trained_split": train_cfg.dataset.get("split", "maml"),
@@ -92,4 +91,5 @@ def lake_benchmark(cfg, train_cfg, blob: dict, path, maml, params: dict, device,
               "published_error_rate": dict(PUBLISHED_ERROR), "warning": warning, "device": str(device),
               "summary": summary}
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
+    log.info("\n".join(lines))
     return result
