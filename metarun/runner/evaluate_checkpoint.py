@@ -61,8 +61,9 @@ def curve_steps(value) -> list[int] | None:
     return sorted(set(steps))
 
 
-def check_eval_settings(cfg) -> tuple[Path, dict]:
-    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content)."""
+def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
+    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content, the
+    checkpoints to score (ensemble), the inner-step counts of the curve or None)."""
     if isinstance(cfg.tasks, bool) or not isinstance(cfg.tasks, int) or cfg.tasks <= 0:
         raise MetarunError(f"tasks={cfg.tasks} must be a positive number of evaluation tasks.")
     if cfg.split not in ("train", "val", "test"):
@@ -79,17 +80,17 @@ def check_eval_settings(cfg) -> tuple[Path, dict]:
     if cfg.get("benchmark") == "lake" and cfg.get("steps") is not None:
         raise MetarunError(f"benchmark=lake scores one number of inner steps: drop steps={cfg.steps} "
                            "(update_step_test sets it).")
-    curve_steps(cfg.get("steps"))
+    curve = curve_steps(cfg.get("steps"))
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
-    ensemble_paths(path, blob, int(cfg.ensemble))  # an impossible ensemble=K, before any work
-    return path, blob
+    paths = ensemble_paths(path, blob, int(cfg.ensemble))  # an impossible ensemble=K, before any work
+    return path, blob, paths, curve
 
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's record."""
-    path, blob = check_eval_settings(cfg)
+    path, blob, paths, curve = check_eval_settings(cfg)
     device = resolve_device(cfg.device)
     if Path(cfg.checkpoint).expanduser().is_dir() and path.name != "best.pt":
         log.warning(f"metarun: warning: {cfg.checkpoint} has no checkpoints/best.pt (the run stopped before its "
@@ -119,7 +120,6 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     splits = load_splits(train_cfg, device)["splits"]
     algorithm.bind_data(splits)
     expected = algorithm.init_meta_params(torch.Generator())
-    paths = ensemble_paths(path, blob, int(cfg.ensemble))
     params = []
     for member in paths:
         member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
@@ -128,7 +128,6 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         from metarun.runner.lake_benchmark import lake_benchmark
         return lake_benchmark(cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir)
     members = params if len(params) > 1 else params[0]
-    curve = curve_steps(cfg.get("steps"))
     if curve is None:
         mean, ci = evaluate_tasks(algorithm, members, splits[cfg.split], cfg.split, train_cfg, device, int(cfg.tasks),
                                   steps)
