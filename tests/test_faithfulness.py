@@ -230,6 +230,27 @@ def test_split_sizes_and_rotated_evaluation_tasks(tiny_root):
     assert torch.equal(turned.x_query, again.x_query) and not torch.equal(turned.x_query, plain.x_query)
 
 
+
+@pytest.mark.parametrize("rotate_eval", [False, True])
+def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
+    """dataset.rotate_eval must change what evaluate_tasks (validation, test, metarun eval) scores: every
+    scored image unrotated without it, all four rotations with it."""
+    from test_data import ids, labelled_classes
+    from metarun.runner.evaluate import evaluate_tasks
+    scored = []
+
+    class Recorder:  # stands in for an algorithm: records the episodes it is asked to score
+        def evaluate(self, params, ep, steps):
+            scored.append(ep)
+            return torch.ones(ep.x_query.shape[0])
+
+    cfg = OmegaConf.create({"way": 4, "shot": 1, "query": 2, "eval_seed": 7, "eval_chunk": 6,
+                            "dataset": {"rotate_eval": rotate_eval}})
+    mean, _ = evaluate_tasks(Recorder(), {}, labelled_classes(), "test", cfg, "cpu", tasks=20)
+    turns = [k for ep in scored for x in (ep.x_support, ep.x_query) for (_, _, k) in ids(x)]
+    assert mean == 1.0 and len(turns) == 20 * 4 * (1 + 2)
+    assert set(turns) == ({0, 1, 2, 3} if rotate_eval else {0})
+
 # -- 4. The learning curve: accuracy after 0, 1, 3 inner steps in one pass -----------------------------------
 def test_curve_gives_one_accuracy_per_step_count_and_chance_before_adaptation(tiny_root):
     from metarun.runner.evaluate import evaluate_curve, evaluate_tasks
