@@ -234,7 +234,7 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
         table.rows.append(line)
 
     table.notes.append("Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± "
-                       "standard deviation over the seeds' runs.")
+                       "standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.")
     table.notes += [f"failed: {os.path.relpath(r.where, out_dir)}: {r.failed}" for r in failures]
     table.notes += [f"{name}: {source}." for name, source, _ in papers]
     return table

@@ -53,7 +53,7 @@ EXPECTED_MD = """\
 | 5 | 1 | 95.00 ± 2.00 (3 seeds) | 90.12 ± 1.23 | 98.7 ± 0.4 | 98.3 ± 0.5 | 99.5 | 99.47 | 97.68 ± 0.04 |  |
 | 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 89.43 ± 0.14 | 96.2 ± 0.5 |
 
-Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs.
+Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 failed: 6: CUDA out of memory
 failed: 5: the meta-loss became nan at iteration 3
 MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400).
@@ -123,7 +123,7 @@ def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys)
 | 5 | 1 | results.json | 0.1 | 50.00 ± 5.00 |  |
 | 5 | 1 | results.json | 0.4 | 90.00 ± 1.00 | 92.00 ± 2.00 |
 
-Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs.
+Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 left out (not a task accuracy): ../eval/lake/eval.json
 """
     assert text == expected and (out / "report.md").read_text() == expected
@@ -143,3 +143,16 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "running" / "results.json").write_text(json.dumps({"config": config(5, 1, 0)}))
     assert main(["report", str(tmp_path / "running")]) == 2
     assert "has no test_accuracy and no \"status\": \"failed\"" in capsys.readouterr().err
+
+
+def test_runs_that_share_a_seed_are_not_called_seeds(tmp_path, capsys):
+    """Two runs of one cell with the same seed (a repeat, not a seed study) are labelled runs; two seeds, seeds."""
+    runs = tmp_path / "train"
+    write_run(runs / "a", config(5, 1, 0, n=0), 0.90, 0.01)
+    write_run(runs / "b", config(5, 1, 0, n=1), 0.92, 0.01)
+    assert main(["report", str(runs)]) == 0
+    assert "| 91.00 ± 1.41 (2 runs) |" in capsys.readouterr().out
+    write_run(runs / "c", config(5, 1, 1, n=2), 0.94, 0.01)
+    (runs / "a" / "results.json").unlink()
+    assert main(["report", str(runs)]) == 0
+    assert "| 93.00 ± 1.41 (2 seeds) |" in capsys.readouterr().out
