@@ -54,7 +54,8 @@ params = {k: v.requires_grad_(True) for k, v in params.items()}
 distributed.broadcast_params(params)
 optimizer = torch.optim.SGD(params.values(), lr=0.0)   # the step leaves the weights, .grad keeps the gradient
 ep = random_episodes(5, 3, 1, 2)                       # 5 tasks: shares of 2 and 3
-result, stop = distributed.train_step(maml, params, optimizer, ep, distributed.rank() == 1)
+# rank 1 is asked to stop, rank 0's time runs out: every rank must learn both from the same all-reduce
+result, stop = distributed.train_step(maml, params, optimizer, ep, distributed.rank() == 1, distributed.rank() == 0)
 torch.save({"grads": {k: v.grad for k, v in params.items()}, "loss": result.meta_loss,
             "accuracy": result.accuracy, "stop": stop}, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
 distributed.finish()
@@ -84,7 +85,7 @@ def test_two_process_meta_gradient_equals_the_single_process_one(tmp_path):
             assert torch.allclose(out["grads"][k], reference[k], rtol=0, atol=1e-10), (rank, k)
         assert abs(out["loss"].item() - single.meta_loss.item()) < 1e-10
         assert abs(out["accuracy"].item() - single.accuracy.mean().item()) < 1e-10
-        assert out["stop"].item() > 0  # rank 1 was asked to stop: both ranks learn it from the same all-reduce
+        assert out["stop"].tolist() == [1.0, 1.0]  # (a stop was asked, time ran out), on both ranks
 
 
 def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_path):
@@ -104,6 +105,20 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "completed" and results["history"][-1]["processes"] == 2
     assert ckpt(run)["iteration"] == 6
+
+
+def test_time_limit_under_torchrun_stops_every_rank_at_the_same_iteration(tiny_root, tmp_path):
+    # each rank's clock differs: rank 0's decides, through the all-reduce, so both ranks leave the loop together
+    run = tmp_path / "run"
+    proc = torchrun("-m", "metarun.cli", *tiny_args(tiny_root, run, "meta_batch=3", "iterations=100000",
+                                                    "eval_every=100000", "time_limit=0.03"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    done = results["iterations_done"]
+    assert results["status"] == "completed" and results["stopped_by"] == "time_limit" and 0 < done < 100000
+    assert ckpt(run)["iteration"] == done
+    log = (run / "metarun-train.log").read_text()
+    assert log.count(f"reached at iteration {done} of 100000") == 1 and log.count("test accuracy") == 1
 
 
 # 2. Preemption: SIGUSR2 and resume=auto --------------------------------------------------------------

@@ -96,16 +96,18 @@ def broadcast_params(params: dict) -> None:
             dist.broadcast(params[name].data, src=0)
 
 
-def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool) -> tuple[StepResult, torch.Tensor]:
+def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool,
+               out_of_time: bool = False) -> tuple[StepResult, torch.Tensor]:
     """One data-parallel meta-iteration (metarun.algorithms.base.meta_train_step over the ranks).
 
     ep: the whole meta-batch (the same on every rank); this rank computes the gradient of its share
     (mean over its tasks), turns it into its sum over the global meta-batch's size, and one all-reduce
     (sum) of a flat buffer gives every rank the gradient of the mean over all tasks, the mean meta-loss
-    and accuracy, and whether any rank was asked to stop (SIGTERM/SIGUSR2 may reach one rank first; all
-    must stop at the same iteration). Returns (StepResult with the global meta-loss and a one-element
-    accuracy [1] = the mean over all tasks, a scalar tensor > 0 when any rank was asked to stop: read it
-    at the same iterations on every rank)."""
+    and accuracy, whether any rank was asked to stop (SIGTERM/SIGUSR2 may reach one rank first; all
+    must stop at the same iteration) and whether any rank's time_limit ran out (each rank's clock differs;
+    the runner passes rank 0's). Returns (StepResult with the global meta-loss and a one-element
+    accuracy [1] = the mean over all tasks, flags [2]: [0] > 0 when any rank was asked to stop, [1] > 0
+    when time ran out: read them at the same iterations on every rank)."""
     import torch.distributed as dist
 
     total = ep.x_support.shape[0]
@@ -117,8 +119,9 @@ def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool) -> 
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
     # this rank's sum over its tasks divided by the whole meta-batch: the sum over ranks is the mean
     scale = local / total
-    stats = torch.stack([result.meta_loss * scale, result.accuracy.sum() / total,
-                         torch.tensor(float(stop), dtype=result.meta_loss.dtype, device=result.meta_loss.device)])
+    flags = torch.tensor([float(stop), float(out_of_time)], dtype=result.meta_loss.dtype,
+                         device=result.meta_loss.device)
+    stats = torch.cat([torch.stack([result.meta_loss * scale, result.accuracy.sum() / total]), flags])
     flat = torch.cat([g.reshape(-1) * scale for g in grads] + [stats.to(grads[0].dtype)])
     dist.all_reduce(flat)
     offset = 0
@@ -126,8 +129,8 @@ def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool) -> 
         p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
         offset += g.numel()
     optimizer.step()
-    loss, accuracy, stops = flat[offset], flat[offset + 1], flat[offset + 2]
-    return StepResult(loss.detach(), accuracy.detach().reshape(1)), stops
+    loss, accuracy = flat[offset], flat[offset + 1]
+    return StepResult(loss.detach(), accuracy.detach().reshape(1)), flat[offset + 2:offset + 4]
 
 
 def finish() -> None:

@@ -116,10 +116,6 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         resumed = load_checkpoint(resume, "resume")
         cfg, changes = resumed_config(resumed, cfg, overrides, resume)
     check_train_settings(cfg)
-    if distributed.world_size() > 1 and cfg.get("time_limit"):
-        # each process's clock would end the loop at a different iteration
-        raise MetarunError(f"time_limit={cfg.time_limit} is not supported under torchrun yet: drop it, or stop "
-                           "the job with SIGTERM/SIGUSR2 (every rank stops at the same iteration).")
     device = distributed.device_for_rank(resolve_device(cfg.device))
     if distributed.world_size() > 1:
         distributed.share(int(cfg.meta_batch))  # every process needs a task
@@ -231,16 +227,21 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
             done = it + 1
             window_tasks += int(cfg.meta_batch)
             out_of_time = deadline is not None and time.perf_counter() >= deadline and done < iterations
-            last = done == iterations or out_of_time
-            logging_step = done % log_every == 0 or last
-            validating = done % int(cfg.eval_every) == 0 or last
             if distributed.world_size() > 1:
-                # every rank stops at the same iteration: the all-reduced flag, read where every rank reads
-                result, stops = distributed.train_step(algorithm, params, optimizer, episodes, stop.signum is not None)
-                stopping = (check_every_step or logging_step or validating) and stops.item() > 0
+                # Every rank stops at the same iteration: the all-reduced flags (a signal on any rank, rank 0's
+                # clock for time_limit), read at the same iterations on every rank.
+                result, flags = distributed.train_step(algorithm, params, optimizer, episodes,
+                                                       stop.signum is not None, out_of_time and main)
+                read = (check_every_step or deadline is not None or done % log_every == 0
+                        or done % int(cfg.eval_every) == 0 or done == iterations)
+                stops, timed = flags.tolist() if read else (0.0, 0.0)
+                stopping, out_of_time = stops > 0, timed > 0 and done < iterations
             else:
                 result = meta_train_step(algorithm, params, optimizer, episodes)
                 stopping = stop.signum is not None
+            last = done == iterations or out_of_time
+            logging_step = done % log_every == 0 or last
+            validating = done % int(cfg.eval_every) == 0 or last
             # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
             if check_every_step or logging_step or validating or stopping:
                 loss = result.meta_loss.item()
