@@ -56,6 +56,9 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
     if name in ("anil", "reptile", "pretrain"):
         # `metarun eval` scores the best checkpoint on the same fixed tasks as the run's own test
         results = json.loads((whole / "results.json").read_text())
+        # the logged speed counts what an iteration trains on: the baseline's images, not unused meta_batch tasks
+        speed, other = ("images_per_s", "tasks_per_s") if name == "pretrain" else ("tasks_per_s", "images_per_s")
+        assert results[speed] > 0 and other not in results
         run_metarun("eval", f"checkpoint={whole}", "tasks=6", "eval_chunk=4", f"data_root={tiny_root}", "device=cpu",
                     f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True)
         assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == results["test_accuracy"]
@@ -75,6 +78,8 @@ def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
                 cwd=tmp_path, check=True)
     result = json.loads((tmp_path / "e2" / "eval.json").read_text())
     assert len(result["ensemble"]) == 2 and "ensemble of the 2 best" in result["summary"]
+    members = ", ".join(str(e[1]) for e in last["top"])  # best first, as the members are read
+    assert f"best checkpoints (iterations {members})" in result["summary"]
     # an ensemble of one is the best checkpoint's own score
     run_metarun("eval", f"checkpoint={run}", *common, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=True)
     single = json.loads((tmp_path / "e1" / "eval.json").read_text())

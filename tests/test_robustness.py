@@ -208,3 +208,25 @@ def test_atomic_save_gives_the_permissions_of_a_plain_write(tmp_path):
     plain.write_bytes(b"")
     atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "saved.pt")
     assert (tmp_path / "saved.pt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777
+
+
+def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
+    """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler (torchrun's
+    other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them into one handler."""
+    import logging
+    from metarun.runner.logs import BelowWarning, console_through_tqdm
+    root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level)
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(BelowWarning())
+    err.setLevel(logging.WARNING)
+    root.handlers, root.level = [out, err], logging.INFO
+    try:
+        with console_through_tqdm():
+            logging.getLogger("metarun").info("an info line")
+            logging.getLogger("metarun").warning("a warning line")
+        logging.getLogger("metarun").info("after the bar")
+    finally:
+        root.handlers, root.level = saved
+    captured = capsys.readouterr()
+    assert captured.out == "an info line\nafter the bar\n" and captured.err == "a warning line\n"
+    assert out.emit.__func__ is logging.StreamHandler.emit  # restored

@@ -22,6 +22,7 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
   its classifier by the training classes; Reptile checks train_shots);
 - `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
   the baseline: mini-batches of labelled images); its state() is checkpointed;
+- `train_unit`: what one training iteration processes, for the logged speed (default meta_batch tasks);
 - `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted weights);
 - `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
 """
@@ -164,6 +165,11 @@ class GradientMetaLearner:
         """The training batches: an object with sample(meta_batch), state() and load_state(state)."""
         return EpisodeSampler(classes, "train", int(cfg.way), int(cfg.shot), int(cfg.query), device,
                               seed=int(cfg.seed), rotate=bool(cfg.dataset.rotate))
+
+    def train_unit(self, cfg) -> tuple[int, str]:
+        """(items per training iteration, their name) for the speed the runner logs: `meta_batch` tasks by
+        default (the baseline: its mini-batch of images)."""
+        return int(cfg.meta_batch), "tasks"
 
     def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
         """The outer-loop optimizer over the meta-parameters (MAML: Adam, Finn et al. 2017)."""

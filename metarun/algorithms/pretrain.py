@@ -139,6 +139,9 @@ class Pretrain(GradientMetaLearner):
                                f"{' (with rotations)' if self.rotate else ''}: set algorithm.num_classes=null.")
         self.num_classes = classes
 
+    def train_unit(self, cfg) -> tuple[int, str]:
+        return self.batch_size, "images"  # meta_batch is not used: speed is images per second
+
     def train_sampler(self, cfg, classes, device):
         return ImageSampler(classes, self.batch_size, device, int(cfg.seed), self.rotate)
 

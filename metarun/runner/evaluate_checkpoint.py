@@ -138,8 +138,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         mean, ci = scores[computed.index(steps)]
         scores = [scores[computed.index(s)] for s in curve]
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
-    if len(paths) > 1:
-        line += f", ensemble of the {len(paths)} best checkpoints"
+    if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (train.top_path)
+        line += (f", ensemble of the {len(paths)} best checkpoints (iterations "
+                 f"{', '.join(p.stem.rpartition('-')[2] for p in paths)})")
     result = {"checkpoint": str(path.absolute()), "iteration": int(blob["iteration"]), "split": cfg.split,
               "tasks": int(cfg.tasks), "update_step_test": steps, "accuracy": mean, "ci95": ci,
               "way": int(train_cfg.way), "shot": int(train_cfg.shot), "query": int(train_cfg.query),
@@ -155,6 +156,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         log.info(f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
                  + "\n".join(table))
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    log.info(f"{line}: {path.absolute()} (iteration {int(blob['iteration'])}) on {device}; "
-             f"wrote {run_dir / 'eval.json'}")
+    where = (f"{paths[0].parent.absolute()}" if len(paths) > 1
+             else f"{path.absolute()} (iteration {int(blob['iteration'])})")
+    log.info(f"{line}: {where} on {device}; wrote {run_dir / 'eval.json'}")
     return result

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
@@ -22,6 +21,7 @@ from metarun.runner import distributed
 from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
                                       save_checkpoint)
 from metarun.runner.evaluate import describe, evaluate_tasks
+from metarun.runner.logs import console_through_tqdm
 from metarun.runner.resume import auto_resume, history_entry, resumed_config
 from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
                                   resolve_device)
@@ -212,20 +212,21 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 "algorithm": algorithm.state_dict(), "top": [list(e) for e in top]}
 
     iterations, log_every = int(cfg.iterations), int(cfg.log_every)
+    per_iteration, unit = algorithm.train_unit(cfg)  # meta_batch tasks (the baseline: images) per iteration
     # time_limit: minutes of this segment's wall clock after which training ends as if `iterations` were
     # reached (a last validation, the test, results.json); the run can be continued later with resume.
     deadline = wall_start + 60 * float(cfg.time_limit) if cfg.get("time_limit") else None
     done, out_of_time = start, False
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
-    window_start, window_tasks = time.perf_counter(), 0
+    window_start, window_items = time.perf_counter(), 0
     bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0, disable=not main)
-    with logging_redirect_tqdm():
+    with console_through_tqdm():
         for it in range(start, iterations):
             algorithm.begin_iteration(it, optimizer)  # the algorithm's schedules (epochs, meta learning rate)
             episodes = sampler.sample(int(cfg.meta_batch))
             done = it + 1
-            window_tasks += int(cfg.meta_batch)
+            window_items += per_iteration
             out_of_time = deadline is not None and time.perf_counter() >= deadline and done < iterations
             if distributed.world_size() > 1:
                 # Every rank stops at the same iteration: the all-reduced flags (a signal on any rank, rank 0's
@@ -253,16 +254,16 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 # The .item() above synchronised the device, so the window's wall time is its compute time.
                 elapsed = time.perf_counter() - window_start
                 train_seconds += elapsed
-                tasks_per_s = window_tasks / elapsed if elapsed > 0 else float("nan")
+                speed = window_items / elapsed if elapsed > 0 else float("nan")
                 accuracy = result.accuracy.mean().item()
                 writer.add_scalar("train/meta_loss", loss, done)
                 writer.add_scalar("train/accuracy", accuracy, done)
-                writer.add_scalar("speed/tasks_per_s", tasks_per_s, done)
+                writer.add_scalar(f"speed/{unit}_per_s", speed, done)
                 writer.add_scalar("lr/meta_lr", optimizer.param_groups[0]["lr"], done)
                 for tag, value in algorithm.scalars(params).items():
                     writer.add_scalar(tag, value, done)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", tasks_s=f"{tasks_per_s:.1f}")
-                window_start, window_tasks = time.perf_counter(), 0
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **{f"{unit}_s": f"{speed:.1f}"})
+                window_start, window_items = time.perf_counter(), 0
             if validating and main:
                 bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
                 if bad:  # the loss can still be finite when a weight the query pass barely uses is not
@@ -285,7 +286,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
                 for entry in dropped:  # only once last.pt no longer lists them
                     top_path(ckpt_dir, entry[1]).unlink(missing_ok=True)
-                window_start, window_tasks = time.perf_counter(), 0  # validation time is not training speed
+                window_start, window_items = time.perf_counter(), 0  # validation time is not training speed
             if stopping:
                 signum = stop.signum or int(signal.SIGTERM)  # torchrun: another rank may have got it
                 if main:
@@ -317,19 +318,19 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     test, test_ci = evaluate_tasks(algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
     log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
              f"(iteration {best_iteration})")
-    tasks_per_s = done * int(cfg.meta_batch) / train_seconds if train_seconds > 0 else float("nan")
+    speed = done * per_iteration / train_seconds if train_seconds > 0 else float("nan")  # whole run, resumes too
     segment_wall = time.perf_counter() - wall_start
     results = {"status": "completed", "iterations_done": done, "stopped_by": "time_limit" if out_of_time else "iterations",
                "config": config, "resolved": resolved, "best_val_accuracy": best_val,
                "best_iteration": best_iteration, "test_accuracy": test, "test_ci95": test_ci,
                "test_tasks": int(cfg.test_tasks), "train_seconds": train_seconds,
                "wall_seconds": wall_before + segment_wall, "segment_wall_seconds": segment_wall,
-               "tasks_per_s": tasks_per_s, "device": str(device),
+               f"{unit}_per_s": speed, "device": str(device),
                "impl": algorithm.impl, "algorithm": algorithm.name, "workers": algorithm.workers,
                "threads": execution["threads"], "data_source": data["source"], "history": history}
     writer.add_hparams({"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
                        {"hparam/best_val_accuracy": best_val, "hparam/test_accuracy": test,
-                        "hparam/tasks_per_s": tasks_per_s}, run_name=".")
+                        f"hparam/{unit}_per_s": speed}, run_name=".")
     writer.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info(f"metarun: run dir {run_dir} (results.json, checkpoints/, tensorboard/)")
