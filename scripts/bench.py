@@ -94,7 +94,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from metarun.algorithms.engine import Engine
-    from metarun.runner.setup import apply_threads, build_algorithm, configure_execution, cpu_threads, resolve_device
+    from metarun.runner.setup import (apply_cpu_allocator, apply_threads, build_algorithm, configure_execution,
+                                      cpu_threads, resolve_device)
 
     cfg = compose(overrides)
     device = resolve_device(cfg.device)
@@ -105,6 +106,7 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         # the plain loop: one op stream with `threads` intra-op threads (the same setting as metarun's side)
         threads = cpu_threads(cfg.threads)
         apply_threads(threads, "loop")
+        apply_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))  # the same process settings on both sides
         execution = {"impl": "loop", "workers": 1, "threads": threads}
     model, algorithm = build_algorithm(cfg, device, execution)
     # What this process really computes on, read after setup: intra-op threads x engine workers.
@@ -148,6 +150,7 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     median = statistics.median(times)
     return {"impl": algorithm.impl if which == "metarun" else "reference-loop", "algorithm": algorithm.name,
             "threads": intra_op * workers, "intra_op_threads": intra_op, "workers": workers,
+            "cpu_allocator": str(cfg.get("cpu_allocator", "tuned")),
             "tasks_per_s": int(cfg.meta_batch) / median,
             "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
             "peak_memory_mb": peak / 2 ** 20, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",

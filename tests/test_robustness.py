@@ -43,6 +43,7 @@ def trained(tiny_root, tmp_path_factory):
     ("iterations=-5", ["iterations=-5 must be a positive integer"]),
     ("dataset.split=alphabetical", ["dataset.split='alphabetical'", "maml", "lake"]),
     ("device=tpu", ["device=tpu"]),
+    ("cpu_allocator=jemalloc", ["cpu_allocator=jemalloc is not a setting", "tuned", "system"]),
     ("hydra.run.dir=/proc/metarun-cannot-write", ["/proc/metarun-cannot-write", "hydra.run.dir"]),
     ("resume=/nonexistent/last.pt", ["resume=/nonexistent/last.pt does not exist"]),
 ])
@@ -230,3 +231,21 @@ def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
     captured = capsys.readouterr()
     assert captured.out == "an info line\nafter the bar\n" and captured.err == "a warning line\n"
     assert out.emit.__func__ is logging.StreamHandler.emit  # restored
+
+
+def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
+    """tuned: glibc's mallopt is called (mmap and trim thresholds); system: nothing is changed."""
+    import ctypes
+    from metarun.runner import setup
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("glibc only")
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    assert setup.apply_cpu_allocator("system") is False and calls == []
+    assert setup.apply_cpu_allocator("tuned") is True
+    assert calls == [(setup.M_MMAP_THRESHOLD, 2 ** 30), (setup.M_TRIM_THRESHOLD, 2 ** 30)]

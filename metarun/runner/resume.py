@@ -19,7 +19,7 @@ from metarun.errors import MetarunError
 # the evaluation's size and batching, how many best checkpoints are kept, the device, CPU threads, the
 # implementation and precision of the same gradient, and where the same data is found).
 RESUMABLE = ("iterations", "time_limit", "eval_every", "log_every", "val_tasks", "test_tasks", "eval_chunk", "keep_best", "device",
-             "threads", "tf32", "autocast", "algorithm.impl", "algorithm.task_chunk", "dataset.root", "dataset.cache_dir",
+             "threads", "cpu_allocator", "tf32", "autocast", "algorithm.impl", "algorithm.task_chunk", "dataset.root", "dataset.cache_dir",
              "dataset.download")
 # Keys of the command line that are not settings of the run.
 NOT_SETTINGS = ("resume",)

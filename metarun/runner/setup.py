@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 
 import torch
 
@@ -40,6 +41,9 @@ def check_train_settings(cfg) -> None:
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MetarunError(f"{key}={value} must be a positive integer.")
+    if str(cfg.get("cpu_allocator", "tuned")) not in CPU_ALLOCATORS:
+        raise MetarunError(f"cpu_allocator={cfg.cpu_allocator} is not a setting: use tuned (keep freed memory for "
+                           "reuse) or system (the C library's defaults).")
     for key in ("update_lr", "meta_lr"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -113,12 +117,42 @@ def apply_precision(cfg, device) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
+CPU_ALLOCATORS = ("tuned", "system")
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+# Blocks below the mmap threshold come from the heap. Some glibc builds cap it at HEAP_MAX_SIZE / 2 (32 MiB
+# on 64-bit): the second value is the fallback.
+MMAP_THRESHOLDS = (2 ** 30, 32 * 2 ** 20)
+TRIM_THRESHOLD = 2 ** 30
+
+
+def apply_cpu_allocator(setting: str) -> bool:
+    """`cpu_allocator=tuned` (default): glibc's malloc keeps freed memory for reuse (mallopt: blocks up to
+    1 GiB from the heap, the heap trimmed only above 1 GiB free) instead of its defaults, which unmap large
+    blocks and trim the heap's top as soon as they are freed. Graphs freed every task (`algorithm.impl=loop`,
+    evaluation chunks) then page-faulted their memory back in on every task: README, Performance. Peak
+    memory is unchanged (the same blocks are reused). `system`: glibc's defaults. Returns whether it was
+    applied (False off Linux/glibc, e.g. another allocator preloaded). Raises MetarunError for another value."""
+    if setting not in CPU_ALLOCATORS:
+        raise MetarunError(f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
+                           "or system (the C library's defaults).")
+    if setting == "system" or not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
+    except (OSError, AttributeError):
+        return False
+    mmap = any(mallopt(M_MMAP_THRESHOLD, value) for value in MMAP_THRESHOLDS)
+    return mmap and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
 def configure_execution(cfg, device, saved: dict | None = None) -> dict:
     """The run's execution, resolved and applied once (`metarun train`, `metarun eval` and scripts/bench.py
     all call this): {"impl", "workers", "threads"}. `saved`: a resumed checkpoint's {"impl", "workers"},
     which the run keeps (float32 results depend on the operation order)."""
     threads = cpu_threads(cfg.get("threads", 0))
     apply_precision(cfg, device)
+    apply_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
     if saved is not None and saved.get("impl") and saved.get("workers"):
         impl, workers = str(saved["impl"]), int(saved["workers"])
         threads = workers if impl == "parallel" else threads
