@@ -43,6 +43,3 @@ class ANIL(GradientMetaLearner):
     def adapted_names(self, params: dict) -> list:
         head = set(self.head)
         return [k for k in params if k in head]
-
-    def learner_weights(self, params: dict, fast: dict, step: int, tasks: int | None) -> dict:
-        return self.frozen_learner_weights(params, fast, tasks)

@@ -131,11 +131,7 @@ class GradientMetaLearner:
         copies; tasks=None: one task, no task dimension)."""
         if len(fast) == len(self.learner_names()):
             return fast
-        weights = {}
-        for k in self.learner_names():
-            w = fast[k] if k in fast else params[k]
-            weights[k] = w if k in fast or tasks is None else w.unsqueeze(0).expand(tasks, *w.shape)
-        return weights
+        return self.frozen_learner_weights(params, fast, tasks)
 
     def inner_lrs(self, params: dict, step: int):
         return self.update_lr

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from metarun.algorithms import algorithm_class
-from metarun.algorithms.engine import Engine, resolve_impl
+from metarun.algorithms.engine import AUTOCASTS, Engine, resolve_impl
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
@@ -41,9 +41,7 @@ def check_train_settings(cfg) -> None:
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MetarunError(f"{key}={value} must be a positive integer.")
-    if str(cfg.get("cpu_allocator", "tuned")) not in CPU_ALLOCATORS:
-        raise MetarunError(f"cpu_allocator={cfg.cpu_allocator} is not a setting: use tuned (keep freed memory for "
-                           "reuse) or system (the C library's defaults).")
+    check_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
     for key in ("update_lr", "meta_lr"):
         value = cfg[key]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
@@ -106,7 +104,7 @@ def apply_precision(cfg, device) -> None:
     tf32, autocast = cfg.get("tf32", False), str(cfg.get("autocast", "none"))
     if not isinstance(tf32, bool):
         raise MetarunError(f"tf32={tf32} must be true or false.")
-    if autocast not in ("none", "bf16"):
+    if autocast not in AUTOCASTS:
         raise MetarunError(f"autocast={autocast} is not a setting: use none or bf16 (CUDA).")
     if device.type != "cuda":
         if tf32 or autocast != "none":
@@ -125,6 +123,13 @@ MMAP_THRESHOLDS = (2 ** 30, 32 * 2 ** 20)
 TRIM_THRESHOLD = 2 ** 30
 
 
+def check_cpu_allocator(setting: str) -> None:
+    """Raises MetarunError unless `setting` is one of CPU_ALLOCATORS."""
+    if setting not in CPU_ALLOCATORS:
+        raise MetarunError(f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
+                           "or system (the C library's defaults).")
+
+
 def apply_cpu_allocator(setting: str) -> bool:
     """`cpu_allocator=tuned` (default): glibc's malloc keeps freed memory for reuse (mallopt: blocks up to
     1 GiB from the heap, the heap trimmed only above 1 GiB free) instead of its defaults, which unmap large
@@ -132,9 +137,7 @@ def apply_cpu_allocator(setting: str) -> bool:
     evaluation chunks) then page-faulted their memory back in on every task: README, Performance. Peak
     memory is unchanged (the same blocks are reused). `system`: glibc's defaults. Returns whether it was
     applied (False off Linux/glibc, e.g. another allocator preloaded). Raises MetarunError for another value."""
-    if setting not in CPU_ALLOCATORS:
-        raise MetarunError(f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
-                           "or system (the C library's defaults).")
+    check_cpu_allocator(setting)
     if setting == "system" or not sys.platform.startswith("linux"):
         return False
     import ctypes
