@@ -159,8 +159,7 @@ class GradientMetaLearner:
 
     def train_sampler(self, cfg, classes, device):
         """The training batches: an object with sample(meta_batch), state() and load_state(state)."""
-        return EpisodeSampler(classes, "train", int(cfg.way), int(cfg.shot), int(cfg.query), device,
-                              seed=int(cfg.seed), rotate=bool(cfg.dataset.rotate))
+        return EpisodeSampler.training(cfg, classes, device)
 
     def train_unit(self, cfg) -> tuple[int, str]:
         """(items per training iteration, their name) for the speed the runner logs: `meta_batch` tasks by

@@ -99,6 +99,13 @@ class EpisodeSampler(SeededDraws):
         # Flat pixel index of each rotation, so one gather rotates every class by its own k.
         self.rotations = torch.stack([torch.rot90(grid, k, dims=(0, 1)).reshape(-1) for k in range(4)]).to(self.device)
 
+    @classmethod
+    def training(cls, cfg, classes: ClassImages, device) -> "EpisodeSampler":
+        """A run's training episodes: the train split at cfg.way/shot/query, seeded by cfg.seed, rotated by
+        cfg.dataset.rotate."""
+        return cls(classes, "train", int(cfg.way), int(cfg.shot), int(cfg.query), device, seed=int(cfg.seed),
+                   rotate=bool(cfg.dataset.rotate))
+
     def sample(self, meta_batch: int) -> Episodes:
         B, way, shot, per_task = meta_batch, self.way, self.shot, self.shot + self.query
         num_classes, per_class = len(self.counts), self.max_count

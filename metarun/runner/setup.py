@@ -77,8 +77,7 @@ def load_splits(cfg, device) -> dict:
 
 
 def train_sampler(cfg, classes, device) -> EpisodeSampler:
-    return EpisodeSampler(classes, "train", int(cfg.way), int(cfg.shot), int(cfg.query), device,
-                          seed=int(cfg.seed), rotate=bool(cfg.dataset.rotate))
+    return EpisodeSampler.training(cfg, classes, device)
 
 
 def cpu_threads(setting: int) -> int:
