@@ -1,4 +1,5 @@
 """`metarun <command> [hydra overrides]`: pops the subcommand and runs that command's Hydra app."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,9 @@ from metarun.runner import distributed, rundir
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable install),
 # else the copy the wheel carries inside the package (see pyproject.toml).
 _HERE = Path(__file__).resolve().parent
-CONF = str(_HERE.parent / "conf" if (_HERE.parent / "conf" / "train.yaml").is_file() else _HERE / "conf")
+CONF = str(
+    _HERE.parent / "conf" if (_HERE.parent / "conf" / "train.yaml").is_file() else _HERE / "conf"
+)
 
 USAGE = """usage: metarun <command> [overrides...]
 
@@ -50,10 +53,16 @@ def _record_failure(run_dir: Path, reason: str, overrides: list[str], cfg) -> No
     it resolves: `metarun report` reads the cell's settings from it), in its own dir."""
     try:
         config = OmegaConf.to_container(cfg, resolve=True)
-    except Exception:  # e.g. an environment variable the config needs is unset: the overrides still say it
+    except (
+        Exception
+    ):  # e.g. an environment variable the config needs is unset: the overrides still say it
         config = None
-    (run_dir / "results.json").write_text(json.dumps(
-        {"status": "failed", "reason": reason, "overrides": overrides, "config": config}, indent=2))
+    (run_dir / "results.json").write_text(
+        json.dumps(
+            {"status": "failed", "reason": reason, "overrides": overrides, "config": config},
+            indent=2,
+        )
+    )
 
 
 def _parallel_cells(hydra_cfg) -> int:
@@ -102,7 +111,9 @@ def _run(job, cfg):
     try:
         if multirun:
             if cfg.get("resume") == "auto" and (run_dir / rundir.MARKER).exists():
-                rundir.lock_existing(run_dir)  # a requeued cell (Slurm preemption): its own dir again
+                rundir.lock_existing(
+                    run_dir
+                )  # a requeued cell (Slurm preemption): its own dir again
             else:
                 rundir.claim(run_dir, auto=False)
         _share_threads(cfg, hydra_cfg)
@@ -135,6 +146,7 @@ def _run(job, cfg):
 def train_app(cfg) -> float | None:
     """The train task; returns the run's best validation accuracy (hydra/sweeper=optuna maximises it)."""
     from metarun.runner.train import train
+
     results = _run(train, cfg)
     return None if results is None else results.get("best_val_accuracy")
 
@@ -142,6 +154,7 @@ def train_app(cfg) -> float | None:
 @hydra.main(config_path=CONF, config_name="eval", version_base="1.3")
 def eval_app(cfg) -> None:
     from metarun.runner.evaluate_checkpoint import evaluate_checkpoint
+
     _run(lambda c, d, o: evaluate_checkpoint(c, d), cfg)
 
 
@@ -153,8 +166,18 @@ def _quote(value: str) -> str:
 
 
 # Every setting that is a path: `~` in it means the home folder (Hydra's grammar would refuse it).
-PATH_SETTINGS = ("hydra.run.dir", "hydra.sweep.dir", "dataset.root", "dataset.cache_dir", "dataset.split_files.train",
-                 "dataset.split_files.val", "dataset.split_files.test", "resume", "checkpoint", "data_root")
+PATH_SETTINGS = (
+    "hydra.run.dir",
+    "hydra.sweep.dir",
+    "dataset.root",
+    "dataset.cache_dir",
+    "dataset.split_files.train",
+    "dataset.split_files.val",
+    "dataset.split_files.test",
+    "resume",
+    "checkpoint",
+    "data_root",
+)
 
 
 def _normalize(arg: str) -> str:
@@ -171,8 +194,10 @@ def _normalize(arg: str) -> str:
         return arg
     expanded = os.path.expanduser(bare)
     if expanded.startswith("~"):
-        raise MetarunError(f"{key}={bare}: {bare.split('/')[0]} is not a user's home folder here: write the path "
-                           "in full, or ~/... for your own home folder.")
+        raise MetarunError(
+            f"{key}={bare}: {bare.split('/')[0]} is not a user's home folder here: write the path "
+            "in full, or ~/... for your own home folder."
+        )
     return f"{key}={_quote(expanded)}"
 
 
@@ -192,9 +217,11 @@ def _parse(command: str, overrides: list[str]) -> list:
         try:
             parsed += parser.parse_overrides([text])
         except HydraException:
-            raise MetarunError(f"cannot read the setting {text!r}: write key=value, and quote a value with spaces or "
-                               f"special characters, e.g. key='a value' (`metarun {command} --help` lists the "
-                               "settings).")
+            raise MetarunError(
+                f"cannot read the setting {text!r}: write key=value, and quote a value with spaces or "
+                f"special characters, e.g. key='a value' (`metarun {command} --help` lists the "
+                "settings)."
+            )
     return parsed
 
 
@@ -211,25 +238,40 @@ def _compose(command: str, overrides: list[str]):
         text = " ".join(str(exc).split())
         unknown = re.match(r"Could not override '([^']+)'", text)
         if unknown:
-            raise MetarunError(f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` "
-                               "lists the settings")
-        option = re.search(r"Could not find '([\w/]+)/([^'/]+)' Available options in '[^']+': (.*?) Config search", text)
-        missing_plugin = re.search(r"Could not (?:find|load) '(hydra/(?:sweeper|launcher)/[\w]+)'", text)
+            raise MetarunError(
+                f"unknown setting '{unknown[1]}': check its spelling; `metarun {command} --help` "
+                "lists the settings"
+            )
+        option = re.search(
+            r"Could not find '([\w/]+)/([^'/]+)' Available options in '[^']+': (.*?) Config search",
+            text,
+        )
+        missing_plugin = re.search(
+            r"Could not (?:find|load) '(hydra/(?:sweeper|launcher)/[\w]+)'", text
+        )
         if missing_plugin or (option and option[1] in ("hydra/sweeper", "hydra/launcher")):
-            group, _, name = (missing_plugin[1] if missing_plugin else f"{option[1]}/{option[2]}").rpartition("/")
+            group, _, name = (
+                missing_plugin[1] if missing_plugin else f"{option[1]}/{option[2]}"
+            ).rpartition("/")
             extra = "sweep" if group.endswith("sweeper") else "launchers"
             have = f" (installed: {', '.join(option[3].split())})" if option else ""
-            raise MetarunError(f"{group}={name} is not available{have}: check its spelling; the Optuna sweeper and "
-                               f"the submitit and joblib launchers come with pip install 'metarun[{extra}]' "
-                               "(README, Sweeps and scale-out).")
+            raise MetarunError(
+                f"{group}={name} is not available{have}: check its spelling; the Optuna sweeper and "
+                f"the submitit and joblib launchers come with pip install 'metarun[{extra}]' "
+                "(README, Sweeps and scale-out)."
+            )
         if option:  # e.g. algorithm=nosuch: name the known choices of that group
-            raise MetarunError(f"unknown {option[1]}={option[2]}: use one of {', '.join(option[3].split())}.")
+            raise MetarunError(
+                f"unknown {option[1]}={option[2]}: use one of {', '.join(option[3].split())}."
+            )
         raise MetarunError(f"{text} (see `metarun {command} --help` for the settings)")
     with open_dict(cfg):
         hydra_node = cfg.pop("hydra")
     missing = [k for k in cfg.keys() if OmegaConf.is_missing(cfg, k)]
     if missing:
-        raise MetarunError(f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run dir)")
+        raise MetarunError(
+            f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run dir)"
+        )
     return cfg, hydra_node
 
 
@@ -239,11 +281,13 @@ def _check(command: str, cfg, overrides: list[str]) -> None:
 
     if command == "eval":
         from metarun.runner.evaluate_checkpoint import check_eval_settings
+
         check_eval_settings(cfg)
         return
     if cfg.resume:
         from metarun.runner.checkpoint import load_checkpoint
         from metarun.runner.resume import resumed_config
+
         cfg, _ = resumed_config(load_checkpoint(cfg.resume, "resume"), cfg, overrides, cfg.resume)
     check_train_settings(cfg)
     resolve_device(cfg.device)
@@ -267,32 +311,53 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
     if multirun:
         from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
         from hydra.core.override_parser.types import IntervalSweep
+
         # an optimizing sweeper's ranges (interval(a,b)) are checked at their lower end
         listed = [o for o in parsed if not isinstance(o.value(), IntervalSweep)]
-        ends = [f"{o.get_key_element()}={o.value().start}" for o in parsed if isinstance(o.value(), IntervalSweep)]
+        ends = [
+            f"{o.get_key_element()}={o.value().start}"
+            for o in parsed
+            if isinstance(o.value(), IntervalSweep)
+        ]
         cells = BasicSweeper.split_arguments(listed, None)[0]
         for cell in cells:  # an unknown setting in any cell stops the sweep before the first one
             cfg, hydra_node = _compose(command, cell + ends)
-        params = dict(hydra_node.sweeper.get("params") or {})  # hparams_search: the searched settings
+        params = dict(
+            hydra_node.sweeper.get("params") or {}
+        )  # hparams_search: the searched settings
         absent = object()
         for key in params:
             if OmegaConf.select(cfg, str(key), default=absent) is absent:
-                raise MetarunError(f"unknown setting '{key}' in hydra.sweeper.params: check its spelling; "
-                                   f"`metarun {command} --help` lists the settings")
+                raise MetarunError(
+                    f"unknown setting '{key}' in hydra.sweeper.params: check its spelling; "
+                    f"`metarun {command} --help` lists the settings"
+                )
         sweep_dir = Path(hydra_node.sweep.dir).expanduser().absolute()
-        if "resume" in given and str(given["resume"].value()) == "auto" and (sweep_dir / rundir.MARKER).exists():
+        if (
+            "resume" in given
+            and str(given["resume"].value()) == "auto"
+            and (sweep_dir / rundir.MARKER).exists()
+        ):
             rundir.lock_existing(sweep_dir)  # the same sweep again: each cell continues its own run
         else:
-            sweep_dir, _ = rundir.claim(sweep_dir, auto="hydra.sweep.dir" not in given, setting="hydra.sweep.dir")
-        _CLAIM.update(sweep=sweep_dir, swept={o.key_or_group for o in parsed if o.is_sweep_override()} | set(params))
+            sweep_dir, _ = rundir.claim(
+                sweep_dir, auto="hydra.sweep.dir" not in given, setting="hydra.sweep.dir"
+            )
+        _CLAIM.update(
+            sweep=sweep_dir,
+            swept={o.key_or_group for o in parsed if o.is_sweep_override()} | set(params),
+        )
         return [f"hydra.sweep.dir={_quote(str(sweep_dir))}"]
     cfg, hydra_node = _compose(command, overrides)
     settings = [o for o in overrides if not o.startswith("hydra.")]
     wanted = Path(hydra_node.run.dir).expanduser().absolute()
     resume = cfg.get("resume") if command == "train" else None
     auto = resume == "auto"
-    if auto:  # continue the run in hydra.run.dir when it wrote a checkpoint, else start a fresh one there
+    if (
+        auto
+    ):  # continue the run in hydra.run.dir when it wrote a checkpoint, else start a fresh one there
         from metarun.runner.resume import auto_resume
+
         resume = auto_resume(wanted) if "hydra.run.dir" in given else None
         with open_dict(cfg):
             cfg.resume = resume
@@ -301,10 +366,13 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
         # a requeued job: the dir is its own (resumed, or started again if it had written no checkpoint)
         _CLAIM.update(fresh=False, created=None)
         return (["hydra.output_subdir=null"] if resume else []) + [
-            f"hydra.run.dir={_quote(str(rundir.lock_existing(wanted)))}"]
+            f"hydra.run.dir={_quote(str(rundir.lock_existing(wanted)))}"
+        ]
     if resume:
         own = _resume_run_dir(resume)
-        extra = ["hydra.output_subdir=null"]  # the run's .hydra/ records how it was started: never rewritten
+        extra = [
+            "hydra.output_subdir=null"
+        ]  # the run's .hydra/ records how it was started: never rewritten
         if own is not None and ("hydra.run.dir" not in given or wanted == own):
             _CLAIM.update(fresh=False, created=None)
             return extra + [f"hydra.run.dir={_quote(str(rundir.lock_existing(own)))}"]
@@ -324,9 +392,13 @@ def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
         except (OSError, ValueError):
             continue
         if record.get("status") == "failed":
-            cell = [o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") in swept]
-            failed.append(f"{results.parent.relative_to(sweep_dir)} [{' '.join(cell)}]: "
-                          f"{str(record.get('reason')).rstrip('.')}")
+            cell = [
+                o for o in record.get("overrides", []) if o.split("=", 1)[0].lstrip("+~") in swept
+            ]
+            failed.append(
+                f"{results.parent.relative_to(sweep_dir)} [{' '.join(cell)}]: "
+                f"{str(record.get('reason')).rstrip('.')}"
+            )
     return failed
 
 
@@ -338,8 +410,10 @@ def _prepare_distributed(command: str, overrides: list[str], multirun: bool) -> 
     if distributed.is_main():
         try:
             if multirun or command != "train":
-                raise MetarunError(f"torchrun runs one `metarun train` (data parallel over the meta-batch), not "
-                                   f"{'a sweep (-m)' if multirun else f'metarun {command}'}: drop torchrun, or -m.")
+                raise MetarunError(
+                    f"torchrun runs one `metarun train` (data parallel over the meta-batch), not "
+                    f"{'a sweep (-m)' if multirun else f'metarun {command}'}: drop torchrun, or -m."
+                )
             outcome = ("ok", _prepare(command, overrides, multirun))
         except MetarunError as exc:
             outcome = ("error", str(exc))
@@ -349,7 +423,9 @@ def _prepare_distributed(command: str, overrides: list[str], multirun: bool) -> 
     extra = outcome[1]
     if not distributed.is_main():
         _CLAIM.update(fresh=False, created=None)
-        extra = [o for o in extra if not o.startswith("hydra.output_subdir=")] + ["hydra.output_subdir=null"]
+        extra = [o for o in extra if not o.startswith("hydra.output_subdir=")] + [
+            "hydra.output_subdir=null"
+        ]
     return extra
 
 
@@ -361,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = args[0], args[1:]
     if command == "report":  # not a Hydra app: it reads finished runs
         from metarun.report import main as report_main
+
         try:
             return report_main(rest)
         except MetarunError as exc:
@@ -368,7 +445,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise
             return _fail(str(exc))
     if command not in COMMANDS:
-        return _fail(f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun --help).")
+        return _fail(
+            f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun --help)."
+        )
     try:
         rest = [_normalize(a) for a in rest]
         multirun = any(a in ("-m", "--multirun") for a in rest)
@@ -386,15 +465,19 @@ def main(argv: list[str] | None = None) -> int:
     if flags:  # Hydra's own options keep their order (--cfg job, --info defaults ...)
         overrides = [a for a in rest if a not in ("-m", "--multirun")]
     elif extra:  # the claimed dir replaces the one asked for
-        overrides = [o for o in overrides if not o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))]
+        overrides = [
+            o for o in overrides if not o.startswith(("hydra.run.dir=", "hydra.sweep.dir="))
+        ]
     # Hydra's parser wants -m before the overrides; accept it anywhere.
     sys.argv = [f"metarun {command}"] + (["-m"] if multirun else []) + overrides + extra
     COMMANDS[command]()
     if multirun and "sweep" in _CLAIM:
         failed = _failed_cells(_CLAIM["sweep"], _CLAIM["swept"])
         if failed:
-            return _fail(f"{len(failed)} sweep cell(s) failed (each has its reason in its results.json): "
-                         + "; ".join(failed))
+            return _fail(
+                f"{len(failed)} sweep cell(s) failed (each has its reason in its results.json): "
+                + "; ".join(failed)
+            )
     return 0
 
 

@@ -4,7 +4,6 @@ A MetarunError is a mistake the user can fix (a setting, a path, a file). The CL
 one line, without a traceback, and exits with status 2. Every message names the setting or file and the fix.
 """
 
-
 import os
 from pathlib import Path
 
@@ -21,5 +20,7 @@ def require_writable_dir(path: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
-        raise MetarunError(f"the output dir {path.resolve()} cannot be written ({exc.strerror}): run from a "
-                           "writable folder or set hydra.run.dir=/a/writable/path.")
+        raise MetarunError(
+            f"the output dir {path.resolve()} cannot be written ({exc.strerror}): run from a "
+            "writable folder or set hydra.run.dir=/a/writable/path."
+        )

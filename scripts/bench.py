@@ -26,6 +26,7 @@ extrapolated to the paper's 60,000 iterations and, on CUDA, setting C with tf32=
 autocast=bf16 and their gradient errors; then prints one JSON summary (exit 1 if an exactness check fails).
 Extra overrides apply to every timed part (e.g. model.filters=4 meta_batch=2 for a tiny check).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -68,9 +69,16 @@ def random_episodes(cfg, device, seed=0) -> Episodes:
     c = int(cfg.model.in_channels)
 
     def labels(n):
-        return torch.stack([torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(B)]).to(device)
-    return Episodes(torch.rand(B, way * cfg.shot, c, side, side, generator=g).to(device), labels(cfg.shot),
-                    torch.rand(B, way * cfg.query, c, side, side, generator=g).to(device), labels(cfg.query))
+        return torch.stack(
+            [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(B)]
+        ).to(device)
+
+    return Episodes(
+        torch.rand(B, way * cfg.shot, c, side, side, generator=g).to(device),
+        labels(cfg.shot),
+        torch.rand(B, way * cfg.query, c, side, side, generator=g).to(device),
+        labels(cfg.query),
+    )
 
 
 def sync(device):
@@ -86,7 +94,7 @@ def matmul_gflops(device, n=2048, repeat=5) -> float:
     for _ in range(repeat):
         a @ b
     sync(device)
-    return 2 * n ** 3 * repeat / (time.perf_counter() - start) / 1e9
+    return 2 * n**3 * repeat / (time.perf_counter() - start) / 1e9
 
 
 def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
@@ -94,8 +102,14 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     from metarun.algorithms.engine import Engine
-    from metarun.runner.setup import (apply_cpu_allocator, apply_threads, build_algorithm, configure_execution,
-                                      cpu_threads, resolve_device)
+    from metarun.runner.setup import (
+        apply_cpu_allocator,
+        apply_threads,
+        build_algorithm,
+        configure_execution,
+        cpu_threads,
+        resolve_device,
+    )
 
     cfg = compose(overrides)
     device = resolve_device(cfg.device)
@@ -106,13 +120,20 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         # the plain loop: one op stream with `threads` intra-op threads (the same setting as metarun's side)
         threads = cpu_threads(cfg.threads)
         apply_threads(threads, "loop")
-        apply_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))  # the same process settings on both sides
+        apply_cpu_allocator(
+            str(cfg.get("cpu_allocator", "tuned"))
+        )  # the same process settings on both sides
         execution = {"impl": "loop", "workers": 1, "threads": threads}
     model, algorithm = build_algorithm(cfg, device, execution)
     # What this process really computes on, read after setup: intra-op threads x engine workers.
     intra_op = torch.get_num_threads()
     workers = algorithm.workers if which == "metarun" and algorithm.impl == "parallel" else 1
-    params = {k: v.requires_grad_(True) for k, v in algorithm.init_meta_params(torch.Generator().manual_seed(0), device=device).items()}
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in algorithm.init_meta_params(
+            torch.Generator().manual_seed(0), device=device
+        ).items()
+    }
     optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
     algorithm.begin_iteration(0, optimizer)
     # the algorithm's own kind of training batch (episodes; Reptile's image sets; the baseline's images)
@@ -121,9 +142,12 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
     else:
         from metarun.models.conv4 import Conv4
+
         if not isinstance(ep, Episodes) or not isinstance(algorithm.model, Conv4):
-            raise SystemExit(f"--compare: algorithms/reference.py has no per-task loop of {algorithm.name}'s "
-                             "training step on this learner (it is written for conv4 and episodes): drop --compare.")
+            raise SystemExit(
+                f"--compare: algorithms/reference.py has no per-task loop of {algorithm.name}'s "
+                "training step on this learner (it is written for conv4 and episodes): drop --compare."
+            )
         step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):
         step()
@@ -145,21 +169,42 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     with FlopCounterMode(display=False) as counter:
         step()
     flops = counter.get_total_flops()
-    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
     median = statistics.median(times)
-    return {"impl": algorithm.impl if which == "metarun" else "reference-loop", "algorithm": algorithm.name,
-            "threads": intra_op * workers, "intra_op_threads": intra_op, "workers": workers,
-            "cpu_allocator": str(cfg.get("cpu_allocator", "tuned")),
-            "tasks_per_s": int(cfg.meta_batch) / median,
-            "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
-            "peak_memory_mb": peak / 2 ** 20, "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
-            "flops_per_iter": flops, "gflops_per_s": flops / median / 1e9, "total_s": sum(times),
-            "auto_choice": algorithm.engine.choice if which == "metarun" else None}
+    return {
+        "impl": algorithm.impl if which == "metarun" else "reference-loop",
+        "algorithm": algorithm.name,
+        "threads": intra_op * workers,
+        "intra_op_threads": intra_op,
+        "workers": workers,
+        "cpu_allocator": str(cfg.get("cpu_allocator", "tuned")),
+        "tasks_per_s": int(cfg.meta_batch) / median,
+        "s_per_iter": {"min": min(times), "median": median, "max": max(times)},
+        "peak_memory_mb": peak / 2**20,
+        "peak_memory_kind": "cuda_max_allocated" if device.type == "cuda" else "rss",
+        "flops_per_iter": flops,
+        "gflops_per_s": flops / median / 1e9,
+        "total_s": sum(times),
+        "auto_choice": algorithm.engine.choice if which == "metarun" else None,
+    }
 
 
 def run_worker(overrides, which, iters, warmup) -> dict:
-    cmd = [sys.executable, __file__, "--worker", which, "--iters", str(iters), "--warmup", str(warmup), *overrides]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        which,
+        "--iters",
+        str(iters),
+        "--warmup",
+        str(warmup),
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"benchmark worker failed: {' '.join(cmd)}\n{proc.stderr}")
@@ -170,16 +215,28 @@ def median_run(runs: list[dict]) -> dict:
     return sorted(runs, key=lambda r: r["tasks_per_s"])[len(runs) // 2]
 
 
-def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, warmup: int, repeat: int = 1) -> dict:
+def bench_setting(
+    name: str, overrides: list[str], compare: bool, iters: int, warmup: int, repeat: int = 1
+) -> dict:
     cfg = compose(overrides)
     from metarun.runner.setup import resolve_device
+
     device = resolve_device(cfg.device)
     peak = matmul_gflops(device)
-    result = {"setting": name, "overrides": overrides,
-              "shape": {k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")},
-              "downsample": cfg.model.get("downsample"), "model": cfg.model.get("_target_", "conv4"), "device": str(device),
-              "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "algorithm": str(cfg.algorithm.name), "matmul_gflops_per_s": peak}
+    result = {
+        "setting": name,
+        "overrides": overrides,
+        "shape": {
+            k: cfg[k] for k in ("way", "shot", "query", "update_step", "meta_batch", "first_order")
+        },
+        "downsample": cfg.model.get("downsample"),
+        "model": cfg.model.get("_target_", "conv4"),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "algorithm": str(cfg.algorithm.name),
+        "matmul_gflops_per_s": peak,
+    }
     # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these
     # machines drift, and alternating keeps the drift out of the ratio.
     runs = {"metarun": [], "reference": []}
@@ -195,7 +252,9 @@ def bench_setting(name: str, overrides: list[str], compare: bool, iters: int, wa
         ref["fraction_of_matmul_peak"] = ref["gflops_per_s"] / peak
         result["reference"] = ref
         result["speedup_vs_reference"] = result["metarun"]["tasks_per_s"] / ref["tasks_per_s"]
-        result["memory_ratio_vs_reference"] = result["metarun"]["peak_memory_mb"] / ref["peak_memory_mb"]
+        result["memory_ratio_vs_reference"] = (
+            result["metarun"]["peak_memory_mb"] / ref["peak_memory_mb"]
+        )
     return result
 
 
@@ -216,9 +275,19 @@ def bench_sampler(overrides: list[str], batches: int = 200) -> dict:
         sampler.sample(int(cfg.meta_batch))
     sync(device)
     elapsed = time.perf_counter() - start
-    return {"setting": "sampler", "way": cfg.way, "shot": cfg.shot, "query": cfg.query, "meta_batch": cfg.meta_batch,
-            "data_source": data["source"], "data_load_s": load_s, "tasks_per_s": batches * int(cfg.meta_batch) / elapsed,
-            "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return {
+        "setting": "sampler",
+        "way": cfg.way,
+        "shot": cfg.shot,
+        "query": cfg.query,
+        "meta_batch": cfg.meta_batch,
+        "data_source": data["source"],
+        "data_load_s": load_s,
+        "tasks_per_s": batches * int(cfg.meta_batch) / elapsed,
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 LONG = ["way=20", "shot=1", "query=1", "update_step=5", "meta_batch=16", "update_lr=0.1"]
@@ -233,13 +302,41 @@ def exactness_cases(device) -> list[dict]:
     impls = [("batched", 0), ("batched", 2), ("loop", 0)]
     if device.type == "cpu":
         impls.append(("parallel", 1))
-    cases = [{"algorithm": "maml", "first_order": fo, "update_step": steps, "downsample": ds, "impl": impl,
-              "task_chunk": chunk}
-             for fo in (False, True) for steps in (1, 3) for ds in ("stride", "maxpool") for impl, chunk in impls]
-    cases += [{"algorithm": name, "first_order": False, "update_step": 2, "downsample": "stride", "impl": "batched",
-               "task_chunk": 0} for name in ("metasgd", "mamlpp")]
-    cases.append({"algorithm": "maml", "first_order": False, "update_step": 3, "downsample": "stride", "impl": "auto",
-                  "task_chunk": 0})
+    cases = [
+        {
+            "algorithm": "maml",
+            "first_order": fo,
+            "update_step": steps,
+            "downsample": ds,
+            "impl": impl,
+            "task_chunk": chunk,
+        }
+        for fo in (False, True)
+        for steps in (1, 3)
+        for ds in ("stride", "maxpool")
+        for impl, chunk in impls
+    ]
+    cases += [
+        {
+            "algorithm": name,
+            "first_order": False,
+            "update_step": 2,
+            "downsample": "stride",
+            "impl": "batched",
+            "task_chunk": 0,
+        }
+        for name in ("metasgd", "mamlpp")
+    ]
+    cases.append(
+        {
+            "algorithm": "maml",
+            "first_order": False,
+            "update_step": 3,
+            "downsample": "stride",
+            "impl": "auto",
+            "task_chunk": 0,
+        }
+    )
     return cases
 
 
@@ -255,19 +352,35 @@ def check_exactness(device, cases: list[dict] | None = None, autocast: str = "no
     g = torch.Generator().manual_seed(0)
 
     def labels(n):
-        return torch.stack([torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)])
-    data = (torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64), labels(2),
-            torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64), labels(2))
+        return torch.stack(
+            [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)]
+        )
+
+    data = (
+        torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64),
+        labels(2),
+        torch.rand(tasks, way * 2, 1, side, side, generator=g, dtype=torch.float64),
+        labels(2),
+    )
 
     def episodes(dtype):
-        return Episodes(*(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in data))
+        return Episodes(
+            *(
+                t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                for t in data
+            )
+        )
 
     def gradients(algorithm, init, ep, reference):
         leaves = {k: v.detach().clone().requires_grad_(True) for k, v in init.items()}
         if reference:
-            grads = torch.autograd.grad(reference_meta_loss(algorithm, leaves, ep), list(leaves.values()),
-                                        allow_unused=True)
-            return {k: torch.zeros_like(v) if gr is None else gr for (k, v), gr in zip(leaves.items(), grads)}
+            grads = torch.autograd.grad(
+                reference_meta_loss(algorithm, leaves, ep), list(leaves.values()), allow_unused=True
+            )
+            return {
+                k: torch.zeros_like(v) if gr is None else gr
+                for (k, v), gr in zip(leaves.items(), grads)
+            }
         algorithm.accumulate_meta_gradient(leaves, ep)
         return {k: v.grad for k, v in leaves.items()}
 
@@ -279,13 +392,27 @@ def check_exactness(device, cases: list[dict] | None = None, autocast: str = "no
     cases = exactness_cases(device) if cases is None else cases
     for case in cases:
         model = Conv4(way, filters=6, image_size=side, downsample=case["downsample"])
-        cfg = compose([f"algorithm={case['algorithm']}", "update_lr=0.4", f"update_step={case['update_step']}",
-                       f"first_order={str(case['first_order']).lower()}", "update_step_test=1"])
-        engine = Engine(case["impl"], 2, case["task_chunk"], device, autocast, timed_auto=case["impl"] == "auto")
+        cfg = compose(
+            [
+                f"algorithm={case['algorithm']}",
+                "update_lr=0.4",
+                f"update_step={case['update_step']}",
+                f"first_order={str(case['first_order']).lower()}",
+                "update_step_test=1",
+            ]
+        )
+        engine = Engine(
+            case["impl"], 2, case["task_chunk"], device, autocast, timed_auto=case["impl"] == "auto"
+        )
         algorithm = algorithm_class(case["algorithm"]).from_config(cfg, model, engine)
-        init = algorithm.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64, device=device)
+        init = algorithm.init_meta_params(
+            torch.Generator().manual_seed(1), dtype=torch.float64, device=device
+        )
         expected = gradients(algorithm, init, episodes(torch.float64), reference=True)
-        for dtype, tolerance in ((torch.float64, FLOAT64_TOLERANCE), (torch.float32, FLOAT32_TOLERANCE)):
+        for dtype, tolerance in (
+            (torch.float64, FLOAT64_TOLERANCE),
+            (torch.float32, FLOAT32_TOLERANCE),
+        ):
             init_d = {k: v.to(dtype) for k, v in init.items()}
             err = error(gradients(algorithm, init_d, episodes(dtype), reference=False), expected)
             key = "float64" if dtype == torch.float64 else "float32"
@@ -293,44 +420,84 @@ def check_exactness(device, cases: list[dict] | None = None, autocast: str = "no
             if not err < tolerance:
                 failed.append({**case, "dtype": key, "relative_error": err})
         choice = engine.choice or choice
-    return {"cases": len(cases), "float64_max_rel_error": results["float64"],
-            "float64_tolerance": FLOAT64_TOLERANCE, "float32_max_rel_error": results["float32"],
-            "float32_tolerance": FLOAT32_TOLERANCE, "auto_pick": choice, "failed": failed, "passed": not failed}
+    return {
+        "cases": len(cases),
+        "float64_max_rel_error": results["float64"],
+        "float64_tolerance": FLOAT64_TOLERANCE,
+        "float32_max_rel_error": results["float32"],
+        "float32_tolerance": FLOAT32_TOLERANCE,
+        "auto_pick": choice,
+        "failed": failed,
+        "passed": not failed,
+    }
 
 
-def gpu_check(overrides: list[str], iters: int, warmup: int, long_iterations: int, settings: list[str]) -> dict:
+def gpu_check(
+    overrides: list[str], iters: int, warmup: int, long_iterations: int, settings: list[str]
+) -> dict:
     from metarun.runner.setup import resolve_device
 
     start = time.perf_counter()
     device = resolve_device(compose(overrides).device)
-    if device.type == "cuda":  # the defaults (tf32=false) for the exactness checks; cuDNN allows TF32 otherwise
+    if (
+        device.type == "cuda"
+    ):  # the defaults (tf32=false) for the exactness checks; cuDNN allows TF32 otherwise
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    summary = {"gpu_check": True, "device": str(device),
-               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "torch": torch.__version__, "cuda": torch.version.cuda, "overrides": overrides}
+    summary = {
+        "gpu_check": True,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "overrides": overrides,
+    }
     summary["exactness"] = check_exactness(device)
-    summary["suite"] = [bench_setting(name, SUITE[name] + extra + overrides, True, iters, warmup)
-                        for extra in ([], ["first_order=true"]) for name in settings]
+    summary["suite"] = [
+        bench_setting(name, SUITE[name] + extra + overrides, True, iters, warmup)
+        for extra in ([], ["first_order=true"])
+        for name in settings
+    ]
     run = run_worker(LONG + overrides, "metarun", long_iterations, warmup)
     per_iter = run["total_s"] / long_iterations
-    summary["long_run"] = {"overrides": LONG + overrides, "iterations": long_iterations, "seconds": run["total_s"],
-                           "s_per_iter": per_iter, "impl": run["impl"], "auto_choice": run["auto_choice"],
-                           "extrapolated_iterations": PAPER_ITERATIONS,
-                           "extrapolated_hours": per_iter * PAPER_ITERATIONS / 3600,
-                           "note": "training step on random episodes; no evaluation, checkpoints or sampling"}
+    summary["long_run"] = {
+        "overrides": LONG + overrides,
+        "iterations": long_iterations,
+        "seconds": run["total_s"],
+        "s_per_iter": per_iter,
+        "impl": run["impl"],
+        "auto_choice": run["auto_choice"],
+        "extrapolated_iterations": PAPER_ITERATIONS,
+        "extrapolated_hours": per_iter * PAPER_ITERATIONS / 3600,
+        "note": "training step on random episodes; no evaluation, checkpoints or sampling",
+    }
     precision = {"tf32": None, "bf16": None}
     if device.type == "cuda":
         base = SUITE["C"] + overrides
         plain = run_worker(base, "metarun", iters, warmup)["tasks_per_s"]
-        case = [{"algorithm": "maml", "first_order": False, "update_step": 3, "downsample": "stride",
-                 "impl": "batched", "task_chunk": 0}]
+        case = [
+            {
+                "algorithm": "maml",
+                "first_order": False,
+                "update_step": 3,
+                "downsample": "stride",
+                "impl": "batched",
+                "task_chunk": 0,
+            }
+        ]
         for key, setting in (("tf32", "tf32=true"), ("bf16", "autocast=bf16")):
             fast = run_worker(base + [setting], "metarun", iters, warmup)["tasks_per_s"]
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = key == "tf32"
-            err = check_exactness(device, case, "bf16" if key == "bf16" else "none")["float32_max_rel_error"]
+            err = check_exactness(device, case, "bf16" if key == "bf16" else "none")[
+                "float32_max_rel_error"
+            ]
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-            precision[key] = {"setting": setting, "tasks_per_s": fast, "default_tasks_per_s": plain,
-                              "speedup": fast / plain, "float32_meta_gradient_rel_error": err}
+            precision[key] = {
+                "setting": setting,
+                "tasks_per_s": fast,
+                "default_tasks_per_s": plain,
+                "speedup": fast / plain,
+                "float32_meta_gradient_rel_error": err,
+            }
     summary["precision"] = precision
     summary["wall_s"] = time.perf_counter() - start
     summary["passed"] = summary["exactness"]["passed"]
@@ -338,22 +505,49 @@ def gpu_check(overrides: list[str], iters: int, warmup: int, long_iterations: in
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("overrides", nargs="*", help="metarun train overrides, e.g. way=20 update_step=5")
-    parser.add_argument("--compare", action="store_true", help="also time the per-task reference loop")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="metarun train overrides, e.g. way=20 update_step=5"
+    )
+    parser.add_argument(
+        "--compare", action="store_true", help="also time the per-task reference loop"
+    )
     parser.add_argument("--suite", action="store_true", help="settings A, B, C and the sampler")
     parser.add_argument("--first-order", action="store_true", help="with --suite: first-order MAML")
-    parser.add_argument("--sampler", action="store_true", help="time the episode sampler on the real cache")
-    parser.add_argument("--iters", type=int, default=None, help="timed iterations (default 5; --gpu-check: 3)")
+    parser.add_argument(
+        "--sampler", action="store_true", help="time the episode sampler on the real cache"
+    )
+    parser.add_argument(
+        "--iters", type=int, default=None, help="timed iterations (default 5; --gpu-check: 3)"
+    )
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeat", type=int, default=1, help="alternate metarun/reference runs this many times "
-                        "and keep the median of each")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (metarun's `threads` "
-                        "setting; default: the config's, 0 = all cores)")
-    parser.add_argument("--gpu-check", action="store_true", help="exactness on the device, the suite with "
-                        "--compare, a long 20-way run; one JSON summary")
-    parser.add_argument("--long-iterations", type=int, default=LONG_ITERATIONS, help="with --gpu-check")
-    parser.add_argument("--settings", default="A,B,C", help="with --gpu-check: suite settings to run")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="alternate metarun/reference runs this many times and keep the median of each",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads of both sides (metarun's `threads` "
+        "setting; default: the config's, 0 = all cores)",
+    )
+    parser.add_argument(
+        "--gpu-check",
+        action="store_true",
+        help="exactness on the device, the suite with "
+        "--compare, a long 20-way run; one JSON summary",
+    )
+    parser.add_argument(
+        "--long-iterations", type=int, default=LONG_ITERATIONS, help="with --gpu-check"
+    )
+    parser.add_argument(
+        "--settings", default="A,B,C", help="with --gpu-check: suite settings to run"
+    )
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.iters is None:
@@ -364,7 +558,9 @@ def main(argv=None):
         print(json.dumps(measure(args.overrides, args.worker, args.iters, args.warmup)), flush=True)
         return
     if args.gpu_check:
-        summary = gpu_check(args.overrides, args.iters, args.warmup, args.long_iterations, args.settings.split(","))
+        summary = gpu_check(
+            args.overrides, args.iters, args.warmup, args.long_iterations, args.settings.split(",")
+        )
         print(json.dumps(summary), flush=True)
         raise SystemExit(0 if summary["passed"] else 1)
     if args.sampler:
@@ -373,12 +569,29 @@ def main(argv=None):
     if args.suite:
         extra = ["first_order=true"] if args.first_order else []
         for name, overrides in SUITE.items():
-            print(json.dumps(bench_setting(name, overrides + extra + args.overrides, args.compare, args.iters,
-                                           args.warmup, args.repeat)), flush=True)
+            print(
+                json.dumps(
+                    bench_setting(
+                        name,
+                        overrides + extra + args.overrides,
+                        args.compare,
+                        args.iters,
+                        args.warmup,
+                        args.repeat,
+                    )
+                ),
+                flush=True,
+            )
         print(json.dumps(bench_sampler(args.overrides)), flush=True)
         return
-    print(json.dumps(bench_setting("custom", args.overrides, args.compare, args.iters, args.warmup, args.repeat)),
-          flush=True)
+    print(
+        json.dumps(
+            bench_setting(
+                "custom", args.overrides, args.compare, args.iters, args.warmup, args.repeat
+            )
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

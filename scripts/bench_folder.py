@@ -6,6 +6,7 @@ Writes DIR/{train,val,test}/<class>/*.jpg once (64/16/20 of the classes, random 
 runs, each in a fresh process: a cold load (decode + write the cache), a warm load (the cache), and the train
 sampler (5-way 1-shot 15-query, meta_batch 4, as the MAML paper's miniImagenet cell). Prints one JSON line.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ import numpy as np
 
 def generate(root: Path, classes: int, per_class: int, size: int) -> None:
     from PIL import Image
+
     if (root / "done").is_file():
         return
     rng = np.random.default_rng(0)
@@ -32,7 +34,9 @@ def generate(root: Path, classes: int, per_class: int, size: int) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             small = rng.integers(0, 256, (size // 8, size // 8, 3), dtype=np.uint8)
-            Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR).save(folder / f"{i:04d}.jpg", quality=90)
+            Image.fromarray(small).resize((size, size), Image.Resampling.BILINEAR).save(
+                folder / f"{i:04d}.jpg", quality=90
+            )
     (root / "done").write_text("ok")
 
 
@@ -42,14 +46,28 @@ def worker(root: str, size: int, sample_batches: int) -> dict:
     from metarun.data.episodes import EpisodeSampler
     from metarun.data.folder import load_folder
 
-    cfg = OmegaConf.create(dict(name="folder", root=root, split_files=None, image_size=size, channels=3,
-                                cache_dir=str(Path(root) / "cache"), rotate=False))
-    rss_before = int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+    cfg = OmegaConf.create(
+        dict(
+            name="folder",
+            root=root,
+            split_files=None,
+            image_size=size,
+            channels=3,
+            cache_dir=str(Path(root) / "cache"),
+            rotate=False,
+        )
+    )
+    rss_before = (
+        int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+    )
     t = time.perf_counter()
     splits, _ = load_folder(cfg)
     load_s = time.perf_counter() - t
-    out = {"load_s": load_s, "images": sum(len(s.images) for s in splits.values()),
-           "cache_bytes": sum(s.images.numel() for s in splits.values())}
+    out = {
+        "load_s": load_s,
+        "images": sum(len(s.images) for s in splits.values()),
+        "cache_bytes": sum(s.images.numel() for s in splits.values()),
+    }
     if sample_batches:
         sampler = EpisodeSampler(splits["train"], "train", 5, 1, 15, "cpu", seed=0)
         sampler.sample(4)
@@ -81,11 +99,23 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     shutil.rmtree(root / "cache", ignore_errors=True)
     cmd = [sys.executable, __file__, str(root), "--size", str(args.size), "--worker"]
-    run = lambda extra: json.loads(subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout)
+    run = lambda extra: json.loads(
+        subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout
+    )
     cold = run(["--tasks-batches", "0"])
     warm = run(["--tasks-batches", str(args.tasks_batches)])
-    print(json.dumps({"classes": args.classes, "per_class": args.per_class, "size": args.size,
-                      "generate_s": gen_s, "cold": cold, "warm": warm}))
+    print(
+        json.dumps(
+            {
+                "classes": args.classes,
+                "per_class": args.per_class,
+                "size": args.size,
+                "generate_s": gen_s,
+                "cold": cold,
+                "warm": warm,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Reads images_background and images_evaluation (zip or extracted) from the given 
 as packed bits with its labels (see metarun/data/embedded.py), checks that unpacking gives the same pixels,
 and prints the file's sha256, which metarun/data/embedded.py and the README record.
 """
+
 import argparse
 import sys
 import time
@@ -18,8 +19,12 @@ from metarun.data.sources import find_archives, missing_data_message, read_archi
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("root", type=Path, help="folder holding images_background(.zip), images_evaluation(.zip)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "root", type=Path, help="folder holding images_background(.zip), images_evaluation(.zip)"
+    )
     parser.add_argument("--out", type=Path, default=EMBEDDED_PATH)
     args = parser.parse_args(argv)
     found = find_archives(args.root)
@@ -30,12 +35,18 @@ def main(argv=None):
     start = time.perf_counter()
     back = unpack(args.out)
     load_s = time.perf_counter() - start
-    same = (np.array_equal(back.masks, strokes.masks) and np.array_equal(back.character, strokes.character)
-            and np.array_equal(back.drawer, strokes.drawer) and back.character_names == strokes.character_names)
+    same = (
+        np.array_equal(back.masks, strokes.masks)
+        and np.array_equal(back.character, strokes.character)
+        and np.array_equal(back.drawer, strokes.drawer)
+        and back.character_names == strokes.character_names
+    )
     if not same:
         sys.exit("unpacked file differs from the archives")
-    print(f"{args.out}: {len(strokes.masks)} images, {len(strokes.character_names)} characters, "
-          f"{len(strokes.alphabet_names)} alphabets, {args.out.stat().st_size} bytes, load {load_s:.2f} s")
+    print(
+        f"{args.out}: {len(strokes.masks)} images, {len(strokes.character_names)} characters, "
+        f"{len(strokes.alphabet_names)} alphabets, {args.out.stat().st_size} bytes, load {load_s:.2f} s"
+    )
     print(f"sha256 {digest}")
 
 

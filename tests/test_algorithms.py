@@ -1,6 +1,7 @@
 """Meta-SGD and MAML++ against independent per-task references (float64), their identities with MAML, the
 MAML++ schedules, the registry and configs, and the rule that constructing an algorithm changes no
 process-wide state."""
+
 import math
 from pathlib import Path
 
@@ -9,7 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO
-from test_maml import metarun_gradient, plain_forward, random_episodes, relative_error, synthetic_tasks
+from test_maml import (
+    metarun_gradient,
+    plain_forward,
+    random_episodes,
+    relative_error,
+    synthetic_tasks,
+)
 from metarun.algorithms import algorithm_class, registry
 from metarun.algorithms.base import meta_train_step
 from metarun.algorithms.engine import Engine
@@ -21,11 +28,29 @@ from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 
 WAY = 3
-OFF = dict(msl=False, bnwb=False, lslr=False, cosine_annealing=False, first_order_epochs=0, inner_bn=True,
-           iterations=100, iterations_per_epoch=10)
+OFF = dict(
+    msl=False,
+    bnwb=False,
+    lslr=False,
+    cosine_annealing=False,
+    first_order_epochs=0,
+    inner_bn=True,
+    iterations=100,
+    iterations_per_epoch=10,
+)
 
 
-def reference(meta, ep, steps, lr_of, weights_at, adapted, loss_weights=None, second_order=True, inner="sum_over_shot"):
+def reference(
+    meta,
+    ep,
+    steps,
+    lr_of,
+    weights_at,
+    adapted,
+    loss_weights=None,
+    second_order=True,
+    inner="sum_over_shot",
+):
     """The definition, one task at a time with the plain learner: `steps` SGD steps w <- w - lr_of(k, s) * g on
     the `adapted` weights, forward passes with weights_at(leaves, fast, s); the outer objective is
     sum_s loss_weights[s] * query loss after step s (None: the last step's). Returns {name: d mean / d meta}."""
@@ -39,13 +64,23 @@ def reference(meta, ep, steps, lr_of, weights_at, adapted, loss_weights=None, se
             if inner == "mean":
                 loss = F.cross_entropy(logits, ep.y_support[t])
             else:
-                loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (len(ep.y_support[t]) // WAY)
+                loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (
+                    len(ep.y_support[t]) // WAY
+                )
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
             fast = {k: w - lr_of(leaves, k, s) * g for (k, w), g in zip(fast.items(), grads)}
-            query.append(F.cross_entropy(plain_forward(weights_at(leaves, fast, s), ep.x_query[t], "stride"),
-                                         ep.y_query[t]))
-        totals.append(query[-1] if loss_weights is None else sum(w * q for w, q in zip(loss_weights, query)))
-    grads = torch.autograd.grad(torch.stack(totals).mean(), list(leaves.values()), allow_unused=True)
+            query.append(
+                F.cross_entropy(
+                    plain_forward(weights_at(leaves, fast, s), ep.x_query[t], "stride"),
+                    ep.y_query[t],
+                )
+            )
+        totals.append(
+            query[-1] if loss_weights is None else sum(w * q for w, q in zip(loss_weights, query))
+        )
+    grads = torch.autograd.grad(
+        torch.stack(totals).mean(), list(leaves.values()), allow_unused=True
+    )
     return {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(leaves, grads)}
 
 
@@ -68,8 +103,15 @@ def test_metasgd_meta_gradient_equals_reference(impl, first_order):
     names = learner(meta, model)
     assert {k for k in meta if k.startswith("alpha.")} == {"alpha." + k for k in names}
     assert all(meta["alpha." + k].shape == meta[k].shape for k in names)
-    expected = reference(meta, ep, 2, lambda p, k, s: p["alpha." + k], lambda p, f, s: f, names,
-                         second_order=not first_order)
+    expected = reference(
+        meta,
+        ep,
+        2,
+        lambda p, k, s: p["alpha." + k],
+        lambda p, f, s: f,
+        names,
+        second_order=not first_order,
+    )
     got = metarun_gradient(algo, meta, ep)
     assert relative_error(got, expected) < 1e-8
     alpha_grad = torch.cat([got["alpha." + k].flatten() for k in names])
@@ -117,7 +159,9 @@ def test_lslr_with_equal_frozen_rates_is_maml():
     algo = MAMLPlusPlus(model, 0.4, 3, 3, impl="batched", **{**OFF, "lslr": True})
     meta = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     names = learner(meta, model)
-    assert all(torch.equal(meta["lslr." + k], torch.full((3,), 0.4, dtype=torch.float64)) for k in names)
+    assert all(
+        torch.equal(meta["lslr." + k], torch.full((3,), 0.4, dtype=torch.float64)) for k in names
+    )
     got = metarun_gradient(algo, meta, ep)
     maml = metarun_gradient(MAML(model, 0.4, 3, 3, impl="batched"), {k: meta[k] for k in names}, ep)
     assert relative_error({k: got[k] for k in names}, maml) < 1e-12
@@ -131,11 +175,21 @@ def test_lslr_with_equal_frozen_rates_is_maml():
 def test_mamlpp_all_fixes_equal_reference(impl):
     """MSL + BNWB + LSLR, batch-norm weights not adapted (the authors' Omniglot config), second order."""
     model, ep = setup()
-    algo = MAMLPlusPlus(model, 0.3, 3, 3, impl=impl, workers=2, inner_loss="mean", **{
-        **OFF, "msl": True, "msl_epochs": 4, "bnwb": True, "lslr": True, "inner_bn": False})
+    algo = MAMLPlusPlus(
+        model,
+        0.3,
+        3,
+        3,
+        impl=impl,
+        workers=2,
+        inner_loss="mean",
+        **{**OFF, "msl": True, "msl_epochs": 4, "bnwb": True, "lslr": True, "inner_bn": False},
+    )
     meta = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     g = torch.Generator().manual_seed(5)
-    meta = {k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in meta.items()}  # untie steps
+    meta = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in meta.items()
+    }  # untie steps
     assert meta["step_bn.bn0.weight"].shape == (3, 6) and "bn0.weight" not in meta
     adapted = [k for k in learner(meta, model) if not k.startswith("bn")]
     assert {k for k in meta if k.startswith("lslr.")} == {"lslr." + k for k in adapted}
@@ -145,18 +199,31 @@ def test_mamlpp_all_fixes_equal_reference(impl):
     def weights_at(p, fast, s):
         out = dict(fast)
         for i in range(4):
-            out[f"bn{i}.weight"], out[f"bn{i}.bias"] = p[f"step_bn.bn{i}.weight"][s], p[f"step_bn.bn{i}.bias"][s]
+            out[f"bn{i}.weight"], out[f"bn{i}.bias"] = (
+                p[f"step_bn.bn{i}.weight"][s],
+                p[f"step_bn.bn{i}.bias"][s],
+            )
         return out
 
-    expected = reference(meta, ep, 3, lambda p, k, s: p["lslr." + k][s], weights_at, adapted,
-                         loss_weights=weights, inner="mean")
+    expected = reference(
+        meta,
+        ep,
+        3,
+        lambda p, k, s: p["lslr." + k][s],
+        weights_at,
+        adapted,
+        loss_weights=weights,
+        inner="mean",
+    )
     got = metarun_gradient(algo, meta, ep)
     assert relative_error(got, expected) < 1e-8
     assert all(got[k].abs().max() > 0 for k in got if k.startswith(("step_bn.", "lslr.")))
     # after msl_epochs only the last step's loss counts
     algo.begin_iteration(40, None)
     assert algo.step_loss_weights(3) is None
-    last_only = reference(meta, ep, 3, lambda p, k, s: p["lslr." + k][s], weights_at, adapted, inner="mean")
+    last_only = reference(
+        meta, ep, 3, lambda p, k, s: p["lslr." + k][s], weights_at, adapted, inner="mean"
+    )
     assert relative_error(metarun_gradient(algo, meta, ep), last_only) < 1e-8
 
 
@@ -179,12 +246,18 @@ def test_msl_weights_follow_the_authors_schedule(epoch, expected):
 
 def test_msl_schedule_is_applied_per_epoch_of_iterations():
     model = Conv4(WAY, filters=6, image_size=16)
-    algo = MAMLPlusPlus(model, 0.1, 5, 5, **{**OFF, "msl": True, "msl_epochs": 10, "iterations_per_epoch": 500,
-                                             "iterations": 50000})
+    algo = MAMLPlusPlus(
+        model,
+        0.1,
+        5,
+        5,
+        **{**OFF, "msl": True, "msl_epochs": 10, "iterations_per_epoch": 500, "iterations": 50000},
+    )
     for iteration, epoch in ((0, 0), (499, 0), (500, 1), (2999, 5), (4999, 9)):
         algo.begin_iteration(iteration, None)
-        assert algo.step_loss_weights(5) == pytest.approx(dict(MSL_TABLE)[epoch] if epoch in dict(MSL_TABLE)
-                                                          else msl_weights(5, epoch, 10))
+        assert algo.step_loss_weights(5) == pytest.approx(
+            dict(MSL_TABLE)[epoch] if epoch in dict(MSL_TABLE) else msl_weights(5, epoch, 10)
+        )
     algo.begin_iteration(5000, None)
     assert algo.step_loss_weights(5) is None
 
@@ -192,8 +265,14 @@ def test_msl_schedule_is_applied_per_epoch_of_iterations():
 def test_derivative_order_annealing_switches_at_the_given_epoch():
     model, ep = setup(tasks=2)
     params = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
-    algo = MAMLPlusPlus(model, 0.4, 2, 2, impl="batched", **{**OFF, "first_order_epochs": 2,
-                                                              "iterations_per_epoch": 3, "iterations": 12})
+    algo = MAMLPlusPlus(
+        model,
+        0.4,
+        2,
+        2,
+        impl="batched",
+        **{**OFF, "first_order_epochs": 2, "iterations_per_epoch": 3, "iterations": 12},
+    )
     first = metarun_gradient(MAML(model, 0.4, 2, 2, True, impl="batched"), params, ep)
     second = metarun_gradient(MAML(model, 0.4, 2, 2, False, impl="batched"), params, ep)
     for iteration, order in ((0, first), (5, first), (6, second), (11, second)):
@@ -205,8 +284,15 @@ def test_derivative_order_annealing_switches_at_the_given_epoch():
 
 def test_cosine_annealing_of_the_meta_learning_rate():
     model = Conv4(WAY, filters=6, image_size=16)
-    algo = MAMLPlusPlus(model, 0.1, 1, 1, **{**OFF, "cosine_annealing": True, "iterations": 1000,
-                                             "iterations_per_epoch": 100}, meta_lr=1e-3, min_meta_lr=1e-5)
+    algo = MAMLPlusPlus(
+        model,
+        0.1,
+        1,
+        1,
+        **{**OFF, "cosine_annealing": True, "iterations": 1000, "iterations_per_epoch": 100},
+        meta_lr=1e-3,
+        min_meta_lr=1e-5,
+    )
     p = torch.zeros(2, requires_grad=True)
     opt = torch.optim.Adam([p], lr=1e-3)
     torch_opt = torch.optim.Adam([torch.zeros(2, requires_grad=True)], lr=1e-3)
@@ -225,8 +311,19 @@ def build(name, model, **kw):
         return MAML(model, 0.4, 1, 1, impl="batched", **kw)
     if name == "metasgd":
         return MetaSGD(model, 0.4, 1, 1, impl="batched", **kw)
-    return MAMLPlusPlus(model, 0.4, 2, 2, impl="batched", inner_loss="sum_over_shot", msl_epochs=2,
-                        iterations=100, iterations_per_epoch=25, meta_lr=1e-2, **kw)
+    return MAMLPlusPlus(
+        model,
+        0.4,
+        2,
+        2,
+        impl="batched",
+        inner_loss="sum_over_shot",
+        msl_epochs=2,
+        iterations=100,
+        iterations_per_epoch=25,
+        meta_lr=1e-2,
+        **kw,
+    )
 
 
 def post_adaptation_loss(algo, params, ep):
@@ -241,7 +338,10 @@ def test_each_algorithm_lowers_post_adaptation_query_loss(name):
     pool = (torch.rand(40, 1, 14, 14, generator=g) > 0.6).float()
     model = Conv4(way=3, filters=16, image_size=14)
     algo = build(name, model)
-    params = {k: v.requires_grad_(True) for k, v in algo.init_meta_params(torch.Generator().manual_seed(0)).items()}
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in algo.init_meta_params(torch.Generator().manual_seed(0)).items()
+    }
     rates = {k: v.detach().clone() for k, v in params.items() if k.startswith(("alpha.", "lslr."))}
     held_out = synthetic_tasks(pool, 64, 3, 1, 5, torch.Generator().manual_seed(99))
     before = post_adaptation_loss(algo, params, held_out)
@@ -250,13 +350,19 @@ def test_each_algorithm_lowers_post_adaptation_query_loss(name):
         algo.begin_iteration(it, optimizer)
         meta_train_step(algo, params, optimizer, synthetic_tasks(pool, 8, 3, 1, 5, g))
         if it == 0:
-            assert all(params[k].grad.abs().max() > 0 for k in rates if "conv" not in k or "weight" in k)
+            assert all(
+                params[k].grad.abs().max() > 0 for k in rates if "conv" not in k or "weight" in k
+            )
     after = post_adaptation_loss(algo, params, held_out)
     # measured: metasgd 0.83 -> 0.41, mamlpp 0.96 -> 0.43
     assert after < 0.7 * before, (before, after)
     # (a conv bias feeds batch norm, which cancels it: its gradient, and its rate's, is zero up to rounding)
-    unchanged = [k for k, v in rates.items() if torch.equal(params[k].detach(), v) and not
-                 (k.endswith(".bias") and ".conv" in "." + k.split(".", 1)[1])]
+    unchanged = [
+        k
+        for k, v in rates.items()
+        if torch.equal(params[k].detach(), v)
+        and not (k.endswith(".bias") and ".conv" in "." + k.split(".", 1)[1])
+    ]
     assert rates and not unchanged, unchanged  # and they learn
 
 
@@ -274,47 +380,81 @@ def test_constructing_an_algorithm_changes_no_process_state(name):
 
 def test_registry_matches_the_algorithm_configs():
     import yaml
-    confs = {p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "algorithm").glob("*.yaml")}
-    assert set(confs) == set(registry()) == {"maml", "metasgd", "mamlpp", "anil", "reptile", "pretrain"}
+
+    confs = {
+        p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "algorithm").glob("*.yaml")
+    }
+    assert (
+        set(confs)
+        == set(registry())
+        == {"maml", "metasgd", "mamlpp", "anil", "reptile", "pretrain"}
+    )
     assert all(c["name"] == stem for stem, c in confs.items())
     with pytest.raises(MetarunError, match="maml, metasgd, mamlpp, anil, reptile, pretrain"):
         algorithm_class("nosuch")
 
 
-@pytest.mark.parametrize("experiment", sorted(str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
-                                         for p in (REPO / "conf" / "experiment").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "experiment",
+    sorted(
+        str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+        for p in (REPO / "conf" / "experiment").rglob("*.yaml")
+    ),
+)
 def test_every_experiment_config_builds_its_algorithm(experiment):
     from hydra import compose, initialize_config_dir
     from metarun.runner.setup import build_algorithm, check_train_settings
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        extra = ["algorithm.num_classes=12"] if experiment.startswith("pretrain") else []  # the data's, else
-        cfg = compose(config_name="train", overrides=[f"experiment={experiment}", "model.filters=4", *extra])
+        extra = (
+            ["algorithm.num_classes=12"] if experiment.startswith("pretrain") else []
+        )  # the data's, else
+        cfg = compose(
+            config_name="train", overrides=[f"experiment={experiment}", "model.filters=4", *extra]
+        )
     check_train_settings(cfg)
     threads = torch.get_num_threads()
     _, algo = build_algorithm(cfg, torch.device("cpu"))
     assert torch.get_num_threads() == threads
-    assert algo.name == cfg.algorithm.name == (experiment.split("_")[0] if "_" in experiment and
-                                               experiment.split("_")[0] in registry() else "maml")
+    assert (
+        algo.name
+        == cfg.algorithm.name
+        == (
+            experiment.split("_")[0]
+            if "_" in experiment and experiment.split("_")[0] in registry()
+            else "maml"
+        )
+    )
     params = algo.init_meta_params(torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     shape = (int(cfg.model.in_channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
-    labels = lambda n: torch.stack([torch.randperm(int(cfg.way), generator=g).repeat_interleave(n) for _ in range(2)])
-    ep = Episodes(torch.rand(2, int(cfg.way) * int(cfg.shot), *shape, generator=g), labels(int(cfg.shot)),
-                  torch.rand(2, int(cfg.way), *shape, generator=g), labels(1))
+    labels = lambda n: torch.stack(
+        [torch.randperm(int(cfg.way), generator=g).repeat_interleave(n) for _ in range(2)]
+    )
+    ep = Episodes(
+        torch.rand(2, int(cfg.way) * int(cfg.shot), *shape, generator=g),
+        labels(int(cfg.shot)),
+        torch.rand(2, int(cfg.way), *shape, generator=g),
+        labels(1),
+    )
     algo.begin_iteration(0, None)
     batch = algo.bench_batch(ep, g)  # reptile, pretrain: their own kind of training batch
-    assert algo.accumulate_meta_gradient({k: v.requires_grad_(True) for k, v in params.items()}, batch).meta_loss.isfinite()
+    assert algo.accumulate_meta_gradient(
+        {k: v.requires_grad_(True) for k, v in params.items()}, batch
+    ).meta_loss.isfinite()
 
 
-@pytest.mark.parametrize("kw,fragment", [
-    (dict(name="metasgd", alpha_init_low=0.0), "alpha_init_low=0.0"),
-    (dict(name="metasgd", alpha_init_low=0.2, alpha_init_high=0.1), "alpha_init_low=0.2"),
-    (dict(name="mamlpp", msl_epochs=5), "msl_epochs=5"),
-    (dict(name="mamlpp", first_order_epochs=9), "first_order_epochs=9"),
-    (dict(name="mamlpp", bnrs=True), "bnrs=true"),
-    (dict(name="mamlpp", min_meta_lr=0.0), "min_meta_lr=0.0"),
-])
+@pytest.mark.parametrize(
+    "kw,fragment",
+    [
+        (dict(name="metasgd", alpha_init_low=0.0), "alpha_init_low=0.0"),
+        (dict(name="metasgd", alpha_init_low=0.2, alpha_init_high=0.1), "alpha_init_low=0.2"),
+        (dict(name="mamlpp", msl_epochs=5), "msl_epochs=5"),
+        (dict(name="mamlpp", first_order_epochs=9), "first_order_epochs=9"),
+        (dict(name="mamlpp", bnrs=True), "bnrs=true"),
+        (dict(name="mamlpp", min_meta_lr=0.0), "min_meta_lr=0.0"),
+    ],
+)
 def test_impossible_settings_are_refused_at_construction(kw, fragment):
     model = Conv4(WAY, filters=6, image_size=16)
     name = kw.pop("name")
@@ -322,7 +462,13 @@ def test_impossible_settings_are_refused_at_construction(kw, fragment):
         if name == "metasgd":
             MetaSGD(model, 0.4, 1, 1, **kw)
         else:
-            MAMLPlusPlus(model, 0.4, 2, 2, **{**dict(iterations=100, iterations_per_epoch=25, msl_epochs=2), **kw})
+            MAMLPlusPlus(
+                model,
+                0.4,
+                2,
+                2,
+                **{**dict(iterations=100, iterations_per_epoch=25, msl_epochs=2), **kw},
+            )
 
 
 @pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp"])
@@ -335,7 +481,13 @@ def test_benchmark_reference_loop_computes_the_same_meta_gradient(name):
     algo.begin_iteration(10, None)  # mamlpp: epoch 0 of MSL
     meta = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     leaves = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
-    expected = dict(zip(leaves, torch.autograd.grad(reference_meta_loss(algo, leaves, ep), list(leaves.values()),
-                                                    allow_unused=True)))
+    expected = dict(
+        zip(
+            leaves,
+            torch.autograd.grad(
+                reference_meta_loss(algo, leaves, ep), list(leaves.values()), allow_unused=True
+            ),
+        )
+    )
     expected = {k: torch.zeros_like(meta[k]) if g is None else g for k, g in expected.items()}
     assert relative_error(metarun_gradient(algo, meta, ep), expected) < 1e-8

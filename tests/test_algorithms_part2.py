@@ -1,5 +1,6 @@
 """ANIL, Reptile and the pre-training baseline against independent references (float64), and each one's
 post-adaptation query loss falling on the synthetic task family."""
+
 import math
 
 import pytest
@@ -32,16 +33,26 @@ def test_anil_meta_gradient_equals_head_only_reference(impl, first_order):
     meta = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     assert set(meta) == set(model.init_params())
     # the definition: only the head's weights take inner steps; the body stays at the meta-weights
-    expected = reference(meta, ep, 2, lambda p, k, s: 0.4, lambda p, f, s: {**p, **f}, HEAD,
-                         second_order=not first_order)
+    expected = reference(
+        meta,
+        ep,
+        2,
+        lambda p, k, s: 0.4,
+        lambda p, f, s: {**p, **f},
+        HEAD,
+        second_order=not first_order,
+    )
     got = metarun_gradient(algo, meta, ep)
     assert relative_error(got, expected) < 1e-8
     body = [k for k in meta if k not in HEAD and "weight" in k]
-    assert all(got[k].abs().max() > 0 for k in body)  # the body is meta-learned through the head's adaptation
+    assert all(
+        got[k].abs().max() > 0 for k in body
+    )  # the body is meta-learned through the head's adaptation
 
 
 def test_anil_differs_from_maml_and_refuses_a_missing_head():
     from metarun.algorithms.maml import MAML
+
     model = Conv4(WAY, filters=6, image_size=16)
     ep = random_episodes(tasks=2, way=WAY, shot=2, query=2, seed=1)
     meta = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -55,6 +66,7 @@ def test_anil_differs_from_maml_and_refuses_a_missing_head():
 # -- Reptile -----------------------------------------------------------------------------------------------
 class Linear(nn.Module):
     """A tiny linear learner: 2x2 images -> 3 logits."""
+
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 3)
@@ -95,15 +107,33 @@ def hand_reptile(phi, x, y, order, lr, optimizer, eps, betas=(0.0, 0.999), adam_
 @pytest.mark.parametrize("impl", ["batched", "parallel"])
 def test_reptile_update_equals_hand_computed(optimizer, impl):
     learner = ModuleLearner(Linear, 3, 1, 2)
-    algo = Reptile(learner, 0.3, 3, 2, train_shots=2, inner_batch=4, inner_optimizer=optimizer, meta_step=0.8,
-                   meta_step_final=0.2, iterations=10, impl=impl, workers=2)
-    phi = {k: v.requires_grad_(True) for k, v in algo.init_meta_params(torch.Generator().manual_seed(0),
-                                                                        dtype=torch.float64).items()}
+    algo = Reptile(
+        learner,
+        0.3,
+        3,
+        2,
+        train_shots=2,
+        inner_batch=4,
+        inner_optimizer=optimizer,
+        meta_step=0.8,
+        meta_step_final=0.2,
+        iterations=10,
+        impl=impl,
+        workers=2,
+    )
+    phi = {
+        k: v.requires_grad_(True)
+        for k, v in algo.init_meta_params(
+            torch.Generator().manual_seed(0), dtype=torch.float64
+        ).items()
+    }
     start = {k: v.detach().clone() for k, v in phi.items()}
     g = torch.Generator().manual_seed(3)
     x = torch.randn(4, 6, 1, 2, 2, generator=g, dtype=torch.float64)
     y = torch.arange(3).repeat_interleave(2).expand(4, 6).contiguous()
-    order = torch.stack([torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)]) for _ in range(4)])
+    order = torch.stack(
+        [torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)]) for _ in range(4)]
+    )
     optim = algo.make_optimizer(list(phi.values()), 1e-3)
     algo.begin_iteration(5, optim)  # eps = 0.5 * 0.2 + 0.5 * 0.8
     assert optim.param_groups[0]["lr"] == pytest.approx(0.5)
@@ -115,10 +145,13 @@ def test_reptile_update_equals_hand_computed(optimizer, impl):
 
 def test_reptile_mini_batches_follow_their_order_and_non_transductive_eval_isolates_queries():
     from metarun.algorithms.reptile import mini_batch_order
+
     order = mini_batch_order(2, 5, 4, 3, torch.Generator().manual_seed(0), "cpu")
     for t in range(2):
         flat = order[t].flatten()
-        assert sorted(flat[:5].tolist()) == list(range(5)) and sorted(flat[5:10].tolist()) == list(range(5))
+        assert sorted(flat[:5].tolist()) == list(range(5)) and sorted(flat[5:10].tolist()) == list(
+            range(5)
+        )
     model = Conv4(WAY, filters=6, image_size=16)
     ep = random_episodes(tasks=2, way=WAY, shot=1, query=3, seed=2)
     meta = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -126,8 +159,12 @@ def test_reptile_mini_batches_follow_their_order_and_non_transductive_eval_isola
     trans = Reptile(model, 0.01, 2, 3, impl="batched", eval_inner_batch=0, transductive=True)
     a, b = non.query_logits(meta, ep), trans.query_logits(meta, ep)
     # non-transductive: a query image's logits do not depend on the other query images
-    ep2 = Episodes(ep.x_support, ep.y_support, torch.cat([ep.x_query[:, :1], torch.rand_like(ep.x_query[:, 1:])], 1),
-                   ep.y_query)
+    ep2 = Episodes(
+        ep.x_support,
+        ep.y_support,
+        torch.cat([ep.x_query[:, :1], torch.rand_like(ep.x_query[:, 1:])], 1),
+        ep.y_query,
+    )
     assert torch.allclose(non.query_logits(meta, ep2)[:, 0], a[:, 0], atol=1e-12)
     assert not torch.allclose(trans.query_logits(meta, ep2)[:, 0], b[:, 0], atol=1e-6)
 
@@ -135,6 +172,7 @@ def test_reptile_mini_batches_follow_their_order_and_non_transductive_eval_isola
 # -- the pre-training baseline -----------------------------------------------------------------------------
 class Flat(nn.Module):
     """Identity body and a linear head `fc`: the baseline's features are the inputs themselves."""
+
     def __init__(self, way=4):
         super().__init__()
         self.fc = nn.Linear(4, way)
@@ -152,6 +190,7 @@ def separable_tasks(tasks=20, way=4, shot=5, query=5, seed=0):
         y = perm.unsqueeze(-1).expand(tasks, way, n).reshape(tasks, way * n)
         x = centers[y] + 0.3 * torch.randn(tasks, way * n, 4, generator=g, dtype=torch.float64)
         return x.view(tasks, way * n, 1, 2, 2), y
+
     return Episodes(*draw(shot), *draw(query))
 
 
@@ -163,7 +202,10 @@ def test_baseline_fine_tuned_head_separates_a_linearly_separable_task(head):
     for lr in (1e-9, 0.01):
         algo = Pretrain(learner, head=head, num_classes=5, finetune_lr=lr, impl="batched")
         meta = algo.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
-        assert set(meta) == {"pretrain.weight", "pretrain.bias" if head == "linear" else "pretrain.gain"}
+        assert set(meta) == {
+            "pretrain.weight",
+            "pretrain.bias" if head == "linear" else "pretrain.gain",
+        }
         accuracy[lr] = algo.evaluate(meta, ep).mean().item()
     assert accuracy[0.01] == 1.0 and accuracy[1e-9] < 0.9, accuracy
 
@@ -175,12 +217,19 @@ def test_baseline_pretraining_gradient_is_plain_classification():
         meta = algo.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
         assert "fc.weight" not in meta and meta["pretrain.weight"].shape == (7, 6)
         g = torch.Generator().manual_seed(1)
-        batch = ImageBatch(torch.rand(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(6) % 7)
+        batch = ImageBatch(
+            torch.rand(6, 1, 16, 16, generator=g, dtype=torch.float64), torch.arange(6) % 7
+        )
         got = metarun_gradient(algo, meta, batch)
         # reference: the plain conv4 body (mean of the last map) and the classifier written out
         from test_maml import plain_forward
+
         leaves = {k: v.clone().requires_grad_(True) for k, v in meta.items()}
-        body = {**leaves, "fc.weight": torch.eye(6, dtype=torch.float64), "fc.bias": torch.zeros(6, dtype=torch.float64)}
+        body = {
+            **leaves,
+            "fc.weight": torch.eye(6, dtype=torch.float64),
+            "fc.bias": torch.zeros(6, dtype=torch.float64),
+        }
         f = plain_forward(body, batch.x, "stride")
         if head == "linear":
             logits = f @ leaves["pretrain.weight"].T + leaves["pretrain.bias"]
@@ -208,11 +257,29 @@ def test_each_new_algorithm_lowers_post_adaptation_query_loss(name):
     if name == "anil":
         algo, lr = ANIL(model, 0.4, 1, 3, impl="batched"), 1e-2
     elif name == "reptile":
-        algo, lr = Reptile(model, 1e-2, 4, 8, train_shots=4, inner_batch=6, meta_step=1.0, meta_step_final=0.0,
-                           iterations=40, eval_inner_batch=0, transductive=True, impl="batched"), None
+        algo, lr = (
+            Reptile(
+                model,
+                1e-2,
+                4,
+                8,
+                train_shots=4,
+                inner_batch=6,
+                meta_step=1.0,
+                meta_step_final=0.0,
+                iterations=40,
+                eval_inner_batch=0,
+                transductive=True,
+                impl="batched",
+            ),
+            None,
+        )
     else:
         algo, lr = Pretrain(model, num_classes=40, finetune_epochs=30, impl="batched"), 1e-2
-    params = {k: v.requires_grad_(True) for k, v in algo.init_meta_params(torch.Generator().manual_seed(0)).items()}
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in algo.init_meta_params(torch.Generator().manual_seed(0)).items()
+    }
     held_out = synthetic_tasks(pool, 64, 3, 1, 5, torch.Generator().manual_seed(99))
     before = post_loss(algo, params, held_out)
     optimizer = algo.make_optimizer(list(params.values()), lr or 1e-3)
@@ -222,7 +289,9 @@ def test_each_new_algorithm_lowers_post_adaptation_query_loss(name):
             idx = torch.randint(0, 40, (32,), generator=g)
             batch = ImageBatch(pool[idx] + 0.35 * torch.randn(32, 1, 14, 14, generator=g), idx)
         else:
-            ep = synthetic_tasks(pool, 8, 3, 2 if name == "reptile" else 1, 2 if name == "reptile" else 5, g)
+            ep = synthetic_tasks(
+                pool, 8, 3, 2 if name == "reptile" else 1, 2 if name == "reptile" else 5, g
+            )
             batch = algo.bench_batch(ep, g)
         meta_train_step(algo, params, optimizer, batch)
     after = post_loss(algo, params, held_out)
@@ -236,8 +305,11 @@ def test_constructing_a_new_algorithm_changes_no_process_state(name):
     learner = Conv4(WAY, filters=4, image_size=16)
     for impl in ("auto", "parallel"):
         kw = dict(impl=impl, workers=2 if impl == "parallel" else 0)
-        algo = {"anil": lambda: ANIL(learner, 0.4, 1, 1, **kw), "reptile": lambda: Reptile(learner, 0.4, 1, 1, **kw),
-                "pretrain": lambda: Pretrain(learner, num_classes=4, **kw)}[name]()
+        algo = {
+            "anil": lambda: ANIL(learner, 0.4, 1, 1, **kw),
+            "reptile": lambda: Reptile(learner, 0.4, 1, 1, **kw),
+            "pretrain": lambda: Pretrain(learner, num_classes=4, **kw),
+        }[name]()
         algo.init_meta_params(torch.Generator().manual_seed(0))
         assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_default_dtype() == torch.float32

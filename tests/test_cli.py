@@ -1,4 +1,5 @@
 """Real `metarun` runs in a subprocess on a tiny generated Omniglot."""
+
 import json
 
 import torch
@@ -15,12 +16,23 @@ def test_help_lists_commands_and_groups(tmp_path):
     top = run_metarun("--help", cwd=tmp_path, check=True)
     assert "train" in top.stdout and "eval" in top.stdout
     out = run_metarun("train", "--help", cwd=tmp_path, check=True).stdout
-    for group in ("algorithm: anil, maml, mamlpp, metasgd, pretrain, reptile",
-                  "dataset: cifar_fs, fc100, folder, miniimagenet, omniglot", "model: conv4, resnet12",
-                  "omniglot_20way_1shot", "miniimagenet_5way_1shot"):
+    for group in (
+        "algorithm: anil, maml, mamlpp, metasgd, pretrain, reptile",
+        "dataset: cifar_fs, fc100, folder, miniimagenet, omniglot",
+        "model: conv4, resnet12",
+        "omniglot_20way_1shot",
+        "miniimagenet_5way_1shot",
+    ):
         assert group in out
-    job = run_metarun("train", "+experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True).stdout
-    assert "way: 20" in job and "meta_batch: 16" in job and "update_lr: 0.1" in job and "update_step: 5" in job
+    job = run_metarun(
+        "train", "+experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True
+    ).stdout
+    assert (
+        "way: 20" in job
+        and "meta_batch: 16" in job
+        and "update_lr: 0.1" in job
+        and "update_step: 5" in job
+    )
 
 
 def test_train_then_eval(tiny_root, tmp_path):
@@ -29,7 +41,15 @@ def test_train_then_eval(tiny_root, tmp_path):
     assert f"run dir {run}" in proc.stdout and "test accuracy" in proc.stdout
     for name in ("last.pt", "best.pt"):
         blob = torch.load(run / "checkpoints" / name, map_location="cpu", weights_only=True)
-        assert set(blob) >= {"params", "optimizer", "iteration", "sampler", "config", "history", "resolved"}
+        assert set(blob) >= {
+            "params",
+            "optimizer",
+            "iteration",
+            "sampler",
+            "config",
+            "history",
+            "resolved",
+        }
         assert blob["config"]["way"] == 3
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 6
     results = json.loads((run / "results.json").read_text())
@@ -39,26 +59,54 @@ def test_train_then_eval(tiny_root, tmp_path):
     events = EventAccumulator(str(run / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])
-    assert {"train/meta_loss", "train/accuracy", "val/accuracy", "val/ci95", "lr/meta_lr", "lr/update_lr",
-            "speed/tasks_per_s"} <= tags
+    assert {
+        "train/meta_loss",
+        "train/accuracy",
+        "val/accuracy",
+        "val/ci95",
+        "lr/meta_lr",
+        "lr/update_lr",
+        "speed/tasks_per_s",
+    } <= tags
     assert [e.step for e in events.Scalars("val/accuracy")] == [3, 6]
 
-    out = run_metarun("eval", f"checkpoint={run}", "tasks=10", f"data_root={tiny_root}", "device=cpu",
-                      f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True).stdout
+    out = run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=10",
+        f"data_root={tiny_root}",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert "test accuracy" in out and "(95% CI, 10 tasks, 3-way 1-shot)" in out
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert result["tasks"] == 10 and result["checkpoint"].endswith("best.pt")
     # the same checkpoint on the same fixed tasks gives the same score
-    again = run_metarun("eval", f"checkpoint={run / 'checkpoints' / 'best.pt'}", "tasks=10", f"data_root={tiny_root}",
-                        f"hydra.run.dir={tmp_path / 'eval2'}", cwd=tmp_path, check=True)
-    assert json.loads((tmp_path / "eval2" / "eval.json").read_text())["accuracy"] == result["accuracy"]
+    again = run_metarun(
+        "eval",
+        f"checkpoint={run / 'checkpoints' / 'best.pt'}",
+        "tasks=10",
+        f"data_root={tiny_root}",
+        f"hydra.run.dir={tmp_path / 'eval2'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert (
+        json.loads((tmp_path / "eval2" / "eval.json").read_text())["accuracy"] == result["accuracy"]
+    )
     assert again.returncode == 0
 
 
 def test_sweep_gives_one_run_per_setting(tiny_root, tmp_path):
-    args = [a for a in tiny_args(tiny_root, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    args = [
+        a for a in tiny_args(tiny_root, tmp_path / "unused") if not a.startswith("hydra.run.dir")
+    ]
     args = [a for a in args if not a.startswith("way=")]
-    run_metarun(*args, "-m", "way=2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=True)
+    run_metarun(
+        *args, "-m", "way=2,3", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path, check=True
+    )
     runs = sorted(p.parent for p in (tmp_path / "sweep").glob("*/results.json"))
     assert len(runs) == 2
     ways = sorted(json.loads((r / "results.json").read_text())["config"]["way"] for r in runs)
@@ -71,10 +119,17 @@ def test_resume_finishes_with_the_weights_of_an_uninterrupted_run(tiny_root, tmp
     parts = tmp_path / "parts"
     run_metarun(*tiny_args(tiny_root, parts, "iterations=3"), cwd=tmp_path, check=True)
     assert torch.load(parts / "checkpoints" / "last.pt", weights_only=True)["iteration"] == 3
-    proc = run_metarun(*[a for a in tiny_args(tiny_root, parts) if not a.startswith("hydra.run.dir")],
-                       f"resume={parts}", cwd=tmp_path, check=True)
+    proc = run_metarun(
+        *[a for a in tiny_args(tiny_root, parts) if not a.startswith("hydra.run.dir")],
+        f"resume={parts}",
+        cwd=tmp_path,
+        check=True,
+    )
     assert "resumed from" in proc.stdout and "at iteration 3" in proc.stdout
-    a, b = load_params(whole / "checkpoints" / "last.pt"), load_params(parts / "checkpoints" / "last.pt")
+    a, b = (
+        load_params(whole / "checkpoints" / "last.pt"),
+        load_params(parts / "checkpoints" / "last.pt"),
+    )
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 

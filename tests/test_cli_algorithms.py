@@ -1,6 +1,7 @@
 """Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit), `metarun eval`
 reproducing a run's test score, the top-K checkpoints and `metarun eval ensemble=K`, and one-line errors for
 impossible algorithm settings and bad learners."""
+
 import json
 
 import pytest
@@ -14,17 +15,42 @@ from test_robustness import assert_clean_error
 # the same run cut short).
 ALGORITHMS = {
     "metasgd": ["algorithm=metasgd"],
-    "mamlpp": ["algorithm=mamlpp", "update_step=2", "update_step_test=2", "algorithm.iterations_per_epoch=2",
-               "algorithm.msl_epochs=2", "algorithm.first_order_epochs=1", "algorithm.cosine_epochs=3"],
+    "mamlpp": [
+        "algorithm=mamlpp",
+        "update_step=2",
+        "update_step_test=2",
+        "algorithm.iterations_per_epoch=2",
+        "algorithm.msl_epochs=2",
+        "algorithm.first_order_epochs=1",
+        "algorithm.cosine_epochs=3",
+    ],
     # ANIL on the generic learner path: a tiny ResNet-12 through functional_call
     "anil": ["algorithm=anil", "model=resnet12", "model.channels=[4,4,4,4]"],
     # Reptile: meta_step annealed inside the run, random inner and evaluation mini-batches
-    "reptile": ["algorithm=reptile", "algorithm.train_shots=3", "algorithm.inner_batch=4", "update_step=2",
-                "algorithm.eval_inner_batch=2", "update_lr=0.01", "algorithm.meta_step_iterations=6"],
-    "pretrain": ["algorithm=pretrain", "algorithm.head=cosine", "algorithm.finetune_epochs=3", "algorithm.batch_size=8"],
+    "reptile": [
+        "algorithm=reptile",
+        "algorithm.train_shots=3",
+        "algorithm.inner_batch=4",
+        "update_step=2",
+        "algorithm.eval_inner_batch=2",
+        "update_lr=0.01",
+        "algorithm.meta_step_iterations=6",
+    ],
+    "pretrain": [
+        "algorithm=pretrain",
+        "algorithm.head=cosine",
+        "algorithm.finetune_epochs=3",
+        "algorithm.batch_size=8",
+    ],
 }
 # a parameter name only that algorithm's checkpoints hold
-OWN_PARAM = {"metasgd": "alpha.", "mamlpp": "lslr.", "anil": "blocks.", "reptile": "conv0.", "pretrain": "pretrain."}
+OWN_PARAM = {
+    "metasgd": "alpha.",
+    "mamlpp": "lslr.",
+    "anil": "blocks.",
+    "reptile": "conv0.",
+    "pretrain": "pretrain.",
+}
 
 
 def args(root, run_dir, *extra):
@@ -45,61 +71,123 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
     run_metarun(*args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)
     # the resumed run keeps its saved execution (a resume that gives algorithm.impl or threads changes it,
     # recorded in its history: #11); repeating the run's own settings, algorithm= included, is no change
-    proc = run_metarun(*[a for a in args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
-                       f"resume={parts}", cwd=tmp_path, check=True)
+    proc = run_metarun(
+        *[a for a in args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
+        f"resume={parts}",
+        cwd=tmp_path,
+        check=True,
+    )
     assert "at iteration 3" in proc.stdout
     a, b = load(whole / "checkpoints" / "last.pt"), load(parts / "checkpoints" / "last.pt")
-    assert a["algorithm"] == b["algorithm"] and a["algorithm"]["name"] == name and a["algorithm"]["impl"] != "loop"
-    assert set(a["params"]) == set(b["params"]) and any(k.startswith(OWN_PARAM[name]) for k in a["params"])
+    assert (
+        a["algorithm"] == b["algorithm"]
+        and a["algorithm"]["name"] == name
+        and a["algorithm"]["impl"] != "loop"
+    )
+    assert set(a["params"]) == set(b["params"]) and any(
+        k.startswith(OWN_PARAM[name]) for k in a["params"]
+    )
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     if name in ("anil", "reptile", "pretrain"):
         # `metarun eval` scores the best checkpoint on the same fixed tasks as the run's own test
         results = json.loads((whole / "results.json").read_text())
         # the logged speed counts what an iteration trains on: the baseline's images, not unused meta_batch tasks
-        speed, other = ("images_per_s", "tasks_per_s") if name == "pretrain" else ("tasks_per_s", "images_per_s")
+        speed, other = (
+            ("images_per_s", "tasks_per_s")
+            if name == "pretrain"
+            else ("tasks_per_s", "images_per_s")
+        )
         assert results[speed] > 0 and other not in results
-        run_metarun("eval", f"checkpoint={whole}", "tasks=6", "eval_chunk=4", f"data_root={tiny_root}", "device=cpu",
-                    f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True)
-        assert json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"] == results["test_accuracy"]
+        run_metarun(
+            "eval",
+            f"checkpoint={whole}",
+            "tasks=6",
+            "eval_chunk=4",
+            f"data_root={tiny_root}",
+            "device=cpu",
+            f"hydra.run.dir={tmp_path / 'eval'}",
+            cwd=tmp_path,
+            check=True,
+        )
+        assert (
+            json.loads((tmp_path / "eval" / "eval.json").read_text())["accuracy"]
+            == results["test_accuracy"]
+        )
 
 
 def test_top_checkpoints_and_ensemble_eval(tiny_root, tmp_path):
     run = tmp_path / "run"
-    run_metarun(*tiny_args(tiny_root, run, "algorithm=metasgd", "iterations=9", "keep_best=2"), cwd=tmp_path,
-                check=True)
+    run_metarun(
+        *tiny_args(tiny_root, run, "algorithm=metasgd", "iterations=9", "keep_best=2"),
+        cwd=tmp_path,
+        check=True,
+    )
     last = load(run / "checkpoints" / "last.pt")
     assert len(last["top"]) == 2 and last["top"][0][0] >= last["top"][1][0]
     kept = sorted(p.name for p in (run / "checkpoints" / "top").glob("*.pt"))
     assert kept == sorted(f"iteration-{e[1]}.pt" for e in last["top"])
     assert last["top"][0][1] == last["best_iteration"]
     common = ["tasks=6", f"data_root={tiny_root}", "device=cpu"]
-    run_metarun("eval", f"checkpoint={run}", "ensemble=2", *common, f"hydra.run.dir={tmp_path / 'e2'}",
-                cwd=tmp_path, check=True)
+    run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "ensemble=2",
+        *common,
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+        check=True,
+    )
     result = json.loads((tmp_path / "e2" / "eval.json").read_text())
     assert len(result["ensemble"]) == 2 and "ensemble of the 2 best" in result["summary"]
     members = ", ".join(str(e[1]) for e in last["top"])  # best first, as the members are read
     assert f"best checkpoints (iterations {members})" in result["summary"]
     # an ensemble of one is the best checkpoint's own score
-    run_metarun("eval", f"checkpoint={run}", *common, f"hydra.run.dir={tmp_path / 'e1'}", cwd=tmp_path, check=True)
+    run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        *common,
+        f"hydra.run.dir={tmp_path / 'e1'}",
+        cwd=tmp_path,
+        check=True,
+    )
     single = json.loads((tmp_path / "e1" / "eval.json").read_text())
     assert single["ensemble"] == [str(run / "checkpoints" / "best.pt")]
-    assert_clean_error(run_metarun("eval", f"checkpoint={run}", "ensemble=3", *common,
-                                   f"hydra.run.dir={tmp_path / 'e3'}", cwd=tmp_path), "ensemble=3", "ensemble<=2")
+    assert_clean_error(
+        run_metarun(
+            "eval",
+            f"checkpoint={run}",
+            "ensemble=3",
+            *common,
+            f"hydra.run.dir={tmp_path / 'e3'}",
+            cwd=tmp_path,
+        ),
+        "ensemble=3",
+        "ensemble<=2",
+    )
 
 
-@pytest.mark.parametrize("overrides,fragments", [
-    (["algorithm=nosuch"], ["unknown algorithm=nosuch", "maml", "metasgd", "mamlpp"]),
-    (["algorithm.name=nosuch"], ["unknown algorithm 'nosuch'", "maml, metasgd, mamlpp, anil, reptile, pretrain"]),
-    (["algorithm=reptile", "algorithm.train_shots=25"], ["train_shots=25", "20 images per class"]),
-    (["+model._target_=nosuch.Net"], ["model._target_=nosuch.Net", "could not be built"]),
-    (["model=resnet12", "model.way=4", "model.channels=[2,2,2,2]"], ["ResNet12", "way=3"]),
-    (["algorithm=metasgd", "algorithm.alpha_init_low=0"], ["alpha_init_low=0", "positive"]),
-    (["algorithm=mamlpp", "algorithm.update_lr_init=-1"], ["unknown setting"]),
-    (["algorithm=mamlpp", "update_lr=-0.1"], ["update_lr=-0.1"]),
-    (["algorithm=mamlpp", "algorithm.msl_epochs=10"], ["msl_epochs=10", "iterations"]),
-    (["threads=-1"], ["threads=-1"]),
-])
+@pytest.mark.parametrize(
+    "overrides,fragments",
+    [
+        (["algorithm=nosuch"], ["unknown algorithm=nosuch", "maml", "metasgd", "mamlpp"]),
+        (
+            ["algorithm.name=nosuch"],
+            ["unknown algorithm 'nosuch'", "maml, metasgd, mamlpp, anil, reptile, pretrain"],
+        ),
+        (
+            ["algorithm=reptile", "algorithm.train_shots=25"],
+            ["train_shots=25", "20 images per class"],
+        ),
+        (["+model._target_=nosuch.Net"], ["model._target_=nosuch.Net", "could not be built"]),
+        (["model=resnet12", "model.way=4", "model.channels=[2,2,2,2]"], ["ResNet12", "way=3"]),
+        (["algorithm=metasgd", "algorithm.alpha_init_low=0"], ["alpha_init_low=0", "positive"]),
+        (["algorithm=mamlpp", "algorithm.update_lr_init=-1"], ["unknown setting"]),
+        (["algorithm=mamlpp", "update_lr=-0.1"], ["update_lr=-0.1"]),
+        (["algorithm=mamlpp", "algorithm.msl_epochs=10"], ["msl_epochs=10", "iterations"]),
+        (["threads=-1"], ["threads=-1"]),
+    ],
+)
 def test_impossible_algorithm_setting_is_one_line(tiny_root, tmp_path, overrides, fragments):
     proc = run_metarun(*args(tiny_root, tmp_path / "run", *overrides), cwd=tmp_path)
     assert_clean_error(proc, *fragments)

@@ -15,8 +15,18 @@ from metarun.errors import MetarunError
 
 
 def dataset_cfg(root, **kw):
-    base = dict(name="omniglot", root=str(root), source="archives", download=False, cache_dir=str(root / "cache"),
-                image_size=28, split="maml", split_seed=1, lake_val_alphabets=1, rotate=True)
+    base = dict(
+        name="omniglot",
+        root=str(root),
+        source="archives",
+        download=False,
+        cache_dir=str(root / "cache"),
+        image_size=28,
+        split="maml",
+        split_seed=1,
+        lake_val_alphabets=1,
+        rotate=True,
+    )
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -36,21 +46,30 @@ def test_cache_is_reused_and_rebuilt(tiny_root, tmp_path, monkeypatch):
     cfg = dataset_cfg(tiny_root, cache_dir=str(tmp_path / "cache"))
     first = load_omniglot(cfg)
     cache = tmp_path / "cache" / "omniglot_28.pt"
-    assert cache.is_file() and first.images.shape == (48 * DRAWERS, 28, 28) and first.images.dtype == torch.uint8
+    assert (
+        cache.is_file()
+        and first.images.shape == (48 * DRAWERS, 28, 28)
+        and first.images.dtype == torch.uint8
+    )
 
     def no_decode(*a, **k):
         raise AssertionError("decoded although the cache is valid")
+
     monkeypatch.setattr(omniglot_module.sources, "read_archives", no_decode)
     again = load_omniglot(cfg)
     assert torch.equal(again.images, first.images)
     monkeypatch.undo()
 
     # another size is another cache file; a corrupt cache is rebuilt, not trusted
-    assert load_omniglot(dataset_cfg(tiny_root, cache_dir=str(tmp_path / "cache"), image_size=20)).images.shape[1:] == (20, 20)
+    assert load_omniglot(
+        dataset_cfg(tiny_root, cache_dir=str(tmp_path / "cache"), image_size=20)
+    ).images.shape[1:] == (20, 20)
     cache.write_bytes(b"garbage")
     assert torch.equal(load_omniglot(cfg).images, first.images)
     # different archives (another fingerprint) rebuild it too
-    other = make_omniglot(tmp_path / "other", layout={"images_background": 1, "images_evaluation": 1}, characters=3)
+    other = make_omniglot(
+        tmp_path / "other", layout={"images_background": 1, "images_evaluation": 1}, characters=3
+    )
     shutil.copy(cache, other / "omniglot_28.pt")
     assert load_omniglot(dataset_cfg(other, cache_dir=str(other))).images.shape[0] == 6 * DRAWERS
 
@@ -65,8 +84,12 @@ def test_maml_and_lake_splits_are_disjoint(tiny_root):
         ids = split["train"] + split["val"] + split["test"]
         assert len(ids) == len(set(ids)) == 48
     archive_of = {int(c): int(a) for c, a in zip(data.character, data.archive)}
-    assert all(archive_of[c] == 1 for c in lake["test"]) and all(archive_of[c] == 0 for c in lake["train"] + lake["val"])
-    assert maml == split_characters(data, "maml", 1, 1) and maml != split_characters(data, "maml", 2, 1)
+    assert all(archive_of[c] == 1 for c in lake["test"]) and all(
+        archive_of[c] == 0 for c in lake["train"] + lake["val"]
+    )
+    assert maml == split_characters(data, "maml", 1, 1) and maml != split_characters(
+        data, "maml", 2, 1
+    )
     with pytest.raises(MetarunError, match="dataset.split"):
         split_characters(data, "bogus", 1, 1)
 
@@ -76,7 +99,7 @@ def labelled_classes(num_classes=10, per_class=20, side=6):
     images = torch.zeros(num_classes, per_class, side, side, dtype=torch.uint8)
     for c in range(num_classes):
         for i in range(per_class):
-            images[c, i, 0, 0] = c + 1        # top-left marks class, rotation moves it
+            images[c, i, 0, 0] = c + 1  # top-left marks class, rotation moves it
             images[c, i, 0, 1] = i + 1
     return ClassImages(images, [f"c{c}" for c in range(num_classes)])
 
@@ -96,9 +119,17 @@ def ids(x):
 
 def test_sampler_invariants():
     way, shot, query, batch = 4, 2, 3, 8
-    sampler = EpisodeSampler(labelled_classes(), "train", way, shot, query, "cpu", seed=0, rotate=True)
+    sampler = EpisodeSampler(
+        labelled_classes(), "train", way, shot, query, "cpu", seed=0, rotate=True
+    )
     ep = sampler.sample(batch)
-    assert ep.x_support.shape == (batch, way * shot, 1, 6, 6) and ep.x_query.shape == (batch, way * query, 1, 6, 6)
+    assert ep.x_support.shape == (batch, way * shot, 1, 6, 6) and ep.x_query.shape == (
+        batch,
+        way * query,
+        1,
+        6,
+        6,
+    )
     assert ep.y_support.shape == (batch, way * shot) and ep.y_query.shape == (batch, way * query)
     orders = set()
     for t in range(batch):
@@ -106,17 +137,19 @@ def test_sampler_invariants():
         assert torch.equal(torch.bincount(ep.y_query[t], minlength=way), torch.full((way,), query))
         s, q = ids(ep.x_support[t]), ids(ep.x_query[t])
         assert len(s) == way * shot and len(q) == way * query
-        assert not {(c, i) for c, i, _ in s} & {(c, i) for c, i, _ in q}        # support/query disjoint
-        assert len({(c, i) for c, i, _ in s + q}) == way * (shot + query)          # no repeated image
+        assert not {(c, i) for c, i, _ in s} & {(c, i) for c, i, _ in q}  # support/query disjoint
+        assert len({(c, i) for c, i, _ in s + q}) == way * (shot + query)  # no repeated image
         label_of, turn_of = {}, {}
         for (c, _, k), y in zip(s + q, ep.y_support[t].tolist() + ep.y_query[t].tolist()):
-            assert label_of.setdefault(c, y) == y                                  # one label per class
-            assert turn_of.setdefault(c, k) == k                                   # one rotation per class
+            assert label_of.setdefault(c, y) == y  # one label per class
+            assert turn_of.setdefault(c, k) == k  # one rotation per class
         assert len(label_of) == way
         orders.add(tuple(label_of[c] for c in sorted(label_of)))
-    assert len(orders) > 1                                                         # labels shuffled per task
+    assert len(orders) > 1  # labels shuffled per task
     # rotation is off for evaluation tasks
-    for c, i, k in ids(next(fixed_tasks(labelled_classes(), "val", way, shot, query, "cpu", 4, 0, 4)).x_query):
+    for c, i, k in ids(
+        next(fixed_tasks(labelled_classes(), "val", way, shot, query, "cpu", 4, 0, 4)).x_query
+    ):
         assert k == 0
 
 
@@ -136,12 +169,15 @@ def test_sampler_is_deterministic_and_resumable():
     assert len(t1) == 3 and all(torch.equal(x, y) for x, y in zip(t1, t2))
 
 
-@pytest.mark.parametrize("way,shot,query,message", [
-    (11, 1, 1, r"way=11 is larger than the 10 classes of the train split"),
-    (5, 15, 6, r"shot\+query=15\+6=21 is more than the 20 images per class"),
-    (0, 1, 1, r"way=0 must be a positive integer"),
-    (5, 1, -1, r"query=-1 must be a positive integer"),
-])
+@pytest.mark.parametrize(
+    "way,shot,query,message",
+    [
+        (11, 1, 1, r"way=11 is larger than the 10 classes of the train split"),
+        (5, 15, 6, r"shot\+query=15\+6=21 is more than the 20 images per class"),
+        (0, 1, 1, r"way=0 must be a positive integer"),
+        (5, 1, -1, r"query=-1 must be a positive integer"),
+    ],
+)
 def test_bad_episode_settings(way, shot, query, message):
     with pytest.raises(MetarunError, match=message):
         EpisodeSampler(labelled_classes(), "train", way, shot, query, "cpu", seed=0)
@@ -150,7 +186,9 @@ def test_bad_episode_settings(way, shot, query, message):
 def test_missing_and_corrupt_data(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(MetarunError, match=r"images_background.zip and images_evaluation.zip.*dataset.root"):
+    with pytest.raises(
+        MetarunError, match=r"images_background.zip and images_evaluation.zip.*dataset.root"
+    ):
         load_omniglot(dataset_cfg(empty))
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -159,7 +197,9 @@ def test_missing_and_corrupt_data(tmp_path):
     with pytest.raises(MetarunError, match="not a readable zip archive"):
         load_omniglot(dataset_cfg(bad))
     # a truncated archive: the central directory is gone
-    trunc = make_omniglot(tmp_path / "trunc", layout={"images_background": 1, "images_evaluation": 1}, characters=2)
+    trunc = make_omniglot(
+        tmp_path / "trunc", layout={"images_background": 1, "images_evaluation": 1}, characters=2
+    )
     data = (trunc / "images_background.zip").read_bytes()
     (trunc / "images_background.zip").write_bytes(data[: len(data) // 2])
     with pytest.raises(MetarunError, match="images_background.zip"):

@@ -1,4 +1,5 @@
 """Datasets beyond Omniglot (folder, miniImageNet, CIFAR-FS, FC100), each built tiny in its real layout."""
+
 from __future__ import annotations
 
 import csv
@@ -33,7 +34,9 @@ def write_image(path: Path, rgb, size=8, fmt=None):
     Image.new("RGB", (size, size), rgb).save(path, format=fmt)
 
 
-def make_folder(root: Path, layout: str, sizes: dict[str, list[int]], size=8) -> dict[str, list[str]]:
+def make_folder(
+    root: Path, layout: str, sizes: dict[str, list[int]], size=8
+) -> dict[str, list[str]]:
     """Classes of `sizes[split]` images each, as sub-folders or as root/<class>/ + split files."""
     names, k = {}, 0
     for split, counts in sizes.items():
@@ -44,7 +47,9 @@ def make_folder(root: Path, layout: str, sizes: dict[str, list[int]], size=8) ->
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
                 # PNG bytes in the .jpg files too: exact pixels, and the suffix alone decides what is listed
-                write_image(folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}", colour(k, i), size, "PNG")
+                write_image(
+                    folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}", colour(k, i), size, "PNG"
+                )
             names[split].append(name)
             k += 1
         if layout == "splitfiles":
@@ -53,8 +58,15 @@ def make_folder(root: Path, layout: str, sizes: dict[str, list[int]], size=8) ->
 
 
 def folder_cfg(root, **kw):
-    base = dict(name="folder", root=str(root), split_files={"train": None, "val": None, "test": None},
-                image_size=8, channels=3, cache_dir=str(root / "cache"), rotate=False)
+    base = dict(
+        name="folder",
+        root=str(root),
+        split_files={"train": None, "val": None, "test": None},
+        image_size=8,
+        channels=3,
+        cache_dir=str(root / "cache"),
+        rotate=False,
+    )
     base.update(kw)
     return OmegaConf.create(base)
 
@@ -64,7 +76,7 @@ def traced(classes: ClassImages) -> list[list[tuple[int, int]]]:
     out = []
     for c in range(classes.num_classes):
         s, n = int(classes.starts[c]), int(classes.counts[c])
-        px = classes.images[s:s + n, :2, 0, 0].long() - 1
+        px = classes.images[s : s + n, :2, 0, 0].long() - 1
         out.append([tuple(p) for p in px.tolist()])
     return out
 
@@ -96,9 +108,13 @@ def test_folder_split_files_from_settings(tmp_path):
     for s in ("train", "val", "test"):
         (lists / f"my_{s}.txt").write_text((root / f"{s}.txt").read_text())
         (root / f"{s}.txt").unlink()
-    with pytest.raises(MetarunError, match=r"neither train/ val/ test/ sub-folders nor the split files"):
+    with pytest.raises(
+        MetarunError, match=r"neither train/ val/ test/ sub-folders nor the split files"
+    ):
         load_folder(folder_cfg(root))
-    cfg = folder_cfg(root, split_files={s: str(lists / f"my_{s}.txt") for s in ("train", "val", "test")})
+    cfg = folder_cfg(
+        root, split_files={s: str(lists / f"my_{s}.txt") for s in ("train", "val", "test")}
+    )
     assert load_folder(cfg)[0]["train"].class_names == ["class00", "class01"]
 
 
@@ -114,6 +130,7 @@ def test_folder_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch, cap
 
     def no_decode(*a, **k):
         raise AssertionError("decoded although the cache is valid")
+
     monkeypatch.setattr(imagecache, "decode_image", no_decode)
     again, _ = load_folder(folder_cfg(root))
     assert torch.equal(again["train"].images, first["train"].images)
@@ -125,7 +142,10 @@ def test_folder_cache_is_reused_and_rebuilt_on_change(tmp_path, monkeypatch, cap
     assert grown["train"].counts.tolist() == [4, 3] and (0, 99) in traced(grown["train"])[0]
     caches[0].write_bytes(b"garbage")
     assert torch.equal(load_folder(folder_cfg(root))[0]["train"].images, grown["train"].images)
-    assert "does not match the data (changed files or settings) or is corrupt; rebuilding" in caplog.text
+    assert (
+        "does not match the data (changed files or settings) or is corrupt; rebuilding"
+        in caplog.text
+    )
 
 
 def test_folder_errors_are_one_line(tmp_path):
@@ -136,7 +156,10 @@ def test_folder_errors_are_one_line(tmp_path):
 
     empty = tmp_path / "empty"
     make_folder(empty, "subfolders", {"train": [3, 0], "val": [3], "test": [3]})
-    expect(empty, r"class 'class01' of the train split .* has no images .*add images or remove that class")
+    expect(
+        empty,
+        r"class 'class01' of the train split .* has no images .*add images or remove that class",
+    )
 
     bad = tmp_path / "bad"
     make_folder(bad, "subfolders", {"train": [3, 3], "val": [3], "test": [3]})
@@ -164,8 +187,11 @@ def test_episode_shape_errors_name_split_and_class(tmp_path):
     splits, _ = load_folder(folder_cfg(root))
     with pytest.raises(MetarunError, match=r"way=3 is larger than the 2 classes of the val split"):
         EpisodeSampler(splits["val"], "val", 3, 1, 1, "cpu", seed=0)
-    with pytest.raises(MetarunError, match=r"shot\+query=2\+3=5 is more than the 4 images per class of class "
-                                           r"'class01' in the train split"):
+    with pytest.raises(
+        MetarunError,
+        match=r"shot\+query=2\+3=5 is more than the 4 images per class of class "
+        r"'class01' in the train split",
+    ):
         EpisodeSampler(splits["train"], "train", 2, 2, 3, "cpu", seed=0)
 
 
@@ -176,27 +202,42 @@ def test_sampler_on_unequal_rgb_classes(tmp_path):
     classes = load_folder(folder_cfg(root))[0]["train"]
     way, shot, query, B = 3, 1, 2, 64
     ep = EpisodeSampler(classes, "train", way, shot, query, "cpu", seed=0).sample(B)
-    assert ep.x_support.shape == (B, way * shot, 3, 8, 8) and ep.x_query.shape == (B, way * query, 3, 8, 8)
-    assert torch.equal(ep.x_support[..., 2, :, :], torch.full_like(ep.x_support[..., 2, :, :], 200 / 255))
+    assert ep.x_support.shape == (B, way * shot, 3, 8, 8) and ep.x_query.shape == (
+        B,
+        way * query,
+        3,
+        8,
+        8,
+    )
+    assert torch.equal(
+        ep.x_support[..., 2, :, :], torch.full_like(ep.x_support[..., 2, :, :], 200 / 255)
+    )
     seen = set()
     for t in range(B):
         s = (ep.x_support[t, :, :2, 0, 0] * 255).round().long() - 1
         q = (ep.x_query[t, :, :2, 0, 0] * 255).round().long() - 1
         pairs = [tuple(p) for p in torch.cat([s, q]).tolist()]
         labels = ep.y_support[t].tolist() + ep.y_query[t].tolist()
-        assert len(set(pairs)) == way * (shot + query)                 # distinct images, support/query disjoint
+        assert len(set(pairs)) == way * (shot + query)  # distinct images, support/query disjoint
         label_of = {}
         for (c, i), y in zip(pairs, labels):
-            assert 0 <= i < counts[c]                                  # never past the class's own images
+            assert 0 <= i < counts[c]  # never past the class's own images
             assert label_of.setdefault(c, y) == y
         assert len(label_of) == way
         seen.update(pairs)
-    assert (3, 11) in seen and (1, 8) in seen                          # large classes reach all their images
+    assert (3, 11) in seen and (1, 8) in seen  # large classes reach all their images
     # fixed evaluation tasks work on them too
-    assert next(fixed_tasks(classes, "val", way, shot, query, "cpu", 4, 0, 4)).x_query.shape == (4, 6, 3, 8, 8)
+    assert next(fixed_tasks(classes, "val", way, shot, query, "cpu", 4, 0, 4)).x_query.shape == (
+        4,
+        6,
+        3,
+        8,
+        8,
+    )
 
 
 # ---- miniImageNet ------------------------------------------------------------------------------------------------
+
 
 def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) -> Path:
     """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label rows."""
@@ -217,25 +258,43 @@ def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) ->
 
 def test_miniimagenet_layout(tmp_path):
     root = make_miniimagenet(tmp_path / "mini", per_class=4, classes=(3, 2, 2))
-    cfg = OmegaConf.create(dict(name="miniimagenet", root=str(root), image_size=84, channels=3,
-                                cache_dir=None, rotate=False))
+    cfg = OmegaConf.create(
+        dict(
+            name="miniimagenet",
+            root=str(root),
+            image_size=84,
+            channels=3,
+            cache_dir=None,
+            rotate=False,
+        )
+    )
     splits, where = load_dataset(cfg)
     assert "miniImageNet" in where and (root / "metarun_miniimagenet_84x3.pt").is_file()
     assert [splits[s].num_classes for s in ("train", "val", "test")] == [3, 2, 2]
-    assert splits["train"].images.shape == (12, 3, 84, 84) and splits["train"].class_names[0] == "n00001000"
+    assert (
+        splits["train"].images.shape == (12, 3, 84, 84)
+        and splits["train"].class_names[0] == "n00001000"
+    )
     assert splits["test"].counts.tolist() == [4, 4]
     centre = splits["val"].images[:, :, 40, 40].float()
-    expect = torch.tensor([[3 + 1, i + 1, 200] for i in range(4)] + [[4 + 1, i + 1, 200] for i in range(4)]).float()
-    assert (centre - expect).abs().max() <= 3                           # JPEG: close to the written colours
+    expect = torch.tensor(
+        [[3 + 1, i + 1, 200] for i in range(4)] + [[4 + 1, i + 1, 200] for i in range(4)]
+    ).float()
+    assert (centre - expect).abs().max() <= 3  # JPEG: close to the written colours
     (root / "val.csv").unlink()
-    with pytest.raises(MetarunError, match=r"miniImageNet not found in dataset.root=.*no val.csv.*put Ravi & "
-                                           r"Larochelle's train.csv, val.csv, test.csv .* images/ folder"):
+    with pytest.raises(
+        MetarunError,
+        match=r"miniImageNet not found in dataset.root=.*no val.csv.*put Ravi & "
+        r"Larochelle's train.csv, val.csv, test.csv .* images/ folder",
+    ):
         load_dataset(cfg)
 
 
 # ---- CIFAR-FS and FC100 ------------------------------------------------------------------------------------------
 
-FINE = sorted(c for members in SUPERCLASSES.values() for c in members)     # CIFAR-100's fine label order
+FINE = sorted(
+    c for members in SUPERCLASSES.values() for c in members
+)  # CIFAR-100's fine label order
 COARSE = sorted(SUPERCLASSES)
 
 
@@ -253,33 +312,58 @@ def make_cifar100(root: Path, train_per_class=2, test_per_class=1) -> Path:
                 data.append(img.reshape(-1))
                 fine.append(f)
                 coarse.append(coarse_of[name])
-        blob = {"filenames": [f"{k}.png" for k in range(len(data))], "batch_label": part,
-                "fine_labels": fine, "coarse_labels": coarse, "data": np.stack(data)}
+        blob = {
+            "filenames": [f"{k}.png" for k in range(len(data))],
+            "batch_label": part,
+            "fine_labels": fine,
+            "coarse_labels": coarse,
+            "data": np.stack(data),
+        }
         (folder / part).write_bytes(pickle.dumps(blob))
-    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": FINE, "coarse_label_names": COARSE}))
+    (folder / "meta").write_bytes(
+        pickle.dumps({"fine_label_names": FINE, "coarse_label_names": COARSE})
+    )
     return root
 
 
 def test_published_class_lists():
-    assert len(FINE) == 100 and len(COARSE) == 20 and all(len(m) == 5 for m in SUPERCLASSES.values())
+    assert (
+        len(FINE) == 100 and len(COARSE) == 20 and all(len(m) == 5 for m in SUPERCLASSES.values())
+    )
     for lists, counts in ((cifar_fs.CLASSES, (64, 16, 20)), (fc100.CLASSES, (60, 20, 20))):
         assert tuple(len(lists[s]) for s in ("train", "val", "test")) == counts
-        assert sorted(lists["train"] + lists["val"] + lists["test"]) == FINE         # disjoint, all 100 classes
+        assert (
+            sorted(lists["train"] + lists["val"] + lists["test"]) == FINE
+        )  # disjoint, all 100 classes
     sup = fc100.SPLIT_SUPERCLASSES
     assert tuple(len(sup[s]) for s in ("train", "val", "test")) == (12, 4, 4)
     # the TADAM indices (alphabetical superclass numbering of CIFAR-100)
     assert {s: {COARSE.index(c) for c in sup[s]} for s in sup} == {
-        "train": {1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19}, "val": {8, 11, 13, 16}, "test": {0, 7, 12, 14}}
+        "train": {1, 2, 3, 4, 5, 6, 9, 10, 15, 17, 18, 19},
+        "val": {8, 11, 13, 16},
+        "test": {0, 7, 12, 14},
+    }
     # CIFAR-FS: a few spot checks against Bertinetto et al.'s split files
     assert {"whale", "rose", "bicycle", "pickup_truck"} <= set(cifar_fs.CLASSES["test"])
     assert {"beaver", "otter", "tractor", "motorcycle"} <= set(cifar_fs.CLASSES["val"])
 
 
-@pytest.mark.parametrize("name,module,counts", [("cifar_fs", cifar_fs, (64, 16, 20)), ("fc100", fc100, (60, 20, 20))])
+@pytest.mark.parametrize(
+    "name,module,counts", [("cifar_fs", cifar_fs, (64, 16, 20)), ("fc100", fc100, (60, 20, 20))]
+)
 def test_cifar_datasets_from_torchvision_folder(tmp_path, name, module, counts):
     root = make_cifar100(tmp_path / "cifar")
-    cfg = OmegaConf.create(dict(name=name, root=str(root), download=False, image_size=32, channels=3,
-                                cache_dir=str(tmp_path / "cache"), rotate=False))
+    cfg = OmegaConf.create(
+        dict(
+            name=name,
+            root=str(root),
+            download=False,
+            image_size=32,
+            channels=3,
+            cache_dir=str(tmp_path / "cache"),
+            rotate=False,
+        )
+    )
     splits, where = load_dataset(cfg)
     assert "cifar-100-python" in where and len(list((tmp_path / "cache").glob("*.pt"))) == 1
     for s, n in zip(("train", "val", "test"), counts):
@@ -287,65 +371,134 @@ def test_cifar_datasets_from_torchvision_folder(tmp_path, name, module, counts):
         assert ci.class_names == list(module.CLASSES[s]) and ci.num_classes == n
         assert ci.images.shape == (3 * n, 3, 32, 32) and ci.counts.tolist() == [3] * n
         for c, cname in enumerate(ci.class_names):
-            block = ci.images[3 * c:3 * c + 3, :, 5, 5]
-            assert block[:, 0].tolist() == [FINE.index(cname)] * 3 and block[:, 1].tolist() == [0, 1, 100]
+            block = ci.images[3 * c : 3 * c + 3, :, 5, 5]
+            assert block[:, 0].tolist() == [FINE.index(cname)] * 3 and block[:, 1].tolist() == [
+                0,
+                1,
+                100,
+            ]
     # resized once into its own cache; a missing copy without download is a one-line error
     assert load_dataset(OmegaConf.merge(cfg, {"image_size": 16}))[0]["val"].images.shape[-1] == 16
-    with pytest.raises(MetarunError, match=r"CIFAR-100 not found: dataset.root=.* has no cifar-100-python/"):
+    with pytest.raises(
+        MetarunError, match=r"CIFAR-100 not found: dataset.root=.* has no cifar-100-python/"
+    ):
         load_dataset(OmegaConf.merge(cfg, {"root": str(tmp_path / "none")}))
 
 
 # ---- RGB end to end ----------------------------------------------------------------------------------------------
+
 
 def test_rgb_84_episode_through_training_and_evaluation(tmp_path):
     """miniImageNet's 5-way 1-shot experiment config, shrunk, via the real CLI: train, then eval the checkpoint."""
     root = make_miniimagenet(tmp_path / "mini", per_class=16)
     from hydra import compose, initialize_config_dir
     from metarun.runner.setup import build_algorithm, load_splits, train_sampler
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["experiment=miniimagenet_5way_1shot", f"dataset.root={root}",
-                                          "model.filters=4", "device=cpu"])
+
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    ):
+        cfg = compose(
+            "train",
+            overrides=[
+                "experiment=miniimagenet_5way_1shot",
+                f"dataset.root={root}",
+                "model.filters=4",
+                "device=cpu",
+            ],
+        )
     splits = load_splits(cfg, torch.device("cpu"))["splits"]
     ep = train_sampler(cfg, splits["train"], "cpu").sample(int(cfg.meta_batch))
     assert ep.x_support.shape == (4, 5, 3, 84, 84) and ep.x_query.shape == (4, 75, 3, 84, 84)
     model, _ = build_algorithm(cfg, torch.device("cpu"))
     assert model.in_channels == 3 and model.downsample == "maxpool" and model.features == 4 * 5 * 5
-    logits = model.forward({k: v.unsqueeze(0).expand(4, *v.shape) for k, v in model.init_params().items()}, ep.x_query)
+    logits = model.forward(
+        {k: v.unsqueeze(0).expand(4, *v.shape) for k, v in model.init_params().items()}, ep.x_query
+    )
     assert logits.shape == (4, 75, 5)
 
     run = tmp_path / "run"
-    run_metarun("train", "experiment=miniimagenet_5way_1shot", f"dataset.root={root}", "model.filters=4",
-                "device=cpu", "iterations=2", "eval_every=2", "val_tasks=2", "test_tasks=2", "eval_chunk=2",
-                "log_every=1", "update_step_test=2", "algorithm.impl=batched", f"hydra.run.dir={run}",
-                cwd=tmp_path, check=True)
+    run_metarun(
+        "train",
+        "experiment=miniimagenet_5way_1shot",
+        f"dataset.root={root}",
+        "model.filters=4",
+        "device=cpu",
+        "iterations=2",
+        "eval_every=2",
+        "val_tasks=2",
+        "test_tasks=2",
+        "eval_chunk=2",
+        "log_every=1",
+        "update_step_test=2",
+        "algorithm.impl=batched",
+        f"hydra.run.dir={run}",
+        cwd=tmp_path,
+        check=True,
+    )
     results = json.loads((run / "results.json").read_text())
     assert "miniImageNet" in results["data_source"] and 0.0 <= results["test_accuracy"] <= 1.0
     assert results["config"]["model"]["in_channels"] == 3
-    out = run_metarun("eval", f"checkpoint={run}", "tasks=3", "update_step_test=1", "device=cpu", "eval_chunk=3",
-                      f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path, check=True)
-    assert "test accuracy" in out.stdout and json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"] == 3
+    out = run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=3",
+        "update_step_test=1",
+        "device=cpu",
+        "eval_chunk=3",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert (
+        "test accuracy" in out.stdout
+        and json.loads((tmp_path / "eval" / "eval.json").read_text())["tasks"] == 3
+    )
 
 
 @pytest.mark.parametrize("shot,meta_batch", [(1, 4), (5, 2)])
 def test_miniimagenet_experiment_configs_have_the_papers_settings(shot, meta_batch):
     from hydra import compose, initialize_config_dir
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+
+    with initialize_config_dir(
+        config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"
+    ):
         cfg = compose("train", overrides=[f"experiment=miniimagenet_5way_{shot}shot"])
-    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.channels) == ("miniimagenet", 84, 3)
+    assert (cfg.dataset.name, cfg.dataset.image_size, cfg.dataset.channels) == (
+        "miniimagenet",
+        84,
+        3,
+    )
     assert (cfg.way, cfg.shot, cfg.query, cfg.meta_batch) == (5, shot, 15, meta_batch)
-    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr, cfg.meta_lr) == (5, 10, 0.01, 0.001)
+    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr, cfg.meta_lr) == (
+        5,
+        10,
+        0.01,
+        0.001,
+    )
     assert (cfg.model.filters, cfg.model.downsample, cfg.model.in_channels) == (32, "maxpool", 3)
 
 
 def test_equal_classes_draw_exactly_the_dense_tasks():
     """Omniglot (equal classes, one channel) gets bit for bit the tasks of the dense [classes, per_class] draw."""
     K, P, side, B, way, shot, query = 12, 20, 6, 5, 4, 2, 3
-    dense = torch.randint(0, 256, (K, P, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    ep = EpisodeSampler(ClassImages(dense, [str(c) for c in range(K)]), "train", way, shot, query, "cpu", seed=3,
-                        rotate=True).sample(B)
-    g = torch.Generator().manual_seed(draw_seed(3, 0))  # each draw is seeded from (seed, draw number)
+    dense = torch.randint(
+        0, 256, (K, P, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    ep = EpisodeSampler(
+        ClassImages(dense, [str(c) for c in range(K)]),
+        "train",
+        way,
+        shot,
+        query,
+        "cpu",
+        seed=3,
+        rotate=True,
+    ).sample(B)
+    g = torch.Generator().manual_seed(
+        draw_seed(3, 0)
+    )  # each draw is seeded from (seed, draw number)
     classes = torch.rand(B, K, generator=g).argsort(dim=1)[:, :way]
-    picks = torch.rand(B, way, P, generator=g).argsort(dim=2)[:, :, :shot + query]
+    picks = torch.rand(B, way, P, generator=g).argsort(dim=2)[:, :, : shot + query]
     labels = torch.rand(B, way, generator=g).argsort(dim=1)
     turns = torch.randint(0, 4, (B, way), generator=g)
     x = dense[classes.unsqueeze(-1), picks]

@@ -1,5 +1,6 @@
 """Issue 15: the paper-faithful settings, the paper presets, the learning-curve evaluation, and a short run of
 cbfinn/maml's Omniglot protocol on the CPU whose learning curve must stay where it was measured."""
+
 from __future__ import annotations
 
 import json
@@ -20,55 +21,137 @@ from metarun.models.conv4 import Conv4
 
 def compose(*overrides):
     from hydra import compose as hydra_compose, initialize_config_dir
+
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
 # -- 1. Each preset is exactly the documented protocol (README "Faithfulness") ------------------------------
 # The settings every maml_paper cell shares (cbfinn/maml: main.py, maml.py, utils.py, data_generator.py).
-MAML_PAPER = {"algorithm.name": "maml", "algorithm.inner_loss": "sum_over_shot", "meta_lr": 0.001,
-              "iterations": 60000, "first_order": False, "test_tasks": 600, "model.filters": 64,
-              "model.downsample": "stride", "model.bn_scale": False, "model.adapt_bn": False,
-              "model.head_init": "normal", "model.activation": "relu", "model.bn_eps": 1e-3,
-              "dataset.name": "omniglot",
-              "dataset.image_size": 28, "dataset.resize": "nearest", "dataset.split": "maml",
-              "dataset.split_sizes": [1100, 100], "dataset.rotate": True, "dataset.rotate_eval": True}
+MAML_PAPER = {
+    "algorithm.name": "maml",
+    "algorithm.inner_loss": "sum_over_shot",
+    "meta_lr": 0.001,
+    "iterations": 60000,
+    "first_order": False,
+    "test_tasks": 600,
+    "model.filters": 64,
+    "model.downsample": "stride",
+    "model.bn_scale": False,
+    "model.adapt_bn": False,
+    "model.head_init": "normal",
+    "model.activation": "relu",
+    "model.bn_eps": 1e-3,
+    "dataset.name": "omniglot",
+    "dataset.image_size": 28,
+    "dataset.resize": "nearest",
+    "dataset.split": "maml",
+    "dataset.split_sizes": [1100, 100],
+    "dataset.rotate": True,
+    "dataset.rotate_eval": True,
+}
 # The MAML++ repository's Omniglot configs (experiment_config/omniglot_maml++-omniglot_*.json).
-MAMLPP_PAPER = {"algorithm.name": "mamlpp", "algorithm.inner_loss": "mean", "query": 1, "meta_batch": 8,
-                "update_lr": 0.1, "update_step": 5, "update_step_test": 5, "meta_lr": 0.001, "iterations": 50000,
-                "first_order": False, "keep_best": 5, "val_tasks": 600, "test_tasks": 600,
-                "algorithm.iterations_per_epoch": 500, "algorithm.msl": True, "algorithm.msl_epochs": 10,
-                "algorithm.first_order_epochs": 0, "algorithm.bnwb": True, "algorithm.lslr": True,
-                "algorithm.cosine_annealing": True, "algorithm.min_meta_lr": 1e-5, "algorithm.inner_bn": False,
-                "model.filters": 64, "model.downsample": "maxpool", "model.bn_scale": True,
-                "model.head_init": "xavier", "model.activation": "leaky_relu", "model.bn_eps": 1e-5,
-                "dataset.image_size": 28,
-                "dataset.resize": "nearest", "dataset.split_sizes": [1150, 50], "dataset.rotate": True,
-                "dataset.rotate_eval": False}
+MAMLPP_PAPER = {
+    "algorithm.name": "mamlpp",
+    "algorithm.inner_loss": "mean",
+    "query": 1,
+    "meta_batch": 8,
+    "update_lr": 0.1,
+    "update_step": 5,
+    "update_step_test": 5,
+    "meta_lr": 0.001,
+    "iterations": 50000,
+    "first_order": False,
+    "keep_best": 5,
+    "val_tasks": 600,
+    "test_tasks": 600,
+    "algorithm.iterations_per_epoch": 500,
+    "algorithm.msl": True,
+    "algorithm.msl_epochs": 10,
+    "algorithm.first_order_epochs": 0,
+    "algorithm.bnwb": True,
+    "algorithm.lslr": True,
+    "algorithm.cosine_annealing": True,
+    "algorithm.min_meta_lr": 1e-5,
+    "algorithm.inner_bn": False,
+    "model.filters": 64,
+    "model.downsample": "maxpool",
+    "model.bn_scale": True,
+    "model.head_init": "xavier",
+    "model.activation": "leaky_relu",
+    "model.bn_eps": 1e-5,
+    "dataset.image_size": 28,
+    "dataset.resize": "nearest",
+    "dataset.split_sizes": [1150, 50],
+    "dataset.rotate": True,
+    "dataset.rotate_eval": False,
+}
 PRESETS = {
-    "maml_paper/omniglot_5way_1shot": {**MAML_PAPER, "way": 5, "shot": 1, "query": 1, "meta_batch": 32,
-                                       "update_lr": 0.4, "update_step": 1, "update_step_test": 3},
-    "maml_paper/omniglot_5way_5shot": {**MAML_PAPER, "way": 5, "shot": 5, "query": 5, "meta_batch": 32,
-                                       "update_lr": 0.4, "update_step": 1, "update_step_test": 3},
-    "maml_paper/omniglot_20way_1shot": {**MAML_PAPER, "way": 20, "shot": 1, "query": 1, "meta_batch": 16,
-                                        "update_lr": 0.1, "update_step": 5, "update_step_test": 5},
-    "maml_paper/omniglot_20way_5shot": {**MAML_PAPER, "way": 20, "shot": 5, "query": 5, "meta_batch": 16,
-                                        "update_lr": 0.1, "update_step": 5, "update_step_test": 5},
+    "maml_paper/omniglot_5way_1shot": {
+        **MAML_PAPER,
+        "way": 5,
+        "shot": 1,
+        "query": 1,
+        "meta_batch": 32,
+        "update_lr": 0.4,
+        "update_step": 1,
+        "update_step_test": 3,
+    },
+    "maml_paper/omniglot_5way_5shot": {
+        **MAML_PAPER,
+        "way": 5,
+        "shot": 5,
+        "query": 5,
+        "meta_batch": 32,
+        "update_lr": 0.4,
+        "update_step": 1,
+        "update_step_test": 3,
+    },
+    "maml_paper/omniglot_20way_1shot": {
+        **MAML_PAPER,
+        "way": 20,
+        "shot": 1,
+        "query": 1,
+        "meta_batch": 16,
+        "update_lr": 0.1,
+        "update_step": 5,
+        "update_step_test": 5,
+    },
+    "maml_paper/omniglot_20way_5shot": {
+        **MAML_PAPER,
+        "way": 20,
+        "shot": 5,
+        "query": 5,
+        "meta_batch": 16,
+        "update_lr": 0.1,
+        "update_step": 5,
+        "update_step_test": 5,
+    },
     "mamlpp_paper/omniglot_5way_1shot": {**MAMLPP_PAPER, "way": 5, "shot": 1},
     "mamlpp_paper/omniglot_5way_5shot": {**MAMLPP_PAPER, "way": 5, "shot": 5},
     "mamlpp_paper/omniglot_20way_1shot": {**MAMLPP_PAPER, "way": 20, "shot": 1},
     "mamlpp_paper/omniglot_20way_5shot": {**MAMLPP_PAPER, "way": 20, "shot": 5},
 }
 # metarun's defaults of the faithfulness settings: the behaviour before they existed.
-DEFAULTS = {"model.bn_eps": 1e-3, "model.bn_scale": True, "model.adapt_bn": True, "model.head_init": "xavier",
-            "model.activation": "relu",
-            "dataset.resize": "lanczos", "dataset.rotate_eval": False, "dataset.split_sizes": [1100, 100],
-            "query": 1}
+DEFAULTS = {
+    "model.bn_eps": 1e-3,
+    "model.bn_scale": True,
+    "model.adapt_bn": True,
+    "model.head_init": "xavier",
+    "model.activation": "relu",
+    "dataset.resize": "lanczos",
+    "dataset.rotate_eval": False,
+    "dataset.split_sizes": [1100, 100],
+    "query": 1,
+}
 
 
 def test_every_paper_preset_is_in_the_table():
-    found = {str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
-             for d in ("maml_paper", "mamlpp_paper") for p in (REPO / "conf" / "experiment" / d).glob("*.yaml")}
+    found = {
+        str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+        for d in ("maml_paper", "mamlpp_paper")
+        for p in (REPO / "conf" / "experiment" / d).glob("*.yaml")
+    }
     assert found == set(PRESETS)
 
 
@@ -83,13 +166,18 @@ def test_preset_composes_to_exactly_the_documented_settings(preset):
 def test_defaults_are_the_behaviour_before_the_settings_existed():
     cfg = compose()
     got = {k: OmegaConf.select(cfg, k) for k in DEFAULTS}
-    assert {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()} == DEFAULTS
+    assert {
+        k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()
+    } == DEFAULTS
 
 
 def test_nested_presets_are_packaged():
     text = (REPO / "pyproject.toml").read_text()
     for d in ("maml_paper", "mamlpp_paper"):
-        assert f'"metarun.conf.experiment.{d}"' in text and f'"metarun.conf.experiment.{d}" = ["*.yaml"]' in text
+        assert (
+            f'"metarun.conf.experiment.{d}"' in text
+            and f'"metarun.conf.experiment.{d}" = ["*.yaml"]' in text
+        )
 
 
 # -- 2. adapt_bn=false: batch norm meta-learned, not adapted --------------------------------------------------
@@ -98,7 +186,10 @@ def offset_only_forward(p, x, bn_scale):
     h = x
     for i in range(4):
         h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=2, padding=1)
-        mean, var = h.mean(dim=(0, 2, 3), keepdim=True), h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        mean, var = (
+            h.mean(dim=(0, 2, 3), keepdim=True),
+            h.var(dim=(0, 2, 3), unbiased=False, keepdim=True),
+        )
         h = (h - mean) / torch.sqrt(var + 1e-3)
         if bn_scale:
             h = h * p[f"bn{i}.weight"].view(1, -1, 1, 1)
@@ -115,11 +206,15 @@ def frozen_bn_reference(params, ep, way, lr, steps, bn_scale):
         fast = dict(leaves)
         for _ in range(steps):
             logits = offset_only_forward(fast, ep.x_support[t], bn_scale)
-            loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (len(ep.y_support[t]) // way)
+            loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (
+                len(ep.y_support[t]) // way
+            )
             adapt = [k for k in fast if not k.startswith("bn")]
             grads = torch.autograd.grad(loss, [fast[k] for k in adapt], create_graph=True)
             fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads)}}
-        losses.append(F.cross_entropy(offset_only_forward(fast, ep.x_query[t], bn_scale), ep.y_query[t]))
+        losses.append(
+            F.cross_entropy(offset_only_forward(fast, ep.x_query[t], bn_scale), ep.y_query[t])
+        )
     return dict(zip(leaves, torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values()))))
 
 
@@ -127,7 +222,9 @@ def frozen_bn_reference(params, ep, way, lr, steps, bn_scale):
 @pytest.mark.parametrize("impl", ["batched", "parallel"])
 def test_frozen_batch_norm_meta_gradient_equals_reference(bn_scale, impl):
     way, steps, lr = 3, 2, 0.4
-    model = Conv4(way, filters=6, image_size=16, bn_scale=bn_scale, adapt_bn=False, head_init="normal")
+    model = Conv4(
+        way, filters=6, image_size=16, bn_scale=bn_scale, adapt_bn=False, head_init="normal"
+    )
     maml = MAML(model, lr, steps, steps, impl=impl, workers=2 if impl == "parallel" else 0)
     params = model.init_params(torch.Generator().manual_seed(3), dtype=torch.float64)
     assert ("bn0.weight" in params) == bn_scale and "bn0.bias" in params
@@ -148,7 +245,12 @@ def test_frozen_batch_norm_meta_gradient_equals_reference(bn_scale, impl):
     assert relative_error(got, expected) < 1e-10
     assert all(got[k].abs().sum() > 0 for k in model.bn_names())
     # and adapting batch norm gives another gradient (the setting matters)
-    adapting = MAML(Conv4(way, filters=6, image_size=16, bn_scale=bn_scale, head_init="normal"), lr, steps, steps)
+    adapting = MAML(
+        Conv4(way, filters=6, image_size=16, bn_scale=bn_scale, head_init="normal"),
+        lr,
+        steps,
+        steps,
+    )
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     adapting.accumulate_meta_gradient(leaves, ep)
     assert relative_error({k: v.grad for k, v in leaves.items()}, expected) > 1e-6
@@ -159,6 +261,7 @@ def test_every_algorithm_leaves_frozen_batch_norm_out_of_the_inner_loop(name):
     """The algorithms whose inner loop adapts `adapted_names` (ANIL adapts the head only; the baseline fine-tunes
     a new head; Reptile refuses the setting, below)."""
     from test_algorithms import build
+
     model = Conv4(3, filters=4, image_size=16, adapt_bn=False)
     algo = build(name, model)
     params = algo.init_meta_params(torch.Generator().manual_seed(0))
@@ -183,6 +286,7 @@ def test_head_init_normal_has_unit_std_and_xavier_is_unchanged():
 
 def test_bad_model_settings_are_refused():
     from metarun.errors import MetarunError
+
     with pytest.raises(MetarunError, match="model.head_init='uniform'"):
         Conv4(5, head_init="uniform")
     with pytest.raises(MetarunError, match="model.activation='tanh'"):
@@ -192,8 +296,14 @@ def test_bad_model_settings_are_refused():
 # -- 3. dataset.resize and the cache ---------------------------------------------------------------------------
 def test_resize_nearest_is_binary_and_lanczos_has_grey_levels(tiny_root, tmp_path):
     from metarun.data.omniglot import load_omniglot
-    base = {"root": str(tiny_root), "source": "auto", "download": False, "cache_dir": str(tmp_path),
-            "image_size": 28}
+
+    base = {
+        "root": str(tiny_root),
+        "source": "auto",
+        "download": False,
+        "cache_dir": str(tmp_path),
+        "image_size": 28,
+    }
     nearest = load_omniglot(OmegaConf.create({**base, "resize": "nearest"}))
     lanczos = load_omniglot(OmegaConf.create({**base, "resize": "lanczos"}))
     assert set(np.unique(nearest.images.numpy())) == {0, 255}
@@ -205,30 +315,52 @@ def test_resize_nearest_is_binary_and_lanczos_has_grey_levels(tiny_root, tmp_pat
     blob = torch.load(tmp_path / "omniglot_28.pt", weights_only=True)
     blob.pop("resize")  # a cache written before dataset.resize existed is a Lanczos one
     torch.save(blob, tmp_path / "omniglot_28.pt")
-    assert torch.equal(load_omniglot(OmegaConf.create({**base, "resize": "lanczos"})).images, lanczos.images)
-    torch.save({**blob, "resize": "nearest"}, tmp_path / "omniglot_28.pt")  # a mislabelled cache is rebuilt
-    assert torch.equal(load_omniglot(OmegaConf.create({**base, "resize": "lanczos"})).images, lanczos.images)
+    assert torch.equal(
+        load_omniglot(OmegaConf.create({**base, "resize": "lanczos"})).images, lanczos.images
+    )
+    torch.save(
+        {**blob, "resize": "nearest"}, tmp_path / "omniglot_28.pt"
+    )  # a mislabelled cache is rebuilt
+    assert torch.equal(
+        load_omniglot(OmegaConf.create({**base, "resize": "lanczos"})).images, lanczos.images
+    )
 
 
 def test_split_sizes_and_rotated_evaluation_tasks(tiny_root):
     from metarun.data.episodes import fixed_tasks
     from metarun.data.omniglot import load_omniglot, split_characters
     from metarun.errors import MetarunError
-    data = load_omniglot(OmegaConf.create({"root": str(tiny_root), "source": "auto", "download": False,
-                                           "cache_dir": str(tiny_root / "cache"), "image_size": 28}))
+
+    data = load_omniglot(
+        OmegaConf.create(
+            {
+                "root": str(tiny_root),
+                "source": "auto",
+                "download": False,
+                "cache_dir": str(tiny_root / "cache"),
+                "image_size": 28,
+            }
+        )
+    )
     total = len(data.character_names)
     a = split_characters(data, "maml", 1, 5, (1100, 100))
     b = split_characters(data, "maml", 1, 5, (1150, 50))
-    assert len(b["train"]) == round(total * 1150 / 1623) and len(b["val"]) == max(1, round(total * 50 / 1623))
-    assert len(a["train"]) < len(b["train"]) and len(a["train"]) + len(a["val"]) + len(a["test"]) == total
+    assert len(b["train"]) == round(total * 1150 / 1623) and len(b["val"]) == max(
+        1, round(total * 50 / 1623)
+    )
+    assert (
+        len(a["train"]) < len(b["train"])
+        and len(a["train"]) + len(a["val"]) + len(a["test"]) == total
+    )
     with pytest.raises(MetarunError, match="dataset.split_sizes"):
         split_characters(data, "maml", 1, 5, (1600, 100))
     classes = data.class_images(a["test"])
     plain = next(fixed_tasks(classes, "test", 3, 1, 1, "cpu", 8, seed=5, chunk=8))
     turned = next(fixed_tasks(classes, "test", 3, 1, 1, "cpu", 8, seed=5, chunk=8, rotate=True))
     again = next(fixed_tasks(classes, "test", 3, 1, 1, "cpu", 8, seed=5, chunk=8, rotate=True))
-    assert torch.equal(turned.x_query, again.x_query) and not torch.equal(turned.x_query, plain.x_query)
-
+    assert torch.equal(turned.x_query, again.x_query) and not torch.equal(
+        turned.x_query, plain.x_query
+    )
 
 
 @pytest.mark.parametrize("rotate_eval", [False, True])
@@ -237,6 +369,7 @@ def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
     scored image unrotated without it, all four rotations with it."""
     from test_data import ids, labelled_classes
     from metarun.runner.evaluate import evaluate_tasks
+
     scored = []
 
     class Recorder:  # stands in for an algorithm: records the episodes it is asked to score
@@ -244,59 +377,105 @@ def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
             scored.append(ep)
             return torch.ones(ep.x_query.shape[0])
 
-    cfg = OmegaConf.create({"way": 4, "shot": 1, "query": 2, "eval_seed": 7, "eval_chunk": 6,
-                            "dataset": {"rotate_eval": rotate_eval}})
+    cfg = OmegaConf.create(
+        {
+            "way": 4,
+            "shot": 1,
+            "query": 2,
+            "eval_seed": 7,
+            "eval_chunk": 6,
+            "dataset": {"rotate_eval": rotate_eval},
+        }
+    )
     mean, _ = evaluate_tasks(Recorder(), {}, labelled_classes(), "test", cfg, "cpu", tasks=20)
     turns = [k for ep in scored for x in (ep.x_support, ep.x_query) for (_, _, k) in ids(x)]
     assert mean == 1.0 and len(turns) == 20 * 4 * (1 + 2)
     assert set(turns) == ({0, 1, 2, 3} if rotate_eval else {0})
 
+
 # -- 4. The learning curve: accuracy after 0, 1, 3 inner steps in one pass -----------------------------------
 def test_curve_gives_one_accuracy_per_step_count_and_chance_before_adaptation(tiny_root):
     from metarun.runner.evaluate import evaluate_curve, evaluate_tasks
     from metarun.runner.setup import build_algorithm, load_splits
-    cfg = compose("way=3", "shot=1", "query=5", "model.filters=8", f"dataset.root={tiny_root}",
-                  f"dataset.cache_dir={tiny_root / 'cache'}", "eval_chunk=100")
+
+    cfg = compose(
+        "way=3",
+        "shot=1",
+        "query=5",
+        "model.filters=8",
+        f"dataset.root={tiny_root}",
+        f"dataset.cache_dir={tiny_root / 'cache'}",
+        "eval_chunk=100",
+    )
     _, algo = build_algorithm(cfg, torch.device("cpu"))
     splits = load_splits(cfg, torch.device("cpu"))["splits"]
     params = algo.init_meta_params(torch.Generator().manual_seed(0))
-    curve = evaluate_curve(algo, params, splits["test"], "test", cfg, torch.device("cpu"), 400, [0, 1, 3])
+    curve = evaluate_curve(
+        algo, params, splits["test"], "test", cfg, torch.device("cpu"), 400, [0, 1, 3]
+    )
     assert len(curve) == 3
     # before adaptation a fresh learner knows nothing of the task's random labels: chance, 1/way
     # (400 tasks x 15 queries: the standard error is ~1%)
     assert abs(curve[0][0] - 1 / 3) < 0.04
     # each point is what a separate evaluation with that many steps gives, on the same tasks
     for steps, (mean, ci) in zip([1, 3], curve[1:]):
-        assert (mean, ci) == pytest.approx(evaluate_tasks(algo, params, splits["test"], "test", cfg,
-                                                           torch.device("cpu"), 400, steps), abs=1e-6)
+        assert (mean, ci) == pytest.approx(
+            evaluate_tasks(
+                algo, params, splits["test"], "test", cfg, torch.device("cpu"), 400, steps
+            ),
+            abs=1e-6,
+        )
     assert curve[2][0] > curve[0][0] + 0.1  # adapting helps
 
 
 def test_eval_steps_from_the_cli_and_old_checkpoints_still_load(tiny_root, tmp_path):
     run = tmp_path / "run"
     run_metarun(*tiny_args(tiny_root, run), cwd=tmp_path, check=True)
-    out = run_metarun("eval", f"checkpoint={run}", "tasks=10", "steps=0,1,3", f"hydra.run.dir={tmp_path / 'e'}",
-                      cwd=tmp_path, check=True).stdout
+    out = run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=10",
+        "steps=0,1,3",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     result = json.loads((tmp_path / "e" / "eval.json").read_text())
     assert [c["steps"] for c in result["curve"]] == [0, 1, 3] and "inner steps" in out
     assert all(0 <= c["accuracy"] <= 1 and c["ci95"] >= 0 for c in result["curve"])
     # a checkpoint written before the faithfulness settings existed loads with today's behaviour
     blob = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
-    for group, keys in (("model", ("bn_scale", "adapt_bn", "head_init", "activation", "bn_eps")),
-                        ("dataset", ("resize", "rotate_eval", "split_sizes"))):
+    for group, keys in (
+        ("model", ("bn_scale", "adapt_bn", "head_init", "activation", "bn_eps")),
+        ("dataset", ("resize", "rotate_eval", "split_sizes")),
+    ):
         for key in keys:
             del blob["config"][group][key]
     old = tmp_path / "old" / "checkpoints"
     old.mkdir(parents=True)
     torch.save(blob, old / "best.pt")
-    run_metarun("eval", f"checkpoint={old / 'best.pt'}", "tasks=10", "steps=0,1,3",
-                f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path, check=True)
+    run_metarun(
+        "eval",
+        f"checkpoint={old / 'best.pt'}",
+        "tasks=10",
+        "steps=0,1,3",
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+        check=True,
+    )
     assert json.loads((tmp_path / "e2" / "eval.json").read_text())["curve"] == result["curve"]
     # the headline accuracy (update_step_test=2 steps), computed in the curve's pass, is a plain eval's
-    run_metarun("eval", f"checkpoint={old / 'best.pt'}", "tasks=10", f"hydra.run.dir={tmp_path / 'e3'}",
-                cwd=tmp_path, check=True)
-    assert json.loads((tmp_path / "e3" / "eval.json").read_text())["accuracy"] == pytest.approx(result["accuracy"],
-                                                                                                 abs=1e-9)
+    run_metarun(
+        "eval",
+        f"checkpoint={old / 'best.pt'}",
+        "tasks=10",
+        f"hydra.run.dir={tmp_path / 'e3'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert json.loads((tmp_path / "e3" / "eval.json").read_text())["accuracy"] == pytest.approx(
+        result["accuracy"], abs=1e-9
+    )
     bad = run_metarun("eval", f"checkpoint={run}", "steps=[1,-2]", cwd=tmp_path)
     assert bad.returncode == 2 and "steps=" in bad.stderr
 
@@ -323,15 +502,24 @@ def short_protocol_run(filters, meta_batch, iterations, tasks, *overrides):
     from metarun.algorithms.base import meta_train_step
     from metarun.runner.evaluate import evaluate_curve
     from metarun.runner.setup import build_algorithm, load_splits, train_sampler
+
     cache = os.environ.get("METARUN_TEST_CACHE") or str(REPO / ".pytest_cache" / "omniglot")
-    cfg = compose("experiment=maml_paper/omniglot_5way_1shot", f"model.filters={filters}",
-                  f"meta_batch={meta_batch}", f"iterations={iterations}", "dataset.source=embedded",
-                  f"dataset.cache_dir={cache}", *overrides)
+    cfg = compose(
+        "experiment=maml_paper/omniglot_5way_1shot",
+        f"model.filters={filters}",
+        f"meta_batch={meta_batch}",
+        f"iterations={iterations}",
+        "dataset.source=embedded",
+        f"dataset.cache_dir={cache}",
+        *overrides,
+    )
     device = torch.device("cpu")
     _, algo = build_algorithm(cfg, device)
     splits = load_splits(cfg, device)["splits"]
-    params = {k: v.requires_grad_(True) for k, v in
-              algo.init_meta_params(torch.Generator().manual_seed(int(cfg.seed))).items()}
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in algo.init_meta_params(torch.Generator().manual_seed(int(cfg.seed))).items()
+    }
     optimizer = torch.optim.Adam(params.values(), lr=float(cfg.meta_lr))
     sampler = train_sampler(cfg, splits["train"], device)
     for it in range(iterations):
@@ -343,10 +531,19 @@ def short_protocol_run(filters, meta_batch, iterations, tasks, *overrides):
 def test_short_run_of_the_papers_protocol_learns_as_measured():
     curve = short_protocol_run(**SHORT_RUN)
     if os.environ.get("METARUN_FAITHFULNESS_REPORT"):
-        print("\n" + ", ".join(f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%" for s, (m, c) in zip([0, 1, 3], curve)))
-    assert abs(curve[0][0] - 0.2) < 0.05  # unadapted: chance (the labels are a random permutation per task)
+        print(
+            "\n"
+            + ", ".join(
+                f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%" for s, (m, c) in zip([0, 1, 3], curve)
+            )
+        )
+    assert (
+        abs(curve[0][0] - 0.2) < 0.05
+    )  # unadapted: chance (the labels are a random permutation per task)
     for steps, (mean, _) in zip([1, 3], curve[1:]):
-        assert mean >= MEASURED[steps] - MARGIN, f"after {steps} steps {mean:.3f} < measured {MEASURED[steps]}"
+        assert mean >= MEASURED[steps] - MARGIN, (
+            f"after {steps} steps {mean:.3f} < measured {MEASURED[steps]}"
+        )
     assert curve[2][0] >= curve[1][0] - 0.02  # more steps do not hurt (the paper evaluates with 3)
 
 
@@ -354,6 +551,7 @@ def test_reptile_refuses_frozen_batch_norm():
     """Reptile's outer step moves phi along what its inner loop trained: frozen batch norm would never learn."""
     from metarun.algorithms.reptile import Reptile
     from metarun.errors import MetarunError
+
     with pytest.raises(MetarunError, match="algorithm=reptile .* model.adapt_bn=true"):
         Reptile(Conv4(3, filters=4, image_size=16, adapt_bn=False), 0.001, 2, 2)
     Reptile(Conv4(3, filters=4, image_size=16), 0.001, 2, 2)  # the default is fine

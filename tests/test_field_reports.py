@@ -1,6 +1,7 @@
 """Issue #11's field reports, each as the user meets it (a real CLI run) plus the general form of its kind:
 resume keeps its run, device-independent sampler state, fixed evaluation tasks, non-finite weights, run
 dirs never shared, sweeps that survive a bad cell, `~` paths, the run's log file, and what a run records."""
+
 import json
 import multiprocessing
 import os
@@ -39,23 +40,41 @@ def run(tiny_root, tmp_path_factory):
     with another validation cadence. Returns (run dir, the first segment's files, the resume's output)."""
     base = tmp_path_factory.mktemp("field")
     run = base / "run"
-    first = run_metarun(*tiny_args(tiny_root, run, "iterations=3", "update_lr=0.2", "query=2",
-                                   f"dataset.cache_dir={base / 'cache'}"), cwd=base, check=True)
-    before = {"config": (run / ".hydra" / "config.yaml").read_bytes(),
-              "overrides": (run / ".hydra" / "overrides.yaml").read_bytes(),
-              "results": json.loads((run / "results.json").read_text()), "stdout": first.stdout}
-    resumed = run_metarun("train", f"resume={run}", "iterations=6", "eval_every=1", cwd=base, check=True)
+    first = run_metarun(
+        *tiny_args(
+            tiny_root,
+            run,
+            "iterations=3",
+            "update_lr=0.2",
+            "query=2",
+            f"dataset.cache_dir={base / 'cache'}",
+        ),
+        cwd=base,
+        check=True,
+    )
+    before = {
+        "config": (run / ".hydra" / "config.yaml").read_bytes(),
+        "overrides": (run / ".hydra" / "overrides.yaml").read_bytes(),
+        "results": json.loads((run / "results.json").read_text()),
+        "stdout": first.stdout,
+    }
+    resumed = run_metarun(
+        "train", f"resume={run}", "iterations=6", "eval_every=1", cwd=base, check=True
+    )
     return run, before, resumed
 
 
 # 1. Resume continues the run it names ---------------------------------------------------------------
+
 
 def test_bare_resume_continues_the_run_as_configured(run):
     run, before, resumed = run
     assert "resumed from" in resumed.stdout and "at iteration 3" in resumed.stdout
     blob = ckpt(run)
     assert blob["iteration"] == 6
-    assert blob["config"]["update_lr"] == 0.2 and blob["config"]["way"] == 3  # the run's own, not the defaults'
+    assert (
+        blob["config"]["update_lr"] == 0.2 and blob["config"]["way"] == 3
+    )  # the run's own, not the defaults'
     assert blob["config"]["iterations"] == 6 and blob["config"]["eval_every"] == 1
     # the changes are applied for real: validation every iteration after the resume
     events = EventAccumulator(str(run / "tensorboard"))
@@ -76,12 +95,15 @@ def test_bare_resume_continues_the_run_as_configured(run):
     assert results["train_seconds"] > before["results"]["train_seconds"]
 
 
-@pytest.mark.parametrize("override,fragment", [
-    ("update_lr=0.4", "update_lr=0.4 cannot change on resume"),
-    ("meta_lr=0.01", "meta_lr=0.01 cannot change on resume"),
-    ("experiment=omniglot_5way_1shot", "experiment=omniglot_5way_1shot chooses a config group"),
-    ("iterations=2", "iterations=2 is below the iteration 6"),
-])
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("update_lr=0.4", "update_lr=0.4 cannot change on resume"),
+        ("meta_lr=0.01", "meta_lr=0.01 cannot change on resume"),
+        ("experiment=omniglot_5way_1shot", "experiment=omniglot_5way_1shot chooses a config group"),
+        ("iterations=2", "iterations=2 is below the iteration 6"),
+    ],
+)
 def test_resume_refuses_changes_of_the_run(run, tmp_path, override, fragment):
     run, _, _ = run
     files = {p: p.read_bytes() for p in (run / ".hydra").iterdir()}
@@ -144,11 +166,12 @@ def test_every_setting_is_either_resumable_and_applied_or_refused():
 
 # 2. Sampler state fits any device ---------------------------------------------------------------------
 
+
 def test_sampler_state_is_device_independent(labelled_classes):
     a = EpisodeSampler(labelled_classes, "train", 3, 1, 2, "cpu", seed=5, rotate=True)
     a.sample(4)
     state = a.state()
-    assert state == {"seed": 5, "draws": 1}          # plain ints: no generator state of any device type
+    assert state == {"seed": 5, "draws": 1}  # plain ints: no generator state of any device type
     b = EpisodeSampler(labelled_classes, "train", 3, 1, 2, "cpu", seed=0, rotate=True)
     b.load_state(torch.load(_roundtrip(state), weights_only=True))
     assert torch.equal(a.sample(4).x_query, b.sample(4).x_query)
@@ -158,6 +181,7 @@ def test_sampler_state_is_device_independent(labelled_classes):
 
 def _roundtrip(obj):
     import io
+
     buf = io.BytesIO()
     torch.save(obj, buf)
     buf.seek(0)
@@ -167,6 +191,7 @@ def _roundtrip(obj):
 @pytest.fixture
 def labelled_classes():
     from test_data import labelled_classes as make
+
     return make()
 
 
@@ -188,17 +213,23 @@ def test_resume_of_a_checkpoint_with_another_devices_generator_state(run, tmp_pa
 
 # 3. Fixed evaluation tasks do not depend on eval_chunk -----------------------------------------------
 
+
 def test_fixed_tasks_depend_only_on_seed_split_and_shape(labelled_classes):
     def tasks(n, chunk):
         eps = list(fixed_tasks(labelled_classes, "val", 3, 1, 2, "cpu", n, 7, chunk))
         assert [len(e.x_support) for e in eps] == [min(chunk, n - i) for i in range(0, n, chunk)]
         return torch.cat([e.x_support for e in eps]), torch.cat([e.y_query for e in eps])
+
     whole = tasks(10, 10)
     for chunk in (1, 3, 7):
         assert all(torch.equal(a, b) for a, b in zip(tasks(10, chunk), whole))
     assert torch.equal(tasks(4, 3)[0], whole[0][:4])  # the first 4 of 10 tasks are the 4 tasks
-    assert not torch.equal(torch.cat([e.x_support for e in fixed_tasks(labelled_classes, "val", 3, 1, 2, "cpu",
-                                                                        10, 8, 10)]), whole[0])
+    assert not torch.equal(
+        torch.cat(
+            [e.x_support for e in fixed_tasks(labelled_classes, "val", 3, 1, 2, "cpu", 10, 8, 10)]
+        ),
+        whole[0],
+    )
 
 
 def test_scores_equal_for_any_chunk_size_and_impl(run, tiny_root):
@@ -224,13 +255,21 @@ def test_eval_scores_equal_for_any_eval_chunk(run, tiny_root, tmp_path):
     accuracies = []
     for chunk in (1, 7):
         out = tmp_path / f"eval{chunk}"
-        run_metarun("eval", f"checkpoint={run}", "tasks=10", f"eval_chunk={chunk}", f"hydra.run.dir={out}",
-                    cwd=tmp_path, check=True)
+        run_metarun(
+            "eval",
+            f"checkpoint={run}",
+            "tasks=10",
+            f"eval_chunk={chunk}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+            check=True,
+        )
         accuracies.append(json.loads((out / "eval.json").read_text())["accuracy"])
     assert accuracies[0] == accuracies[1]
 
 
 # 4. Non-finite weights are refused wherever weights are loaded ---------------------------------------
+
 
 def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
     run, _, _ = run
@@ -249,6 +288,7 @@ def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
 def test_resume_refuses_a_damaged_best_checkpoint_before_training(run, tmp_path):
     """best.pt is scored at the end of training: a resume finds a damaged one before any iteration runs."""
     import shutil
+
     run, _, _ = run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy)
@@ -258,7 +298,9 @@ def test_resume_refuses_a_damaged_best_checkpoint_before_training(run, tmp_path)
     torch.save(blob, copy / "checkpoints" / "best.pt")
     before = (copy / "checkpoints" / "last.pt").read_bytes()
     proc = run_metarun("train", f"resume={copy}", "iterations=9", cwd=tmp_path)
-    assert_clean_error(proc, "best.pt", "tensor 'params.fc.bias'", "checkpoints/top/*.pt or last.pt")
+    assert_clean_error(
+        proc, "best.pt", "tensor 'params.fc.bias'", "checkpoints/top/*.pt or last.pt"
+    )
     assert (copy / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -267,8 +309,11 @@ def test_every_loaded_tensor_is_checked(run, tmp_path, setting):
     """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf, and
     the check is in load_checkpoint, which eval, resume and the end-of-training test all use."""
     run, _, _ = run
-    for tree, name, value in (("params", "fc.bias", float("inf")), ("params", "meta.lr.conv0", float("nan")),
-                              ("optimizer", "exp_avg_sq", float("-inf"))):
+    for tree, name, value in (
+        ("params", "fc.bias", float("inf")),
+        ("params", "meta.lr.conv0", float("nan")),
+        ("optimizer", "exp_avg_sq", float("-inf")),
+    ):
         blob = ckpt(run)
         if tree == "params":
             blob["params"][name] = torch.full((3,), value)
@@ -297,14 +342,23 @@ def test_nonfinite_weights_never_reach_a_checkpoint(tiny_root, tmp_path, monkeyp
         return result
 
     monkeypatch.setattr(train_module, "meta_train_step", poisoned)
-    cfg = compose_train(*strip(tiny_args(tiny_root, tmp_path / "x"), "train", "hydra."), "iterations=4",
-                        "eval_every=2")
-    with pytest.raises(MetarunError, match=r"weights became non-finite \(tensor 'params.fc.bias'.*at iteration 2"):
+    cfg = compose_train(
+        *strip(tiny_args(tiny_root, tmp_path / "x"), "train", "hydra."),
+        "iterations=4",
+        "eval_every=2",
+    )
+    with pytest.raises(
+        MetarunError, match=r"weights became non-finite \(tensor 'params.fc.bias'.*at iteration 2"
+    ):
         train_module.train(cfg, tmp_path)
-    assert not (tmp_path / "checkpoints" / "last.pt").exists() and not (tmp_path / "checkpoints" / "best.pt").exists()
+    assert (
+        not (tmp_path / "checkpoints" / "last.pt").exists()
+        and not (tmp_path / "checkpoints" / "best.pt").exists()
+    )
 
 
 # 5. A run dir is claimed by one run ---------------------------------------------------------------
+
 
 def _claim(path, queue):
     queue.put(str(rundir.claim(path, auto=True)[0]))
@@ -333,14 +387,27 @@ def test_simultaneous_claims_of_one_dir_get_distinct_dirs(tmp_path):
 def test_runs_started_together_get_their_own_dirs(tiny_root, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("METARUN_DATA", "METARUN_DEBUG")}
     args = strip(tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir")
-    procs = [subprocess.Popen([sys.executable, "-m", "metarun.cli", *args, f"seed={seed}"], cwd=tmp_path, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (1, 2, 3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "metarun.cli", *args, f"seed={seed}"],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for seed in (1, 2, 3)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     runs = sorted((tmp_path / "outputs" / "train").iterdir())
     assert len(runs) == 3
-    assert sorted(json.loads((r / "results.json").read_text())["config"]["seed"] for r in runs) == [1, 2, 3]
+    assert sorted(json.loads((r / "results.json").read_text())["config"]["seed"] for r in runs) == [
+        1,
+        2,
+        3,
+    ]
     for r in runs:  # TensorBoard events of one process per dir (file names end in <host>.<pid>.<n>)
         assert len({p.name.split(".")[-2] for p in (r / "tensorboard").rglob("events.*")}) == 1
 
@@ -350,8 +417,15 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     # into a new dir a resume is a branch of the run; the original is untouched
     last = (run / "checkpoints" / "last.pt").read_bytes()
     branch = tmp_path / "branch"
-    run_metarun("train", f"resume={run}", "iterations=7", f"hydra.run.dir={branch}", "algorithm.impl=loop",
-                cwd=tmp_path, check=True)
+    run_metarun(
+        "train",
+        f"resume={run}",
+        "iterations=7",
+        f"hydra.run.dir={branch}",
+        "algorithm.impl=loop",
+        cwd=tmp_path,
+        check=True,
+    )
     assert ckpt(branch)["iteration"] == 7 and (run / "checkpoints" / "last.pt").read_bytes() == last
     assert ckpt(branch)["history"][-1]["resumed_from"] == str(run)
     # 1. an execution setting given on resume is applied for real, not overridden by the saved execution
@@ -360,11 +434,15 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     assert (branch / "checkpoints" / "best.pt").is_file()  # the run's best checkpoint goes with it
     # into a dir that belongs to another run (here: the branch) it is refused, and that run is untouched
     files = {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()}
-    proc = run_metarun("train", f"resume={run}", "iterations=8", f"hydra.run.dir={branch}", cwd=tmp_path)
+    proc = run_metarun(
+        "train", f"resume={run}", "iterations=8", f"hydra.run.dir={branch}", cwd=tmp_path
+    )
     assert_clean_error(proc, f"hydra.run.dir={branch} already belongs to another run")
     # eval's output dir is claimed the same way
-    assert_clean_error(run_metarun("eval", f"checkpoint={run}", f"hydra.run.dir={branch}", cwd=tmp_path),
-                       "already belongs to another run")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={run}", f"hydra.run.dir={branch}", cwd=tmp_path),
+        "already belongs to another run",
+    )
     assert {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()} == files
 
 
@@ -381,16 +459,27 @@ def test_rejected_run_in_the_default_dir_leaves_nothing(tiny_root, tmp_path):
 
 # 6. A sweep survives a bad cell ---------------------------------------------------------------------
 
+
 def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
-    args = strip(tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "way=")
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "way="
+    )
     sweep = tmp_path / "sweep"
     proc = run_metarun(*args, "-m", "way=5000,five,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     line = [l for l in proc.stderr.splitlines() if l.startswith("metarun: error:")]
-    assert len(line) == 1 and "2 sweep cell(s) failed" in line[0] and "way=5000" in line[0] and "way=five" in line[0]
+    assert (
+        len(line) == 1
+        and "2 sweep cell(s) failed" in line[0]
+        and "way=5000" in line[0]
+        and "way=five" in line[0]
+    )
     cells = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1", "2")}
     assert cells["0"]["status"] == "failed" and "larger than the 33 classes" in cells["0"]["reason"]
-    assert cells["1"]["status"] == "failed" and "way=five must be a positive integer" in cells["1"]["reason"]
+    assert (
+        cells["1"]["status"] == "failed"
+        and "way=five must be a positive integer" in cells["1"]["reason"]
+    )
     assert cells["2"]["status"] == "completed" and cells["2"]["config"]["way"] == 3
     assert "larger than the 33 classes" in (sweep / "0" / "metarun-train.log").read_text()
     # the report of that sweep: the finished cell filled, the failed ones marked with their reasons (#16)
@@ -403,12 +492,15 @@ def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
 
 def test_sweep_with_a_mistyped_setting_fails_before_any_cell(tiny_root, tmp_path):
     args = strip(tiny_args(tiny_root, tmp_path, "iterations=2"), "hydra.run.dir")
-    proc = run_metarun(*args, "-m", "way=2,3", "wya=4", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    proc = run_metarun(
+        *args, "-m", "way=2,3", "wya=4", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path
+    )
     assert_clean_error(proc, "unknown setting 'wya'")
     assert not (tmp_path / "sweep").exists()
 
 
 # 7. `~` in every path setting ------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("key", cli.PATH_SETTINGS)
 @pytest.mark.parametrize("quote", ["", "'", '"'])
@@ -429,33 +521,71 @@ def test_tilde_paths_from_the_cli(tiny_root, tmp_path):
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {"HOME": str(home)}
-    args = strip(tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "dataset.")
-    run_metarun(*args, "hydra.run.dir=~/runs/x", "dataset.root=~/data", "dataset.cache_dir='~/cache'", cwd=cwd,
-                env_extra=env, check=True)
-    assert ckpt(home / "runs" / "x")["iteration"] == 2 and (home / "cache" / "omniglot_28.pt").is_file()
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "dataset."
+    )
+    run_metarun(
+        *args,
+        "hydra.run.dir=~/runs/x",
+        "dataset.root=~/data",
+        "dataset.cache_dir='~/cache'",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
+    assert (
+        ckpt(home / "runs" / "x")["iteration"] == 2
+        and (home / "cache" / "omniglot_28.pt").is_file()
+    )
     run_metarun("train", "resume=~/runs/x", "iterations=3", cwd=cwd, env_extra=env, check=True)
-    run_metarun("eval", "checkpoint=~/runs/x", "data_root=~/data", "tasks=3", "hydra.run.dir=~/ev", cwd=cwd,
-                env_extra=env, check=True)
+    run_metarun(
+        "eval",
+        "checkpoint=~/runs/x",
+        "data_root=~/data",
+        "tasks=3",
+        "hydra.run.dir=~/ev",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
     assert (home / "ev" / "eval.json").is_file()
-    run_metarun(*args, "-m", "seed=1", "hydra.sweep.dir=~/sw", "dataset.root=~/data", cwd=cwd, env_extra=env,
-                check=True)
+    run_metarun(
+        *args,
+        "-m",
+        "seed=1",
+        "hydra.sweep.dir=~/sw",
+        "dataset.root=~/data",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
     assert json.loads((home / "sw" / "0" / "results.json").read_text())["status"] == "completed"
     assert sorted(p.name for p in cwd.iterdir()) == []  # no folder named `~`, nothing else either
 
 
 # 8. The run's log file ----------------------------------------------------------------------------------
 
+
 def test_log_file_holds_the_runs_messages(run):
     run, before, _ = run
     text = (run / "metarun-train.log").read_text()
     assert "\r" not in text and "meta-train" not in text  # tqdm stays on the console
-    for fragment in ("3-way 1-shot 2-query on cpu", "iteration 3: validation accuracy",
-                     "iteration 6: validation accuracy", "test accuracy", "resumed from", "run dir"):
+    for fragment in (
+        "3-way 1-shot 2-query on cpu",
+        "iteration 3: validation accuracy",
+        "iteration 6: validation accuracy",
+        "test accuracy",
+        "resumed from",
+        "run dir",
+    ):
         assert fragment in text, fragment
-    assert "into the cache" in before["stdout"] and "MiB" in before["stdout"]  # 9. where a cache goes, its size
+    assert (
+        "into the cache" in before["stdout"] and "MiB" in before["stdout"]
+    )  # 9. where a cache goes, its size
 
 
 # 9. What a run tells its user, and keeps ------------------------------------------------------------------
+
 
 def test_resolved_settings_are_recorded(run):
     run, _, _ = run
@@ -466,8 +596,13 @@ def test_resolved_settings_are_recorded(run):
     assert ckpt(run)["resolved"]["algorithm"]["impl"] == resolved.algorithm.impl
 
 
-@pytest.mark.parametrize("name", sorted(str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
-                                         for p in (REPO / "conf" / "experiment").rglob("*.yaml")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+        for p in (REPO / "conf" / "experiment").rglob("*.yaml")
+    ),
+)
 def test_experiment_group_without_plus(name):
     plain = compose_train(cli._normalize(f"experiment={name}"))
     plus = compose_train(cli._normalize(f"+experiment={name}"))
@@ -477,38 +612,78 @@ def test_experiment_group_without_plus(name):
 
 
 def test_experiment_group_without_plus_from_the_cli(tmp_path):
-    out = run_metarun("train", "experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True).stdout
+    out = run_metarun(
+        "train", "experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True
+    ).stdout
     assert "way: 20" in out and "meta_batch: 16" in out
 
 
 def test_eval_says_what_it_scored(run, tmp_path):
     run, _, _ = run
-    out = run_metarun("eval", f"checkpoint={run}", "tasks=3", f"hydra.run.dir={tmp_path / 'e'}", cwd=tmp_path,
-                      check=True).stdout
+    out = run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=3",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     best = ckpt(run, "best.pt")["iteration"]
-    assert f"{run / 'checkpoints' / 'best.pt'} (iteration {best})" in out and f"{tmp_path / 'e' / 'eval.json'}" in out
+    assert (
+        f"{run / 'checkpoints' / 'best.pt'} (iteration {best})" in out
+        and f"{tmp_path / 'e' / 'eval.json'}" in out
+    )
     # a run stopped before its first validation has no best.pt: eval says it scores last.pt
     early = tmp_path / "early"
     (early / "checkpoints").mkdir(parents=True)
     shutil.copy(run / "checkpoints" / "last.pt", early / "checkpoints" / "last.pt")
-    proc = run_metarun("eval", f"checkpoint={early}", "tasks=3", f"hydra.run.dir={tmp_path / 'e2'}", cwd=tmp_path,
-                       check=True)
-    assert "has no checkpoints/best.pt" in proc.stderr and "scoring last.pt (iteration 6)" in proc.stderr
+    proc = run_metarun(
+        "eval",
+        f"checkpoint={early}",
+        "tasks=3",
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert (
+        "has no checkpoints/best.pt" in proc.stderr
+        and "scoring last.pt (iteration 6)" in proc.stderr
+    )
 
 
 def test_time_limit_ends_training_with_a_test_and_results(tiny_root, tmp_path):
     """time_limit (minutes) ends a run early as if its iterations were reached: last validation, test of
     the best checkpoint, results.json saying how far it got; the run continues with resume."""
     run = tmp_path / "run"
-    proc = run_metarun(*tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "time_limit=0.02"),
-                       cwd=tmp_path, check=True)
+    proc = run_metarun(
+        *tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "time_limit=0.02"),
+        cwd=tmp_path,
+        check=True,
+    )
     results = json.loads((run / "results.json").read_text())
     done = results["iterations_done"]
-    assert results["stopped_by"] == "time_limit" and 0 < done < 100000 and "time_limit=0.02 min reached" in proc.stdout
-    assert results["best_iteration"] == done and ckpt(run)["iteration"] == done and "test_accuracy" in results
-    more = run_metarun("train", f"resume={run}", f"iterations={done + 2}", "time_limit=null", cwd=tmp_path, check=True)
+    assert (
+        results["stopped_by"] == "time_limit"
+        and 0 < done < 100000
+        and "time_limit=0.02 min reached" in proc.stdout
+    )
+    assert (
+        results["best_iteration"] == done
+        and ckpt(run)["iteration"] == done
+        and "test_accuracy" in results
+    )
+    more = run_metarun(
+        "train",
+        f"resume={run}",
+        f"iterations={done + 2}",
+        "time_limit=null",
+        cwd=tmp_path,
+        check=True,
+    )
     assert f"at iteration {done}" in more.stdout
     final = json.loads((run / "results.json").read_text())
     assert final["iterations_done"] == done + 2 and final["stopped_by"] == "iterations"
-    assert_clean_error(run_metarun(*tiny_args(tiny_root, tmp_path / "bad", "time_limit=-1"), cwd=tmp_path),
-                       "time_limit=-1 must be a positive number of minutes")
+    assert_clean_error(
+        run_metarun(*tiny_args(tiny_root, tmp_path / "bad", "time_limit=-1"), cwd=tmp_path),
+        "time_limit=-1 must be a positive number of minutes",
+    )

@@ -1,5 +1,6 @@
 """Any nn.Module as the learner (models/learner.py): the functional_call path equals conv4's grouped path,
 ResNet-12 equals an independent functional write-up, and bad modules are refused with one clear error."""
+
 import pytest
 import torch
 import torch.nn as nn
@@ -19,6 +20,7 @@ WAY = 3
 
 class Conv4Module(nn.Module):
     """The MAML paper's Omniglot conv4 as an ordinary module, with Conv4's weight names."""
+
     def __init__(self, way=WAY, filters=6):
         super().__init__()
         c = 1
@@ -59,15 +61,21 @@ def test_module_learner_init_is_seeded_and_changes_no_global_rng():
     b = learner.init_params(torch.Generator().manual_seed(5))
     c = learner.init_params(torch.Generator().manual_seed(6))
     assert torch.equal(torch.get_rng_state(), rng)
-    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(a["conv0.weight"], c["conv0.weight"])
+    assert all(torch.equal(a[k], b[k]) for k in a) and not torch.equal(
+        a["conv0.weight"], c["conv0.weight"]
+    )
 
 
 def plain_resnet12(p, x, leak=0.1):
     """ResNet-12 written out with functional ops (rfs's BasicBlock, batch statistics)."""
+
     def bn(h, name):
         mean = h.mean(dim=(0, 2, 3), keepdim=True)
         var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        return (h - mean) / torch.sqrt(var + 1e-5) * p[name + ".weight"].view(1, -1, 1, 1) + p[name + ".bias"].view(1, -1, 1, 1)
+        return (h - mean) / torch.sqrt(var + 1e-5) * p[name + ".weight"].view(1, -1, 1, 1) + p[
+            name + ".bias"
+        ].view(1, -1, 1, 1)
+
     for i in range(4):
         b = f"blocks.{i}."
         out = F.leaky_relu(bn(F.conv2d(x, p[b + "conv1.weight"], padding=1), b + "bn1"), leak)
@@ -82,15 +90,25 @@ def test_resnet12_equals_functional_reference_on_tiny_inputs():
     learner = ModuleLearner(lambda: ResNet12(WAY, 3, (4, 5, 6, 7)), WAY, 3, 16)
     params = learner.init_params(torch.Generator().manual_seed(0), dtype=torch.float64)
     g = torch.Generator().manual_seed(1)
-    params = {k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}  # untie BN
-    assert params["blocks.3.conv3.weight"].shape == (7, 7, 3, 3) and params["fc.weight"].shape == (WAY, 7)
+    params = {
+        k: v + 0.1 * torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()
+    }  # untie BN
+    assert params["blocks.3.conv3.weight"].shape == (7, 7, 3, 3) and params["fc.weight"].shape == (
+        WAY,
+        7,
+    )
     x = torch.rand(2, 6, 3, 16, 16, generator=g, dtype=torch.float64)
     got = learner.forward({k: v.unsqueeze(0).expand(2, *v.shape) for k, v in params.items()}, x)
     for t in range(2):
         assert torch.allclose(got[t], plain_resnet12(params, x[t]), rtol=0, atol=1e-12)
     # rfs's shapes: 84x84 -> 5x5 before pooling, 640 features, initialisation kaiming-normal fan_out
     net = ResNet12(5, 3)
-    assert net.fc.in_features == 640 and [b.conv1.out_channels for b in net.blocks] == [64, 160, 320, 640]
+    assert net.fc.in_features == 640 and [b.conv1.out_channels for b in net.blocks] == [
+        64,
+        160,
+        320,
+        640,
+    ]
     assert ResNet12(5, 3, (2, 2, 2, 2)).blocks(torch.zeros(2, 3, 84, 84)).shape == (2, 2, 5, 5)
     std = net.blocks[0].conv1.weight.std().item()
     assert abs(std - (2 / 1.0001) ** 0.5 / (64 * 9) ** 0.5) < 0.01
@@ -122,23 +140,40 @@ class FrozenBN(RunningStats):
         return self
 
 
-@pytest.mark.parametrize("target,fragment", [
-    ("nosuch.module.Net", "could not be built"),
-    ("test_learners.NotAModule", "not a torch.nn.Module"),
-    ("test_learners.RunningStats", "track_running_stats=False"),
-    ("test_learners.FrozenBN", "eval mode"),
-])
+@pytest.mark.parametrize(
+    "target,fragment",
+    [
+        ("nosuch.module.Net", "could not be built"),
+        ("test_learners.NotAModule", "not a torch.nn.Module"),
+        ("test_learners.RunningStats", "track_running_stats=False"),
+        ("test_learners.FrozenBN", "eval mode"),
+    ],
+)
 def test_bad_module_is_refused(target, fragment):
-    cfg = OmegaConf.create({"way": WAY, "dataset": {"channels": 1, "image_size": 2},
-                            "model": {"_target_": target, "way": "${way}"}})
+    cfg = OmegaConf.create(
+        {
+            "way": WAY,
+            "dataset": {"channels": 1, "image_size": 2},
+            "model": {"_target_": target, "way": "${way}"},
+        }
+    )
     with pytest.raises(MetarunError, match=fragment):
         build_learner(cfg)
 
 
 def test_wrong_number_of_logits_is_refused():
-    cfg = OmegaConf.create({"way": 5, "dataset": {"channels": 3, "image_size": 16},
-                            "model": {"_target_": "metarun.models.resnet12.ResNet12", "way": 4, "in_channels": 3,
-                                      "channels": [2, 2, 2, 2]}})
+    cfg = OmegaConf.create(
+        {
+            "way": 5,
+            "dataset": {"channels": 3, "image_size": 16},
+            "model": {
+                "_target_": "metarun.models.resnet12.ResNet12",
+                "way": 4,
+                "in_channels": 3,
+                "channels": [2, 2, 2, 2],
+            },
+        }
+    )
     with pytest.raises(MetarunError, match=r"not \[10, way=5\] logits"):
         build_learner(cfg)
     cfg.model.way = 5

@@ -9,19 +9,33 @@ from metarun.models.conv4 import Conv4
 
 def random_episodes(tasks, way, shot, query, side=16, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    labels = lambda n: torch.stack([torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)])
-    return Episodes(torch.rand(tasks, way * shot, 1, side, side, generator=g, dtype=dtype), labels(shot),
-                    torch.rand(tasks, way * query, 1, side, side, generator=g, dtype=dtype), labels(query))
+    labels = lambda n: torch.stack(
+        [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)]
+    )
+    return Episodes(
+        torch.rand(tasks, way * shot, 1, side, side, generator=g, dtype=dtype),
+        labels(shot),
+        torch.rand(tasks, way * query, 1, side, side, generator=g, dtype=dtype),
+        labels(query),
+    )
 
 
 def plain_forward(p, x, downsample):
     """The learner written out for one task, independently of metarun's batched model."""
     h = x
     for i in range(4):
-        h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=2 if downsample == "stride" else 1, padding=1)
+        h = F.conv2d(
+            h,
+            p[f"conv{i}.weight"],
+            p[f"conv{i}.bias"],
+            stride=2 if downsample == "stride" else 1,
+            padding=1,
+        )
         mean = h.mean(dim=(0, 2, 3), keepdim=True)
         var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        h = (h - mean) / torch.sqrt(var + 1e-3) * p[f"bn{i}.weight"].view(1, -1, 1, 1) + p[f"bn{i}.bias"].view(1, -1, 1, 1)
+        h = (h - mean) / torch.sqrt(var + 1e-3) * p[f"bn{i}.weight"].view(1, -1, 1, 1) + p[
+            f"bn{i}.bias"
+        ].view(1, -1, 1, 1)
         h = F.relu(h)
         if downsample == "maxpool":
             h = F.max_pool2d(h, 2)
@@ -38,10 +52,16 @@ def reference_gradient(params, ep, way, update_lr, update_step, first_order, dow
         fast = leaves
         for _ in range(update_step):
             logits = plain_forward(dict(zip(names, fast)), ep.x_support[t], downsample)
-            loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (len(ep.y_support[t]) // way)
+            loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (
+                len(ep.y_support[t]) // way
+            )
             grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
             fast = [w - update_lr * g for w, g in zip(fast, grads)]
-        losses.append(F.cross_entropy(plain_forward(dict(zip(names, fast)), ep.x_query[t], downsample), ep.y_query[t]))
+        losses.append(
+            F.cross_entropy(
+                plain_forward(dict(zip(names, fast)), ep.x_query[t], downsample), ep.y_query[t]
+            )
+        )
     return dict(zip(names, torch.autograd.grad(torch.stack(losses).mean(), leaves)))
 
 
@@ -59,14 +79,25 @@ def relative_error(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
 @pytest.mark.parametrize("update_step", [1, 3])
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("impl,task_chunk", [("batched", 0), ("batched", 2), ("loop", 0), ("parallel", 0),
-                                             ("parallel", 1)])
+@pytest.mark.parametrize(
+    "impl,task_chunk",
+    [("batched", 0), ("batched", 2), ("loop", 0), ("parallel", 0), ("parallel", 1)],
+)
 def test_meta_gradient_equals_reference(downsample, update_step, first_order, impl, task_chunk):
     way = 3
     model = Conv4(way, filters=6, image_size=16, downsample=downsample)
     params = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
     ep = random_episodes(tasks=3, way=way, shot=2, query=2)
-    maml = MAML(model, 0.4, update_step, update_step, first_order, impl=impl, task_chunk=task_chunk, workers=2)
+    maml = MAML(
+        model,
+        0.4,
+        update_step,
+        update_step,
+        first_order,
+        impl=impl,
+        task_chunk=task_chunk,
+        workers=2,
+    )
     expected = reference_gradient(params, ep, way, 0.4, update_step, first_order, downsample)
     assert relative_error(metarun_gradient(maml, params, ep), expected) < 1e-8
 
@@ -98,15 +129,23 @@ def synthetic_tasks(pool, tasks, way, shot, query, g, noise=0.35):
     def draw(n):
         x = pool[chosen].unsqueeze(2).expand(-1, -1, n, -1, -1, -1)
         x = x + noise * torch.randn(x.shape, generator=g)
-        return x.reshape(tasks, way * n, *pool.shape[1:]), labels.unsqueeze(-1).expand(-1, -1, n).reshape(tasks, -1)
+        return x.reshape(tasks, way * n, *pool.shape[1:]), labels.unsqueeze(-1).expand(
+            -1, -1, n
+        ).reshape(tasks, -1)
+
     xs, ys = draw(shot)
     xq, yq = draw(query)
     return Episodes(xs, ys, xq, yq)
 
 
 def post_adaptation_query_loss(maml, params, ep):
-    fast = maml.adapt({k: v.detach().requires_grad_(True) for k, v in params.items()}, ep.x_support, ep.y_support,
-                      maml.update_step_test, create_graph=False)
+    fast = maml.adapt(
+        {k: v.detach().requires_grad_(True) for k, v in params.items()},
+        ep.x_support,
+        ep.y_support,
+        maml.update_step_test,
+        create_graph=False,
+    )
     with torch.no_grad():
         return maml.query_loss(maml.model.forward(fast, ep.x_query), ep.y_query)[0].mean().item()
 
@@ -116,7 +155,10 @@ def test_meta_training_lowers_post_adaptation_loss():
     g = torch.Generator().manual_seed(0)
     pool = (torch.rand(40, 1, 14, 14, generator=g) > 0.6).float()
     model = Conv4(way=3, filters=16, image_size=14)
-    params = {k: v.requires_grad_(True) for k, v in model.init_params(torch.Generator().manual_seed(0)).items()}
+    params = {
+        k: v.requires_grad_(True)
+        for k, v in model.init_params(torch.Generator().manual_seed(0)).items()
+    }
     maml = MAML(model, update_lr=0.4, update_step=1, update_step_test=1, impl="batched")
     held_out = synthetic_tasks(pool, 64, 3, 1, 5, torch.Generator().manual_seed(99))
     before = post_adaptation_query_loss(maml, params, held_out)

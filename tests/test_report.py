@@ -1,4 +1,5 @@
 """`metarun report`: the table of hand-written result files (exact Markdown and CSV)."""
+
 from __future__ import annotations
 
 import json
@@ -9,15 +10,37 @@ import yaml
 from metarun.cli import main
 
 
-def config(way: int, shot: int, seed: int, first_order: bool = False, algorithm: dict | None = None, n: int = 0) -> dict:
-    return {"way": way, "shot": shot, "query": 1, "seed": seed, "first_order": first_order, "update_lr": 0.4,
-            "update_step_test": 3, "iterations": 100, "device": "cpu",
-            "dataset": {"name": "omniglot", "root": f"/data/{n}", "split": "maml", "image_size": 28},
-            "algorithm": {"impl": "parallel", **(algorithm or {})}}
+def config(
+    way: int,
+    shot: int,
+    seed: int,
+    first_order: bool = False,
+    algorithm: dict | None = None,
+    n: int = 0,
+) -> dict:
+    return {
+        "way": way,
+        "shot": shot,
+        "query": 1,
+        "seed": seed,
+        "first_order": first_order,
+        "update_lr": 0.4,
+        "update_step_test": 3,
+        "iterations": 100,
+        "device": "cpu",
+        "dataset": {"name": "omniglot", "root": f"/data/{n}", "split": "maml", "image_size": 28},
+        "algorithm": {"impl": "parallel", **(algorithm or {})},
+    }
 
 
-def write_run(run_dir: Path, cfg: dict, accuracy: float | None = None, ci95: float | None = None,
-              reason: str | None = None, config_in_results: bool = True) -> None:
+def write_run(
+    run_dir: Path,
+    cfg: dict,
+    accuracy: float | None = None,
+    ci95: float | None = None,
+    reason: str | None = None,
+    config_in_results: bool = True,
+) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -26,8 +49,13 @@ def write_run(run_dir: Path, cfg: dict, accuracy: float | None = None, ci95: flo
         if config_in_results:
             results["config"] = cfg
     else:
-        results = {"config": cfg, "best_val_accuracy": accuracy, "test_accuracy": accuracy, "test_ci95": ci95,
-                   "test_tasks": 600}
+        results = {
+            "config": cfg,
+            "best_val_accuracy": accuracy,
+            "test_accuracy": accuracy,
+            "test_ci95": ci95,
+            "test_tasks": 600,
+        }
     (run_dir / "results.json").write_text(json.dumps(results))
 
 
@@ -41,8 +69,12 @@ def make_sweep(root: Path) -> Path:
     write_run(sweep / "2", config(5, 1, 2, n=2), 0.97, 0.009)
     write_run(sweep / "3", config(5, 1, 0, True, n=3), 0.9012, 0.0123)
     write_run(sweep / "4", config(20, 1, 0, n=4), 0.8512, 0.0101)
-    write_run(sweep / "5", config(20, 1, 0, True, n=5), reason="the meta-loss became nan at iteration 3",
-              config_in_results=False)
+    write_run(
+        sweep / "5",
+        config(20, 1, 0, True, n=5),
+        reason="the meta-loss became nan at iteration 3",
+        config_in_results=False,
+    )
     write_run(sweep / "6", config(20, 1, 1, n=6), reason="CUDA out of memory")
     return sweep
 
@@ -100,7 +132,9 @@ def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys)
     left out of the table, and a plain eval.json takes its settings from its checkpoint's run dir."""
     runs = tmp_path / "train"
     write_run(runs / "a", config(5, 1, 0, algorithm={"name": "maml"}, n=0), 0.9, 0.01)
-    write_run(runs / "b", config(5, 1, 0, algorithm={"name": "metasgd", "lr_init": 0.4}, n=1), 0.92, 0.02)
+    write_run(
+        runs / "b", config(5, 1, 0, algorithm={"name": "metasgd", "lr_init": 0.4}, n=1), 0.92, 0.02
+    )
     fast = config(5, 1, 0, algorithm={"name": "maml"}, n=2)
     fast["update_lr"] = 0.1
     write_run(runs / "c", fast, 0.5, 0.05)
@@ -109,12 +143,35 @@ def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys)
     (lake / "eval.json").write_text(json.dumps({"benchmark": "lake", "error_rate": 0.2}))
     again = tmp_path / "eval" / "again"
     again.mkdir()
-    (again / "eval.json").write_text(json.dumps({"checkpoint": str(runs / "c" / "checkpoints" / "best.pt"),
-                                                 "split": "test", "update_step_test": 3, "accuracy": 0.52,
-                                                 "ci95": 0.04, "way": 5, "shot": 1}))
+    (again / "eval.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(runs / "c" / "checkpoints" / "best.pt"),
+                "split": "test",
+                "update_step_test": 3,
+                "accuracy": 0.52,
+                "ci95": 0.04,
+                "way": 5,
+                "shot": 1,
+            }
+        )
+    )
     out = tmp_path / "tables"
-    assert main(["report", str(runs / "a"), str(runs / "b"), str(runs / "c"), str(lake), str(again),
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "report",
+                str(runs / "a"),
+                str(runs / "b"),
+                str(runs / "c"),
+                str(lake),
+                str(again),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     expected = """\
 | way | shot | file | update_lr | MAML | Meta-SGD |
@@ -133,16 +190,21 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["report", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("metarun: error: no results.json or eval.json under ") and err.count("\n") == 1
+    assert (
+        err.startswith("metarun: error: no results.json or eval.json under ")
+        and err.count("\n") == 1
+    )
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["report"]) == 2
-    assert capsys.readouterr().err == ("metarun: error: the following arguments are required: dirs (usage: metarun "
-                                       "report DIR... [--paper] [--out DIR]; metarun report --help)\n")
+    assert capsys.readouterr().err == (
+        "metarun: error: the following arguments are required: dirs (usage: metarun "
+        "report DIR... [--paper] [--out DIR]; metarun report --help)\n"
+    )
     (tmp_path / "running").mkdir()
     (tmp_path / "running" / "results.json").write_text(json.dumps({"config": config(5, 1, 0)}))
     assert main(["report", str(tmp_path / "running")]) == 2
-    assert "has no test_accuracy and no \"status\": \"failed\"" in capsys.readouterr().err
+    assert 'has no test_accuracy and no "status": "failed"' in capsys.readouterr().err
 
 
 def test_runs_that_share_a_seed_are_not_called_seeds(tmp_path, capsys):

@@ -1,4 +1,5 @@
 """Bad input, interruption, numerical faults and tampered files: a clear message, no lost work."""
+
 import os
 import pickle
 import shlex
@@ -30,23 +31,29 @@ def trained(tiny_root, tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("override,fragments", [
-    ("wya=5", ["unknown setting 'wya'", "--help"]),
-    ("way=40", ["way=40 is larger than the 33 classes of the train split"]),
-    ("shot=15", ["shot+query=15+6=21 is more than the 20 images per class"]),
-    ("update_lr=0", ["update_lr=0 must be a positive number"]),
-    ("way=five", ["way=five must be a positive integer"]),
-    ("eval_chunk=0", ["eval_chunk=0 must be a positive integer"]),
-    ("meta_lr=-0.001", ["meta_lr=-0.001 must be a positive number"]),
-    ("update_step=0", ["update_step=0 must be a positive integer"]),
-    ("meta_batch=0", ["meta_batch=0 must be a positive integer"]),
-    ("iterations=-5", ["iterations=-5 must be a positive integer"]),
-    ("dataset.split=alphabetical", ["dataset.split='alphabetical'", "maml", "lake"]),
-    ("device=tpu", ["device=tpu"]),
-    ("cpu_allocator=jemalloc", ["cpu_allocator=jemalloc is not a setting", "tuned", "system"]),
-    ("hydra.run.dir=/proc/metarun-cannot-write", ["/proc/metarun-cannot-write", "hydra.run.dir"]),
-    ("resume=/nonexistent/last.pt", ["resume=/nonexistent/last.pt does not exist"]),
-])
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("wya=5", ["unknown setting 'wya'", "--help"]),
+        ("way=40", ["way=40 is larger than the 33 classes of the train split"]),
+        ("shot=15", ["shot+query=15+6=21 is more than the 20 images per class"]),
+        ("update_lr=0", ["update_lr=0 must be a positive number"]),
+        ("way=five", ["way=five must be a positive integer"]),
+        ("eval_chunk=0", ["eval_chunk=0 must be a positive integer"]),
+        ("meta_lr=-0.001", ["meta_lr=-0.001 must be a positive number"]),
+        ("update_step=0", ["update_step=0 must be a positive integer"]),
+        ("meta_batch=0", ["meta_batch=0 must be a positive integer"]),
+        ("iterations=-5", ["iterations=-5 must be a positive integer"]),
+        ("dataset.split=alphabetical", ["dataset.split='alphabetical'", "maml", "lake"]),
+        ("device=tpu", ["device=tpu"]),
+        ("cpu_allocator=jemalloc", ["cpu_allocator=jemalloc is not a setting", "tuned", "system"]),
+        (
+            "hydra.run.dir=/proc/metarun-cannot-write",
+            ["/proc/metarun-cannot-write", "hydra.run.dir"],
+        ),
+        ("resume=/nonexistent/last.pt", ["resume=/nonexistent/last.pt does not exist"]),
+    ],
+)
 def test_bad_setting_fails_early_with_one_line(tiny_root, tmp_path, override, fragments):
     args = tiny_args(tiny_root, tmp_path / "run", "query=6")
     if override.startswith("hydra.run.dir"):
@@ -59,23 +66,36 @@ def test_bad_setting_fails_early_with_one_line(tiny_root, tmp_path, override, fr
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(tiny_root, tmp_path):
-    assert_clean_error(run_metarun(*tiny_args(tiny_root, tmp_path / "run"), "device=cuda", cwd=tmp_path),
-                       "device=cuda", "no usable CUDA", "device=cpu")
+    assert_clean_error(
+        run_metarun(*tiny_args(tiny_root, tmp_path / "run"), "device=cuda", cwd=tmp_path),
+        "device=cuda",
+        "no usable CUDA",
+        "device=cpu",
+    )
 
 
 def test_missing_and_damaged_data(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    proc = run_metarun(*tiny_args(empty, tmp_path / "r1", "dataset.source=archives", "dataset.download=false"),
-                       cwd=tmp_path)
+    proc = run_metarun(
+        *tiny_args(empty, tmp_path / "r1", "dataset.source=archives", "dataset.download=false"),
+        cwd=tmp_path,
+    )
     assert_clean_error(proc, str(empty), "images_background.zip", "dataset.root")
-    bad = make_omniglot(tmp_path / "bad", layout={"images_background": 1, "images_evaluation": 1}, characters=2)
+    bad = make_omniglot(
+        tmp_path / "bad", layout={"images_background": 1, "images_evaluation": 1}, characters=2
+    )
     (bad / "images_evaluation.zip").write_bytes(b"PK\x03\x04 this is no zip")
-    assert_clean_error(run_metarun(*tiny_args(bad, tmp_path / "r2"), cwd=tmp_path), "images_evaluation.zip",
-                       "not a readable zip")
+    assert_clean_error(
+        run_metarun(*tiny_args(bad, tmp_path / "r2"), cwd=tmp_path),
+        "images_evaluation.zip",
+        "not a readable zip",
+    )
     data = (bad / "images_background.zip").read_bytes()
     (bad / "images_background.zip").write_bytes(data[: len(data) * 2 // 3])
-    assert_clean_error(run_metarun(*tiny_args(bad, tmp_path / "r3"), cwd=tmp_path), "images_background.zip")
+    assert_clean_error(
+        run_metarun(*tiny_args(bad, tmp_path / "r3"), cwd=tmp_path), "images_background.zip"
+    )
 
 
 def test_corrupt_cache_is_rebuilt(tiny_root, tmp_path):
@@ -91,19 +111,30 @@ def test_corrupt_cache_is_rebuilt(tiny_root, tmp_path):
 def test_bad_checkpoints(trained, tiny_root, tmp_path):
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    assert_clean_error(run_metarun("eval", f"checkpoint={text}", cwd=tmp_path), "notes.pt", "not a readable checkpoint")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={text}", cwd=tmp_path),
+        "notes.pt",
+        "not a readable checkpoint",
+    )
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)
-    assert_clean_error(run_metarun("eval", f"checkpoint={plain}", cwd=tmp_path), "not a metarun checkpoint")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={plain}", cwd=tmp_path), "not a metarun checkpoint"
+    )
     # a damaged checkpoint: its weights do not fit its own config
     damaged = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
     damaged["params"]["fc.weight"] = damaged["params"]["fc.weight"][:2]
     torch.save(damaged, tmp_path / "damaged.pt")
-    assert_clean_error(run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
-                       "damaged.pt", "do not match")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
+        "damaged.pt",
+        "do not match",
+    )
     assert not (tmp_path / "outputs").exists()  # a rejected eval creates no output dir
     # a resumed run keeps the learner it was trained with
-    proc = run_metarun(*tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path)
+    proc = run_metarun(
+        *tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path
+    )
     assert_clean_error(proc, "way=4 cannot change on resume", "(way=3)")
     assert not (tmp_path / "other").exists()
     # and a finished run's dir is never overwritten by a new run
@@ -125,9 +156,13 @@ def test_malicious_checkpoint_is_refused_and_never_runs(trained, tmp_path):
     blob["extra"] = Payload(marker)
     evil = tmp_path / "evil.pt"
     torch.save(blob, evil)
-    assert_clean_error(run_metarun("eval", f"checkpoint={evil}", cwd=tmp_path), "evil.pt", "refused")
-    assert_clean_error(run_metarun("train", f"resume={evil}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path),
-                       "refused")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={evil}", cwd=tmp_path), "evil.pt", "refused"
+    )
+    assert_clean_error(
+        run_metarun("train", f"resume={evil}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path),
+        "refused",
+    )
     with open(evil, "wb") as fh:  # a bare pickle, not even a torch zip
         pickle.dump(Payload(marker), fh)
     assert_clean_error(run_metarun("eval", f"checkpoint={evil}", cwd=tmp_path), "evil.pt")
@@ -143,9 +178,13 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_pat
     good["config"]["update_lr"] = 1e38
     atomic_torch_save(good, run / "checkpoints" / "last.pt")
     proc = run_metarun("train", f"resume={run}", "iterations=6", cwd=tmp_path)
-    assert_clean_error(proc, "meta-loss became", "at iteration 4", "last good checkpoint", "Lower update_lr")
+    assert_clean_error(
+        proc, "meta-loss became", "at iteration 4", "last good checkpoint", "Lower update_lr"
+    )
     kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    assert kept["iteration"] == 3 and all(torch.equal(kept["params"][k], good["params"][k]) for k in good["params"])
+    assert kept["iteration"] == 3 and all(
+        torch.equal(kept["params"][k], good["params"][k]) for k in good["params"]
+    )
     # the error is in the run's log file too
     assert "meta-loss became" in (run / "metarun-train.log").read_text()
 
@@ -166,10 +205,12 @@ def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     atomic_torch_save({"i": 0, "w": torch.zeros(3_000_000)}, path)
     for delay in (0.3, 0.55, 0.8, 1.1):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE)
-        proc.stdout.readline()          # at least one write finished; the next is under way
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE
+        )
+        proc.stdout.readline()  # at least one write finished; the next is under way
         time.sleep(delay)
-        proc.kill()                     # SIGKILL: no handler, no cleanup
+        proc.kill()  # SIGKILL: no handler, no cleanup
         proc.wait()
         blob = torch.load(path, weights_only=True)
         assert torch.equal(blob["w"], torch.full((3_000_000,), float(blob["i"])))
@@ -179,8 +220,14 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     run = tmp_path / "run"
     args = tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000")
     env = {k: v for k, v in os.environ.items() if k != "METARUN_DATA"}
-    proc = subprocess.Popen([sys.executable, "-m", "metarun.cli", *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarun.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in proc.stdout:
         if line.startswith("metarun:") and "way" in line:
             break
@@ -192,11 +239,17 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_root, tmp_path):
     stopped = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["iteration"]
     assert 0 < stopped < 100000
     total = stopped + 3
-    printed = out.split("Resume with: ")[1].splitlines()[0]  # the command as printed, run as printed
+    printed = out.split("Resume with: ")[1].splitlines()[
+        0
+    ]  # the command as printed, run as printed
     assert shlex.split(printed)[:2] == ["metarun", "train"]
     run_metarun(*shlex.split(printed)[1:], f"iterations={total}", cwd=tmp_path, check=True)
     whole = tmp_path / "whole"
-    run_metarun(*tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"), cwd=tmp_path, check=True)
+    run_metarun(
+        *tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"),
+        cwd=tmp_path,
+        check=True,
+    )
     a = torch.load(whole / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert a["iteration"] == b["iteration"] == total
@@ -216,6 +269,7 @@ def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
     other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them into one handler."""
     import logging
     from metarun.runner.logs import BelowWarning, console_through_tqdm
+
     root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level)
     out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
     out.addFilter(BelowWarning())
@@ -237,6 +291,7 @@ def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
     """tuned: glibc's mallopt is called (mmap and trim thresholds); system: nothing is changed."""
     import ctypes
     from metarun.runner import setup
+
     if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):
         pytest.skip("glibc only")
     calls = []
@@ -245,7 +300,8 @@ def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
         def mallopt(self, param, value):
             calls.append((param, value))
             return 1
+
     monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
     assert setup.apply_cpu_allocator("system") is False and calls == []
     assert setup.apply_cpu_allocator("tuned") is True
-    assert calls == [(setup.M_MMAP_THRESHOLD, 2 ** 30), (setup.M_TRIM_THRESHOLD, 2 ** 30)]
+    assert calls == [(setup.M_MMAP_THRESHOLD, 2**30), (setup.M_TRIM_THRESHOLD, 2**30)]

@@ -1,5 +1,6 @@
 """Issue #16, scale-out and sweepers: data parallelism with torchrun (gloo on the CPU), preemption (SIGUSR2)
 and `resume=auto`, Hydra's Optuna sweeper and its `hparams_search` config, Hydra's launchers."""
+
 import json
 import os
 import signal
@@ -31,8 +32,21 @@ def env_without_data():
 
 
 def torchrun(*args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
-                          cwd=cwd, env=env_without_data(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            *args,
+        ],
+        cwd=cwd,
+        env=env_without_data(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 # 1. Data parallelism over the meta-batch -------------------------------------------------------------
@@ -110,28 +124,54 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
 def test_time_limit_under_torchrun_stops_every_rank_at_the_same_iteration(tiny_root, tmp_path):
     # each rank's clock differs: rank 0's decides, through the all-reduce, so both ranks leave the loop together
     run = tmp_path / "run"
-    proc = torchrun("-m", "metarun.cli", *tiny_args(tiny_root, run, "meta_batch=3", "iterations=100000",
-                                                    "eval_every=100000", "time_limit=0.03"), cwd=tmp_path)
+    proc = torchrun(
+        "-m",
+        "metarun.cli",
+        *tiny_args(
+            tiny_root,
+            run,
+            "meta_batch=3",
+            "iterations=100000",
+            "eval_every=100000",
+            "time_limit=0.03",
+        ),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     done = results["iterations_done"]
-    assert results["status"] == "completed" and results["stopped_by"] == "time_limit" and 0 < done < 100000
+    assert (
+        results["status"] == "completed"
+        and results["stopped_by"] == "time_limit"
+        and 0 < done < 100000
+    )
     assert ckpt(run)["iteration"] == done
     log = (run / "metarun-train.log").read_text()
-    assert log.count(f"reached at iteration {done} of 100000") == 1 and log.count("test accuracy") == 1
+    assert (
+        log.count(f"reached at iteration {done} of 100000") == 1 and log.count("test accuracy") == 1
+    )
 
 
 # 2. Preemption: SIGUSR2 and resume=auto --------------------------------------------------------------
+
 
 def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     run = tmp_path / "run"
     run.mkdir()  # an empty dir: resume=auto starts a fresh run in it (checked below: history, no "resumed")
     args = tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "resume=auto")
-    proc = subprocess.Popen([sys.executable, "-m", "metarun.cli", *args], cwd=tmp_path, env=env_without_data(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metarun.cli", *args],
+        cwd=tmp_path,
+        env=env_without_data(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not list((run / "tensorboard").glob("events.*")) and time.time() < deadline:
-        time.sleep(0.2)  # the writer is opened just before the loop (the handler is installed with it)
+        time.sleep(
+            0.2
+        )  # the writer is opened just before the loop (the handler is installed with it)
     time.sleep(3)
     proc.send_signal(signal.SIGUSR2)
     out, err = proc.communicate(timeout=120)
@@ -144,7 +184,11 @@ def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     again = run_metarun(*args, f"iterations={total}", cwd=tmp_path, check=True)
     assert f"resumed from {run} at iteration {stopped}" in again.stdout
     whole = tmp_path / "whole"
-    run_metarun(*tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"), cwd=tmp_path, check=True)
+    run_metarun(
+        *tiny_args(tiny_root, whole, f"iterations={total}", "eval_every=100000"),
+        cwd=tmp_path,
+        check=True,
+    )
     a, b = ckpt(whole), ckpt(run)
     assert a["iteration"] == b["iteration"] == total
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
@@ -152,19 +196,33 @@ def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
 
 # 3. Optuna: the task returns the best validation accuracy --------------------------------------------
 
-def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_trial(tiny_root, tmp_path):
+
+def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_trial(
+    tiny_root, tmp_path
+):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
-    args = strip(tiny_args(tiny_root, tmp_path, "iterations=4", "eval_every=2"), "hydra.run.dir", "way=")
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=4", "eval_every=2"), "hydra.run.dir", "way="
+    )
     # the shipped search (update_lr, meta_lr) plus way, so that a trial can fail (way=5000); TPE's seed is 0
-    proc = run_metarun(*args, "-m", "hparams_search=maml_omniglot_5way_1shot", "way=choice(3,5000)",
-                       "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    proc = run_metarun(
+        *args,
+        "-m",
+        "hparams_search=maml_omniglot_5way_1shot",
+        "way=choice(3,5000)",
+        "hydra.sweeper.n_trials=3",
+        f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     trials = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/results.json"))]
     assert len(trials) == 3
     done = [t for t in trials if t["status"] == "completed"]
     failed = [t for t in trials if t["status"] == "failed"]
-    assert len(done) >= 1 and len(failed) >= 1, "seed 0 no longer samples both ways: choose another seed"
+    assert len(done) >= 1 and len(failed) >= 1, (
+        "seed 0 no longer samples both ways: choose another seed"
+    )
     assert all(t["config"]["way"] == 5000 and "larger than the" in t["reason"] for t in failed)
     assert "sweep cell(s) failed" in proc.stderr and "way=5000" in proc.stderr
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
@@ -177,9 +235,15 @@ def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_tr
 
 def test_hparams_search_composes_without_plus():
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
-    for arg in ("hparams_search=maml_omniglot_5way_1shot", "+hparams_search=maml_omniglot_5way_1shot"):
+    for arg in (
+        "hparams_search=maml_omniglot_5way_1shot",
+        "+hparams_search=maml_omniglot_5way_1shot",
+    ):
         cfg, hydra_node = cli._compose("train", [cli._normalize(arg)])
-        assert hydra_node.sweeper.direction == "maximize" and set(hydra_node.sweeper.params) == {"update_lr", "meta_lr"}
+        assert hydra_node.sweeper.direction == "maximize" and set(hydra_node.sweeper.params) == {
+            "update_lr",
+            "meta_lr",
+        }
         assert (cfg.way, cfg.shot) == (5, 1)
 
 
@@ -192,15 +256,27 @@ def test_unknown_launcher_is_one_line(tiny_root, tmp_path):
 
 # 4. Launchers ----------------------------------------------------------------------------------------
 
+
 def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
-    args = strip(tiny_args(tiny_root, tmp_path, "iterations=3", "eval_every=3"), "hydra.run.dir", "way=")
-    cells = [*args, "-m", "hydra/launcher=submitit_local", "resume=auto", "way=2,3", f"hydra.sweep.dir={sweep}"]
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=3", "eval_every=3"), "hydra.run.dir", "way="
+    )
+    cells = [
+        *args,
+        "-m",
+        "hydra/launcher=submitit_local",
+        "resume=auto",
+        "way=2,3",
+        f"hydra.sweep.dir={sweep}",
+    ]
     run_metarun(*cells, cwd=tmp_path, check=True)
     first = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1")}
     assert [first[c]["config"]["way"] for c in ("0", "1")] == [2, 3]
-    assert all(r["status"] == "completed" and ckpt(sweep / c)["iteration"] == 3 for c, r in first.items())
+    assert all(
+        r["status"] == "completed" and ckpt(sweep / c)["iteration"] == 3 for c, r in first.items()
+    )
     # what a requeue does: the cell's overrides again, into its dir; it continues its run (here, to 5 iterations)
     requeued = [a if a != "way=2,3" else "way=2" for a in cells]
     run_metarun(*requeued, "iterations=5", cwd=tmp_path, check=True)
@@ -212,15 +288,23 @@ def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):
 def test_parallel_cells_share_the_cores():
     from metarun.runner.setup import cpu_threads
 
-    joblib = OmegaConf.create({"launcher": {"_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher."
-                                                        "JoblibLauncher", "n_jobs": 2}})
+    joblib = OmegaConf.create(
+        {
+            "launcher": {
+                "_target_": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+                "n_jobs": 2,
+            }
+        }
+    )
     cfg = OmegaConf.create({"threads": 0, "resume": "auto"})
     cli._share_threads(cfg, joblib)
     assert cfg.threads == max(1, cpu_threads(0) // 2)
     given = OmegaConf.create({"threads": 3, "resume": None})
     cli._share_threads(given, joblib)  # a thread count the user gave is kept
     assert given.threads == 3
-    basic = OmegaConf.create({"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}})
+    basic = OmegaConf.create(
+        {"launcher": {"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"}}
+    )
     alone = OmegaConf.create({"threads": 0, "resume": None})
     cli._share_threads(alone, basic)
     assert alone.threads == 0

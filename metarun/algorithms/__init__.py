@@ -1,4 +1,5 @@
 """The algorithms metarun holds, by the name `algorithm=NAME` chooses (conf/algorithm/NAME.yaml)."""
+
 from __future__ import annotations
 
 from metarun.errors import MetarunError
@@ -12,11 +13,14 @@ def registry() -> dict:
     from metarun.algorithms.metasgd import MetaSGD
     from metarun.algorithms.pretrain import Pretrain
     from metarun.algorithms.reptile import Reptile
+
     return {cls.name: cls for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain)}
 
 
 def algorithm_class(name: str):
     known = registry()
     if name not in known:
-        raise MetarunError(f"unknown algorithm {name!r}: use algorithm=NAME with one of {', '.join(known)}.")
+        raise MetarunError(
+            f"unknown algorithm {name!r}: use algorithm=NAME with one of {', '.join(known)}."
+        )
     return known[name]

@@ -7,6 +7,7 @@ The head is the learner's weights under `head_layer` (conv4 and resnet12: `fc`).
 is repeated at every inner step (the generic inner loop of algorithms/base.py); the features could be
 computed once, which is a speed-up, not a different result.
 """
+
 from __future__ import annotations
 
 from metarun.algorithms.base import GradientMetaLearner
@@ -19,23 +20,44 @@ class ANIL(GradientMetaLearner):
     Args (beyond GradientMetaLearner's): head_layer: the name prefix of the head's weights (`fc`: fc.weight,
     fc.bias). Raises MetarunError if it names no weight of the learner, or all of them.
     """
+
     name = "anil"
 
-    def __init__(self, model, update_lr, update_step, update_step_test, first_order=False, *, head_layer="fc", **kw):
+    def __init__(
+        self,
+        model,
+        update_lr,
+        update_step,
+        update_step_test,
+        first_order=False,
+        *,
+        head_layer="fc",
+        **kw,
+    ):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
         self.head_layer = str(head_layer)
         names = self.learner_names()
         self.head = [k for k in names if k.startswith(self.head_layer + ".")]
         if not self.head or len(self.head) == len(names):
-            raise MetarunError(f"algorithm.head_layer={self.head_layer!r} must name the learner's last layer, not "
-                               f"{'nothing' if not self.head else 'every weight'} (its weights: "
-                               f"{', '.join(names[:3])}, ..., {names[-1]}): use e.g. fc.")
+            raise MetarunError(
+                f"algorithm.head_layer={self.head_layer!r} must name the learner's last layer, not "
+                f"{'nothing' if not self.head else 'every weight'} (its weights: "
+                f"{', '.join(names[:3])}, ..., {names[-1]}): use e.g. fc."
+            )
 
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order,
-                   head_layer=a.head_layer, inner_loss=a.inner_loss, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            cfg.first_order,
+            head_layer=a.head_layer,
+            inner_loss=a.inner_loss,
+            engine=engine,
+        )
 
     def describe(self) -> str:
         return f"{super().describe()}, inner loop on {self.head_layer} only"

@@ -26,6 +26,7 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
 - `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted weights);
 - `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -42,8 +43,10 @@ INNER_LOSSES = ("sum_over_shot", "mean")
 
 @dataclass
 class StepResult:
-    meta_loss: torch.Tensor      # scalar, detached: mean query loss (mean cross-entropy) after the last step
-    accuracy: torch.Tensor       # [B] post-adaptation query accuracy per task, detached
+    meta_loss: (
+        torch.Tensor
+    )  # scalar, detached: mean query loss (mean cross-entropy) after the last step
+    accuracy: torch.Tensor  # [B] post-adaptation query accuracy per task, detached
 
 
 def inner_update(weights: dict, grads: dict, lrs) -> dict:
@@ -66,20 +69,40 @@ class GradientMetaLearner:
         engine: how meta-batches are executed (default: Engine(impl, workers, task_chunk, device)).
     Raises MetarunError for an impossible setting.
     """
+
     name = "base"
 
-    def __init__(self, model, update_lr: float, update_step: int, update_step_test: int, first_order: bool = False,
-                 impl: str = "auto", task_chunk: int = 0, inner_loss: str = "sum_over_shot", device="cpu",
-                 workers: int = 0, engine: Engine | None = None):
+    def __init__(
+        self,
+        model,
+        update_lr: float,
+        update_step: int,
+        update_step_test: int,
+        first_order: bool = False,
+        impl: str = "auto",
+        task_chunk: int = 0,
+        inner_loss: str = "sum_over_shot",
+        device="cpu",
+        workers: int = 0,
+        engine: Engine | None = None,
+    ):
         if inner_loss not in INNER_LOSSES:
-            raise MetarunError(f"unknown algorithm.inner_loss={inner_loss!r}: use sum_over_shot or mean.")
+            raise MetarunError(
+                f"unknown algorithm.inner_loss={inner_loss!r}: use sum_over_shot or mean."
+            )
         if not float(update_lr) > 0:
-            raise MetarunError(f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way).")
+            raise MetarunError(
+                f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way)."
+            )
         for name, value in (("update_step", update_step), ("update_step_test", update_step_test)):
             if int(value) <= 0:
                 raise MetarunError(f"{name}={value} must be a positive number of inner SGD steps.")
         self.model = model
-        self.update_lr, self.update_step, self.update_step_test = float(update_lr), int(update_step), int(update_step_test)
+        self.update_lr, self.update_step, self.update_step_test = (
+            float(update_lr),
+            int(update_step),
+            int(update_step_test),
+        )
         self.first_order, self.inner_loss = bool(first_order), inner_loss
         self.engine = engine if engine is not None else Engine(impl, workers, task_chunk, device)
 
@@ -95,7 +118,9 @@ class GradientMetaLearner:
         return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order"
 
     # -- meta-parameters --------------------------------------------------------------------------------
-    def init_meta_params(self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> dict:
+    def init_meta_params(
+        self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"
+    ) -> dict:
         """The learner's initial weights (model.init_params) followed by the algorithm's own meta-parameters."""
         params = self.model.init_params(generator, dtype=dtype, device=device)
         params = {k: v for k, v in params.items() if k not in self.replaced_names()}
@@ -202,16 +227,28 @@ class GradientMetaLearner:
         return ce.mean(1), accuracy.detach()
 
     # -- inner loop -------------------------------------------------------------------------------------
-    def adapt(self, params: dict, x: torch.Tensor, y: torch.Tensor, steps: int, create_graph: bool,
-              trajectory: bool = False):
+    def adapt(
+        self,
+        params: dict,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        steps: int,
+        create_graph: bool,
+        trajectory: bool = False,
+    ):
         """`steps` SGD steps on the support set of each of the T tasks in x [T, N, C, H, W], from copies of
         the adapted weights. Returns the adapted weights {name: [T, ...]} (trajectory=True: a list with
         those after each step)."""
         tasks, shot = x.shape[0], y.shape[1] // self.model.way
-        fast = {k: params[k].unsqueeze(0).expand(tasks, *params[k].shape) for k in self.adapted_names(params)}
+        fast = {
+            k: params[k].unsqueeze(0).expand(tasks, *params[k].shape)
+            for k in self.adapted_names(params)
+        }
         after = []
         for step in range(steps):
-            loss = self.support_loss(self.model.forward(self.learner_weights(params, fast, step, tasks), x), y, shot)
+            loss = self.support_loss(
+                self.model.forward(self.learner_weights(params, fast, step, tasks), x), y, shot
+            )
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
             fast = inner_update(fast, dict(zip(fast, grads)), self.inner_lrs(params, step))
             after.append(fast)
@@ -228,18 +265,27 @@ class GradientMetaLearner:
         create_graph = self.second_order()
 
         def chunk_gradients(part):
-            after = self.adapt(params, ep.x_support[part], ep.y_support[part], steps, create_graph, trajectory=True)
+            after = self.adapt(
+                params, ep.x_support[part], ep.y_support[part], steps, create_graph, trajectory=True
+            )
             tasks = ep.x_support[part].shape[0]
             loss, accuracy = self.query_loss(
-                self.model.forward(self.learner_weights(params, after[-1], steps - 1, tasks), ep.x_query[part]),
-                ep.y_query[part])
+                self.model.forward(
+                    self.learner_weights(params, after[-1], steps - 1, tasks), ep.x_query[part]
+                ),
+                ep.y_query[part],
+            )
             if weights is None:
                 objective = loss
             else:
                 objective = weights[-1] * loss
                 for s in range(steps - 2, -1, -1):
-                    earlier = self.query_loss(self.model.forward(self.learner_weights(params, after[s], s, tasks),
-                                                                 ep.x_query[part]), ep.y_query[part])[0]
+                    earlier = self.query_loss(
+                        self.model.forward(
+                            self.learner_weights(params, after[s], s, tasks), ep.x_query[part]
+                        ),
+                        ep.y_query[part],
+                    )[0]
                     objective = objective + weights[s] * earlier
             # One chunk's graph at a time; dividing by the whole batch makes the sum the mean.
             grads = torch.autograd.grad(objective.sum() / meta_batch, leaves, allow_unused=True)
@@ -248,7 +294,9 @@ class GradientMetaLearner:
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]
         extras = self.engine.accumulate(chunk_gradients, leaves, meta_batch, images)
-        return StepResult(torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras]))
+        return StepResult(
+            torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
@@ -260,10 +308,14 @@ class GradientMetaLearner:
 
         def chunk_logits(part):
             with torch.enable_grad():
-                fast = self.adapt(start, ep.x_support[part], ep.y_support[part], steps, create_graph=False)
+                fast = self.adapt(
+                    start, ep.x_support[part], ep.y_support[part], steps, create_graph=False
+                )
             with torch.no_grad():
                 tasks = ep.x_support[part].shape[0]
-                return self.model.forward(self.learner_weights(start, fast, steps - 1, tasks), ep.x_query[part])
+                return self.model.forward(
+                    self.learner_weights(start, fast, steps - 1, tasks), ep.x_query[part]
+                )
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]
         return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images))
@@ -274,7 +326,9 @@ class GradientMetaLearner:
         reports accuracy after 0..10 steps this way); keeps no graph. Raises MetarunError for a negative count."""
         steps = [int(s) for s in steps]
         if not steps or min(steps) < 0:
-            raise MetarunError(f"steps={steps} must be numbers of inner steps >= 0 (0: no adaptation).")
+            raise MetarunError(
+                f"steps={steps} must be numbers of inner steps >= 0 (0: no adaptation)."
+            )
         last = max(steps)
         start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
@@ -283,16 +337,32 @@ class GradientMetaLearner:
             after = []
             if last > 0:
                 with torch.enable_grad():
-                    after = self.adapt(start, ep.x_support[part], ep.y_support[part], last, create_graph=False,
-                                       trajectory=True)
+                    after = self.adapt(
+                        start,
+                        ep.x_support[part],
+                        ep.y_support[part],
+                        last,
+                        create_graph=False,
+                        trajectory=True,
+                    )
             out = []
             with torch.no_grad():
                 for s in steps:
-                    fast = after[s - 1] if s > 0 else {
-                        k: start[k].unsqueeze(0).expand(tasks, *start[k].shape) for k in self.adapted_names(start)}
+                    fast = (
+                        after[s - 1]
+                        if s > 0
+                        else {
+                            k: start[k].unsqueeze(0).expand(tasks, *start[k].shape)
+                            for k in self.adapted_names(start)
+                        }
+                    )
                     # step 0 uses the first step's weights (MAML++'s per-step batch norm: row 0)
-                    out.append(self.model.forward(self.learner_weights(start, fast, max(s - 1, 0), tasks),
-                                                  ep.x_query[part]))
+                    out.append(
+                        self.model.forward(
+                            self.learner_weights(start, fast, max(s - 1, 0), tasks),
+                            ep.x_query[part],
+                        )
+                    )
             return torch.stack(out)
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]
@@ -308,8 +378,9 @@ class GradientMetaLearner:
         return {"name": self.name, "impl": self.impl, "workers": self.workers}
 
 
-def meta_train_step(algorithm: GradientMetaLearner, params: dict, optimizer: torch.optim.Optimizer,
-                    ep: Episodes) -> StepResult:
+def meta_train_step(
+    algorithm: GradientMetaLearner, params: dict, optimizer: torch.optim.Optimizer, ep: Episodes
+) -> StepResult:
     """One meta-iteration: meta-gradient of a meta-batch, then one optimizer step. `metarun train` and
     scripts/bench.py both call exactly this."""
     optimizer.zero_grad(set_to_none=True)

@@ -14,6 +14,7 @@ iterations (results discarded), the fastest is kept and the choice and its timin
 The engine never changes process-wide state: the runner (metarun/runner/setup.py) sets torch's thread
 count once from the `threads` setting (1 intra-op thread per worker for `parallel`), and TF32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -70,15 +71,26 @@ class Engine:
     Raises MetarunError for an unknown impl or autocast, a negative task_chunk, or bf16 off CUDA.
     """
 
-    def __init__(self, impl: str = "auto", workers: int = 0, task_chunk: int = 0, device="cpu",
-                 autocast: str = "none", timed_auto: bool | None = None):
+    def __init__(
+        self,
+        impl: str = "auto",
+        workers: int = 0,
+        task_chunk: int = 0,
+        device="cpu",
+        autocast: str = "none",
+        timed_auto: bool | None = None,
+    ):
         if int(task_chunk) < 0:
-            raise MetarunError(f"algorithm.task_chunk={task_chunk} must be >= 0 (0 = the implementation's default).")
+            raise MetarunError(
+                f"algorithm.task_chunk={task_chunk} must be >= 0 (0 = the implementation's default)."
+            )
         if str(autocast) not in AUTOCASTS:
             raise MetarunError(f"unknown autocast={autocast!r}: use none or bf16 (CUDA).")
         self.device = torch.device(device)
         if autocast != "none" and self.device.type != "cuda":
-            raise MetarunError(f"autocast={autocast} needs device=cuda: use autocast=none on the CPU.")
+            raise MetarunError(
+                f"autocast={autocast} needs device=cuda: use autocast=none on the CPU."
+            )
         threads = int(workers) or torch.get_num_threads()
         self.impl = resolve_impl(impl, device, threads)
         if impl == "auto" and timed_auto:
@@ -116,26 +128,42 @@ class Engine:
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
                 continue
-            timings[f"{impl}/task_chunk={self.task_chunk}"] = (time.perf_counter() - start) / TIMED_ITERATIONS * 1e3
+            timings[f"{impl}/task_chunk={self.task_chunk}"] = (
+                (time.perf_counter() - start) / TIMED_ITERATIONS * 1e3
+            )
         if not timings:
-            raise MetarunError("algorithm.impl=auto: no implementation fits in device memory: lower meta_batch "
-                               "or set algorithm.task_chunk.")
+            raise MetarunError(
+                "algorithm.impl=auto: no implementation fits in device memory: lower meta_batch "
+                "or set algorithm.task_chunk."
+            )
         best = min(timings, key=timings.get)
         impl, chunk = best.split("/task_chunk=")
         self.impl, self.task_chunk = impl, int(chunk)
         self.choice = {"impl": impl, "task_chunk": int(chunk), "ms_per_meta_batch": timings}
-        log.info("algorithm.impl=auto picked %s (task_chunk=%s): the fastest of %s ms per meta-batch, timed "
-                 "over %d meta-batches each at start-up", impl, chunk,
-                 ", ".join(f"{k} {v:.1f}" for k, v in timings.items()), TIMED_ITERATIONS)
+        log.info(
+            "algorithm.impl=auto picked %s (task_chunk=%s): the fastest of %s ms per meta-batch, timed "
+            "over %d meta-batches each at start-up",
+            impl,
+            chunk,
+            ", ".join(f"{k} {v:.1f}" for k, v in timings.items()),
+            TIMED_ITERATIONS,
+        )
 
     def chunks(self, tasks: int, images_per_task: int) -> list[list[slice]]:
         """The meta-batch as one list of chunks per worker thread (contiguous tasks, fixed order)."""
         parallel_chunk = max(1, PARALLEL_IMAGES_PER_PASS // images_per_task)
         impl = "batched" if self.impl == "auto" else self.impl  # evaluation before the timed pick
-        size = {"loop": 1, "batched": self.task_chunk or tasks, "parallel": self.task_chunk or parallel_chunk}[impl]
+        size = {
+            "loop": 1,
+            "batched": self.task_chunk or tasks,
+            "parallel": self.task_chunk or parallel_chunk,
+        }[impl]
         workers = min(self.workers, tasks) if self.impl == "parallel" else 1
         bounds = [round(i * tasks / workers) for i in range(workers + 1)]
-        return [[slice(i, min(i + size, hi)) for i in range(lo, hi, size)] for lo, hi in zip(bounds, bounds[1:])]
+        return [
+            [slice(i, min(i + size, hi)) for i in range(lo, hi, size)]
+            for lo, hi in zip(bounds, bounds[1:])
+        ]
 
     def _map(self, fn, groups):
         """Runs fn on each worker's chunks; on the CPU several threads (each op single-threaded) keep all
@@ -144,6 +172,7 @@ class Engine:
             return [fn(groups[0])]
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
+
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="metarun-engine")
         return list(self._pool.map(fn, groups))
 
@@ -154,6 +183,7 @@ class Engine:
         def worker(chunks):
             with self._context():
                 return [fn(part) for part in chunks]
+
         return [r for rs in self._map(worker, groups) for r in rs]
 
     def accumulate(self, fn, leaves: list[torch.Tensor], tasks: int, images_per_task: int) -> list:

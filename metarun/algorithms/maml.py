@@ -6,9 +6,16 @@ Meta-gradient = d/d(phi) of the mean over tasks of the query loss after `update_
 The execution (batched / loop / parallel, chunks, threads) is the engine's (algorithms/engine.py); the inner
 loop and the outer objective are the shared ones of algorithms/base.py, whose defaults are MAML.
 """
+
 from __future__ import annotations
 
-from metarun.algorithms.base import INNER_LOSSES, GradientMetaLearner, StepResult, inner_update, meta_train_step  # noqa: F401
+from metarun.algorithms.base import (
+    INNER_LOSSES,
+    GradientMetaLearner,
+    StepResult,
+    inner_update,
+    meta_train_step,
+)  # noqa: F401
 from metarun.algorithms.engine import IMPLS, PARALLEL_IMAGES_PER_PASS, resolve_impl  # noqa: F401
 
 
@@ -17,9 +24,17 @@ class MAML(GradientMetaLearner):
 
     Example: MAML(Conv4(way=5), update_lr=0.4, update_step=1, update_step_test=3).accumulate_meta_gradient(params, ep)
     """
+
     name = "maml"
 
     @classmethod
     def from_config(cls, cfg, model, engine):
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order,
-                   inner_loss=cfg.algorithm.inner_loss, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            cfg.first_order,
+            inner_loss=cfg.algorithm.inner_loss,
+            engine=engine,
+        )

@@ -23,6 +23,7 @@ AntreasAntoniou/HowToTrainYourMAMLPytorch, few_shot_learning_system.py), every f
 An epoch is `iterations_per_epoch` iterations (their total_iter_per_epoch, 500).
 With every switch off (and inner_bn=true) this is MAML, bit for bit.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,61 +56,127 @@ class MAMLPlusPlus(GradientMetaLearner):
     iterations_per_epoch, iterations (the run's length, to check epochs against and for CA's T_max).
     Raises MetarunError for settings that cannot work (msl_epochs longer than the run, ...).
     """
+
     name = "mamlpp"
 
-    def __init__(self, model, update_lr, update_step, update_step_test, first_order=False, *, msl=True,
-                 msl_epochs=10, first_order_epochs=0, bnwb=True, bnrs=False, lslr=True, cosine_annealing=True,
-                 min_meta_lr=1e-5, meta_lr=1e-3, cosine_epochs=None, inner_bn=False, iterations_per_epoch=500,
-                 iterations=50000, **kw):
+    def __init__(
+        self,
+        model,
+        update_lr,
+        update_step,
+        update_step_test,
+        first_order=False,
+        *,
+        msl=True,
+        msl_epochs=10,
+        first_order_epochs=0,
+        bnwb=True,
+        bnrs=False,
+        lslr=True,
+        cosine_annealing=True,
+        min_meta_lr=1e-5,
+        meta_lr=1e-3,
+        cosine_epochs=None,
+        inner_bn=False,
+        iterations_per_epoch=500,
+        iterations=50000,
+        **kw,
+    ):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
-        self.msl, self.bnwb, self.lslr, self.cosine_annealing = bool(msl), bool(bnwb), bool(lslr), bool(cosine_annealing)
+        self.msl, self.bnwb, self.lslr, self.cosine_annealing = (
+            bool(msl),
+            bool(bnwb),
+            bool(lslr),
+            bool(cosine_annealing),
+        )
         self.inner_bn = bool(inner_bn)
         self.iterations_per_epoch, self.iterations = int(iterations_per_epoch), int(iterations)
         self.msl_epochs, self.first_order_epochs = int(msl_epochs), int(first_order_epochs)
         self.min_meta_lr, self.meta_lr = float(min_meta_lr), float(meta_lr)
         if self.iterations_per_epoch <= 0:
-            raise MetarunError(f"algorithm.iterations_per_epoch={iterations_per_epoch} must be a positive integer "
-                               "(their code: 500).")
+            raise MetarunError(
+                f"algorithm.iterations_per_epoch={iterations_per_epoch} must be a positive integer "
+                "(their code: 500)."
+            )
         self.total_epochs = math.ceil(self.iterations / self.iterations_per_epoch)
         self.cosine_epochs = self.total_epochs if cosine_epochs is None else int(cosine_epochs)
         if self.cosine_annealing and self.cosine_epochs <= 0:
-            raise MetarunError(f"algorithm.cosine_epochs={cosine_epochs} must be a positive number of epochs "
-                               "(null: the run's).")
+            raise MetarunError(
+                f"algorithm.cosine_epochs={cosine_epochs} must be a positive number of epochs "
+                "(null: the run's)."
+            )
         if bnrs:
-            raise MetarunError("algorithm.bnrs=true: the authors' code keeps per-step running statistics but always "
-                               "normalises with batch statistics, so they never change an output; metarun uses batch "
-                               "statistics and keeps none: set algorithm.bnrs=false.")
+            raise MetarunError(
+                "algorithm.bnrs=true: the authors' code keeps per-step running statistics but always "
+                "normalises with batch statistics, so they never change an output; metarun uses batch "
+                "statistics and keeps none: set algorithm.bnrs=false."
+            )
         if self.msl and not 0 < self.msl_epochs <= self.total_epochs:
-            raise MetarunError(f"algorithm.msl_epochs={msl_epochs} must be between 1 and the run's "
-                               f"{self.total_epochs} epochs (iterations={self.iterations} / "
-                               f"algorithm.iterations_per_epoch={self.iterations_per_epoch}): lower it or raise iterations.")
+            raise MetarunError(
+                f"algorithm.msl_epochs={msl_epochs} must be between 1 and the run's "
+                f"{self.total_epochs} epochs (iterations={self.iterations} / "
+                f"algorithm.iterations_per_epoch={self.iterations_per_epoch}): lower it or raise iterations."
+            )
         if not 0 <= self.first_order_epochs <= self.total_epochs:
-            raise MetarunError(f"algorithm.first_order_epochs={first_order_epochs} must be between 0 and the run's "
-                               f"{self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch).")
+            raise MetarunError(
+                f"algorithm.first_order_epochs={first_order_epochs} must be between 0 and the run's "
+                f"{self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch)."
+            )
         if self.cosine_annealing and not 0 < self.min_meta_lr <= self.meta_lr:
-            raise MetarunError(f"algorithm.min_meta_lr={min_meta_lr} must be positive and at most meta_lr={meta_lr} "
-                               "(their code: 0.00001).")
+            raise MetarunError(
+                f"algorithm.min_meta_lr={min_meta_lr} must be positive and at most meta_lr={meta_lr} "
+                "(their code: 0.00001)."
+            )
         if (self.bnwb or self.lslr) and self.update_step_test > self.update_step:
-            raise MetarunError(f"update_step_test={update_step_test} > update_step={update_step}: per-step weights "
-                               "(algorithm.bnwb / lslr) exist for the training steps only; use update_step_test<=update_step.")
+            raise MetarunError(
+                f"update_step_test={update_step_test} > update_step={update_step}: per-step weights "
+                "(algorithm.bnwb / lslr) exist for the training steps only; use update_step_test<=update_step."
+            )
         if self.bnwb and self.inner_bn:
-            raise MetarunError("algorithm.bnwb=true with inner_bn=true: per-step batch-norm weights are meta-learned, "
-                               "not adapted (as the authors' code); set algorithm.inner_bn=false.")
+            raise MetarunError(
+                "algorithm.bnwb=true with inner_bn=true: per-step batch-norm weights are meta-learned, "
+                "not adapted (as the authors' code); set algorithm.inner_bn=false."
+            )
         self.epoch = 0
 
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order, msl=a.msl,
-                   msl_epochs=a.msl_epochs, first_order_epochs=a.first_order_epochs, bnwb=a.bnwb, bnrs=a.bnrs,
-                   lslr=a.lslr, cosine_annealing=a.cosine_annealing, min_meta_lr=a.min_meta_lr, meta_lr=cfg.meta_lr,
-                   cosine_epochs=a.get("cosine_epochs"),
-                   inner_bn=a.inner_bn, iterations_per_epoch=a.iterations_per_epoch, iterations=cfg.iterations,
-                   inner_loss=a.inner_loss, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            cfg.first_order,
+            msl=a.msl,
+            msl_epochs=a.msl_epochs,
+            first_order_epochs=a.first_order_epochs,
+            bnwb=a.bnwb,
+            bnrs=a.bnrs,
+            lslr=a.lslr,
+            cosine_annealing=a.cosine_annealing,
+            min_meta_lr=a.min_meta_lr,
+            meta_lr=cfg.meta_lr,
+            cosine_epochs=a.get("cosine_epochs"),
+            inner_bn=a.inner_bn,
+            iterations_per_epoch=a.iterations_per_epoch,
+            iterations=cfg.iterations,
+            inner_loss=a.inner_loss,
+            engine=engine,
+        )
 
     def describe(self) -> str:
-        fixes = [n for n, on in (("MSL", self.msl), ("DA", self.first_order_epochs > 0), ("BNWB", self.bnwb),
-                                 ("LSLR", self.lslr), ("CA", self.cosine_annealing)) if on]
+        fixes = [
+            n
+            for n, on in (
+                ("MSL", self.msl),
+                ("DA", self.first_order_epochs > 0),
+                ("BNWB", self.bnwb),
+                ("LSLR", self.lslr),
+                ("CA", self.cosine_annealing),
+            )
+            if on
+        ]
         return f"{super().describe()}; {'+'.join(fixes) or 'no fixes'}"
 
     # -- meta-parameters --------------------------------------------------------------------------------
@@ -124,15 +191,21 @@ class MAMLPlusPlus(GradientMetaLearner):
         init = self.model.init_params(torch.Generator(), dtype=dtype, device=device)
         if self.bnwb:
             for k in self._bn_names():
-                extra["step_bn." + k] = init[k].unsqueeze(0).repeat(self.update_step, *[1] * init[k].dim())
+                extra["step_bn." + k] = (
+                    init[k].unsqueeze(0).repeat(self.update_step, *[1] * init[k].dim())
+                )
         if self.lslr:
             for k in self._lslr_names():
-                extra["lslr." + k] = torch.full((self.update_step,), self.update_lr, dtype=dtype, device=device)
+                extra["lslr." + k] = torch.full(
+                    (self.update_step,), self.update_lr, dtype=dtype, device=device
+                )
         return extra
 
     def _lslr_names(self) -> list:
         bn, frozen = set(self._bn_names()), self.frozen_names()
-        return [k for k in self.learner_names() if (self.inner_bn or k not in bn) and k not in frozen]
+        return [
+            k for k in self.learner_names() if (self.inner_bn or k not in bn) and k not in frozen
+        ]
 
     # -- hooks ------------------------------------------------------------------------------------------
     def adapted_names(self, params: dict) -> list:
@@ -167,7 +240,12 @@ class MAMLPlusPlus(GradientMetaLearner):
     def meta_lr_at(self, epoch: int) -> float:
         """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = cosine_epochs, by default the
         run's epochs as their total_epochs)."""
-        return self.min_meta_lr + (self.meta_lr - self.min_meta_lr) * (1 + math.cos(math.pi * epoch / self.cosine_epochs)) / 2
+        return (
+            self.min_meta_lr
+            + (self.meta_lr - self.min_meta_lr)
+            * (1 + math.cos(math.pi * epoch / self.cosine_epochs))
+            / 2
+        )
 
     def begin_iteration(self, iteration: int, optimizer) -> None:
         self.epoch = int(iteration) // self.iterations_per_epoch
@@ -176,8 +254,11 @@ class MAMLPlusPlus(GradientMetaLearner):
                 group["lr"] = self.meta_lr_at(self.epoch)
 
     def scalars(self, params: dict) -> dict:
-        out = {"lr/update_lr": self.update_lr, "mamlpp/epoch": float(self.epoch),
-               "mamlpp/second_order": float(self.second_order())}
+        out = {
+            "lr/update_lr": self.update_lr,
+            "mamlpp/epoch": float(self.epoch),
+            "mamlpp/second_order": float(self.second_order()),
+        }
         for s, w in enumerate(self.step_loss_weights(self.update_step) or []):
             out[f"msl/step{s}"] = w
         if self.lslr:
@@ -187,4 +268,8 @@ class MAMLPlusPlus(GradientMetaLearner):
         return out
 
     def histograms(self, params: dict) -> dict:
-        return {f"step_bn/{k}": params["step_bn." + k].detach() for k in self._bn_names()} if self.bnwb else {}
+        return (
+            {f"step_bn/{k}": params["step_bn." + k].detach() for k in self._bn_names()}
+            if self.bnwb
+            else {}
+        )

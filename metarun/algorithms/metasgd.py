@@ -6,6 +6,7 @@ initialises alpha uniformly at random in [0.005, 0.1] (Sec. 4.1) and adapts in o
 MetaSGD initialises it to a constant lr (set alpha_init_low = alpha_init_high for that). The alphas are
 meta-parameters named `alpha.<weight name>`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,38 +22,72 @@ class MetaSGD(GradientMetaLearner):
     (positive, low <= high); alpha_seed: the seed of that draw (a local generator).
     Raises MetarunError for a non-positive or empty range.
     """
+
     name = "metasgd"
     PREFIX = "alpha."
 
-    def __init__(self, model, update_lr, update_step, update_step_test, first_order=False, *,
-                 alpha_init_low: float = 0.005, alpha_init_high: float = 0.1, alpha_seed: int = 0, **kw):
+    def __init__(
+        self,
+        model,
+        update_lr,
+        update_step,
+        update_step_test,
+        first_order=False,
+        *,
+        alpha_init_low: float = 0.005,
+        alpha_init_high: float = 0.1,
+        alpha_seed: int = 0,
+        **kw,
+    ):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
         low, high = float(alpha_init_low), float(alpha_init_high)
         if not (low > 0 and high > 0):
-            raise MetarunError(f"algorithm.alpha_init_low={alpha_init_low}, alpha_init_high={alpha_init_high}: "
-                               "Meta-SGD's initial learning rates must be positive (the paper: 0.005 and 0.1).")
+            raise MetarunError(
+                f"algorithm.alpha_init_low={alpha_init_low}, alpha_init_high={alpha_init_high}: "
+                "Meta-SGD's initial learning rates must be positive (the paper: 0.005 and 0.1)."
+            )
         if low > high:
-            raise MetarunError(f"algorithm.alpha_init_low={low} is above alpha_init_high={high}: swap them.")
+            raise MetarunError(
+                f"algorithm.alpha_init_low={low} is above alpha_init_high={high}: swap them."
+            )
         self.alpha_low, self.alpha_high, self.alpha_seed = low, high, int(alpha_seed)
 
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, cfg.first_order,
-                   alpha_init_low=a.alpha_init_low, alpha_init_high=a.alpha_init_high, alpha_seed=int(cfg.seed),
-                   inner_loss=a.inner_loss, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            cfg.first_order,
+            alpha_init_low=a.alpha_init_low,
+            alpha_init_high=a.alpha_init_high,
+            alpha_seed=int(cfg.seed),
+            inner_loss=a.inner_loss,
+            engine=engine,
+        )
 
     def extra_params(self, dtype, device) -> dict:
         g = torch.Generator().manual_seed(self.alpha_seed + 1)
         shapes = self.model.init_params(torch.Generator())
-        return {self.PREFIX + k: (self.alpha_low + (self.alpha_high - self.alpha_low) * torch.rand(v.shape, generator=g, dtype=torch.float64))
-                .to(dtype=dtype, device=device) for k, v in shapes.items()}
+        return {
+            self.PREFIX + k: (
+                self.alpha_low
+                + (self.alpha_high - self.alpha_low)
+                * torch.rand(v.shape, generator=g, dtype=torch.float64)
+            ).to(dtype=dtype, device=device)
+            for k, v in shapes.items()
+        }
 
     def inner_lrs(self, params: dict, step: int) -> dict:
         return {k: params[self.PREFIX + k] for k in self.learner_names()}
 
     def scalars(self, params: dict) -> dict:
-        return {f"alpha_mean/{k}": params[self.PREFIX + k].detach().mean().item() for k in self.learner_names()}
+        return {
+            f"alpha_mean/{k}": params[self.PREFIX + k].detach().mean().item()
+            for k in self.learner_names()
+        }
 
     def histograms(self, params: dict) -> dict:
         return {f"alpha/{k}": params[self.PREFIX + k].detach() for k in self.learner_names()}

@@ -21,6 +21,7 @@ Differences from their code (README): batch norm uses batch statistics (metarun'
 statistics), so support and query features are normalised over the support and query sets; training images
 are drawn independently with replacement (theirs: shuffled epochs); update_step_test is not used.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,8 +39,8 @@ HEADS = ("linear", "cosine")
 
 @dataclass
 class ImageBatch:
-    x: torch.Tensor   # float [B, C, H, W], pixel / 255
-    y: torch.Tensor   # long [B]: class index (+ k * classes for a rotation by k * 90 degrees)
+    x: torch.Tensor  # float [B, C, H, W], pixel / 255
+    y: torch.Tensor  # long [B]: class index (+ k * classes for a rotation by k * 90 degrees)
 
 
 class ImageSampler(SeededDraws):
@@ -50,13 +51,21 @@ class ImageSampler(SeededDraws):
     def __init__(self, classes, batch_size: int, device, seed: int, rotate: bool):
         self.device = torch.device(device)
         self.images = classes.images.to(self.device)
-        self.labels = torch.repeat_interleave(torch.arange(classes.num_classes), classes.counts.cpu()).to(self.device)
-        self.num_classes, self.batch_size, self.rotate = classes.num_classes, int(batch_size), bool(rotate)
+        self.labels = torch.repeat_interleave(
+            torch.arange(classes.num_classes), classes.counts.cpu()
+        ).to(self.device)
+        self.num_classes, self.batch_size, self.rotate = (
+            classes.num_classes,
+            int(batch_size),
+            bool(rotate),
+        )
         if self.rotate and self.images.shape[-1] != self.images.shape[-2]:
             raise MetarunError("dataset.rotate=true needs square images: set dataset.rotate=false.")
         side = self.images.shape[-1]
         grid = torch.arange(side * side).view(side, side)
-        self.rotations = torch.stack([torch.rot90(grid, k, dims=(0, 1)).reshape(-1) for k in range(4)]).to(self.device)
+        self.rotations = torch.stack(
+            [torch.rot90(grid, k, dims=(0, 1)).reshape(-1) for k in range(4)]
+        ).to(self.device)
         super().__init__(seed, self.device)
 
     def sample(self, meta_batch: int | None = None) -> ImageBatch:
@@ -66,7 +75,11 @@ class ImageSampler(SeededDraws):
         if self.rotate:
             turns = torch.randint(0, 4, (B,), generator=g, device=self.device)
             C, H, W = x.shape[1:]
-            x = x.reshape(B, C, H * W).gather(2, self.rotations[turns][:, None, :].expand(B, C, -1)).view(B, C, H, W)
+            x = (
+                x.reshape(B, C, H * W)
+                .gather(2, self.rotations[turns][:, None, :].expand(B, C, -1))
+                .view(B, C, H, W)
+            )
             y = y + turns * self.num_classes
         return ImageBatch(x.float().div_(255.0), y)
 
@@ -89,54 +102,118 @@ class Pretrain(GradientMetaLearner):
     finetune_weight_decay (their test-time recipe), eval_seed (the new heads' initialisation and batch
     order), seed (the classifier's initialisation), and GradientMetaLearner's update_lr / steps (not used). Raises MetarunError for bad settings.
     """
+
     name = "pretrain"
 
-    def __init__(self, model, update_lr=0.01, update_step=1, update_step_test=1, *, head="linear", head_layer="fc",
-                 batch_size=16, num_classes=None, rotate=False, finetune_epochs=100, finetune_batch=4,
-                 finetune_lr=0.01, finetune_momentum=0.9, finetune_dampening=0.9, finetune_weight_decay=0.001,
-                 eval_seed=0, seed=0, **kw):
+    def __init__(
+        self,
+        model,
+        update_lr=0.01,
+        update_step=1,
+        update_step_test=1,
+        *,
+        head="linear",
+        head_layer="fc",
+        batch_size=16,
+        num_classes=None,
+        rotate=False,
+        finetune_epochs=100,
+        finetune_batch=4,
+        finetune_lr=0.01,
+        finetune_momentum=0.9,
+        finetune_dampening=0.9,
+        finetune_weight_decay=0.001,
+        eval_seed=0,
+        seed=0,
+        **kw,
+    ):
         super().__init__(model, update_lr, update_step, update_step_test, True, **kw)
         if head not in HEADS:
-            raise MetarunError(f"unknown algorithm.head={head!r}: use linear (Baseline) or cosine (Baseline++).")
-        for name, value in (("batch_size", batch_size), ("finetune_epochs", finetune_epochs),
-                            ("finetune_batch", finetune_batch)):
+            raise MetarunError(
+                f"unknown algorithm.head={head!r}: use linear (Baseline) or cosine (Baseline++)."
+            )
+        for name, value in (
+            ("batch_size", batch_size),
+            ("finetune_epochs", finetune_epochs),
+            ("finetune_batch", finetune_batch),
+        ):
             if int(value) <= 0:
-                raise MetarunError(f"algorithm.{name}={value} must be a positive integer (theirs: batch_size=16, "
-                                   "finetune_epochs=100, finetune_batch=4).")
+                raise MetarunError(
+                    f"algorithm.{name}={value} must be a positive integer (theirs: batch_size=16, "
+                    "finetune_epochs=100, finetune_batch=4)."
+                )
         if not float(finetune_lr) > 0:
-            raise MetarunError(f"algorithm.finetune_lr={finetune_lr} must be positive (theirs: 0.01).")
-        self.head, self.head_layer, self.batch_size, self.rotate = head, str(head_layer), int(batch_size), bool(rotate)
+            raise MetarunError(
+                f"algorithm.finetune_lr={finetune_lr} must be positive (theirs: 0.01)."
+            )
+        self.head, self.head_layer, self.batch_size, self.rotate = (
+            head,
+            str(head_layer),
+            int(batch_size),
+            bool(rotate),
+        )
         self.num_classes = None if num_classes is None else int(num_classes)
-        self.finetune = dict(epochs=int(finetune_epochs), batch=int(finetune_batch), lr=float(finetune_lr),
-                             momentum=float(finetune_momentum), dampening=float(finetune_dampening),
-                             weight_decay=float(finetune_weight_decay))
+        self.finetune = dict(
+            epochs=int(finetune_epochs),
+            batch=int(finetune_batch),
+            lr=float(finetune_lr),
+            momentum=float(finetune_momentum),
+            dampening=float(finetune_dampening),
+            weight_decay=float(finetune_weight_decay),
+        )
         self.eval_seed, self.seed = int(eval_seed), int(seed)
         init = self.model.init_params(torch.Generator())
         w, b = f"{self.head_layer}.weight", f"{self.head_layer}.bias"
-        if w not in init or b not in init or init[w].dim() != 2 or set(k for k in init if k.startswith(self.head_layer + ".")) != {w, b}:
-            raise MetarunError(f"algorithm.head_layer={self.head_layer!r} must name the learner's last linear layer "
-                               f"(with {w} [way, features] and {b}): use e.g. fc.")
+        if (
+            w not in init
+            or b not in init
+            or init[w].dim() != 2
+            or set(k for k in init if k.startswith(self.head_layer + ".")) != {w, b}
+        ):
+            raise MetarunError(
+                f"algorithm.head_layer={self.head_layer!r} must name the learner's last linear layer "
+                f"(with {w} [way, features] and {b}): use e.g. fc."
+            )
         self.head_names, self.features = (w, b), int(init[w].shape[1])
 
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, head=a.head, head_layer=a.head_layer,
-                   batch_size=a.batch_size, num_classes=a.num_classes, rotate=cfg.dataset.rotate,
-                   finetune_epochs=a.finetune_epochs, finetune_batch=a.finetune_batch, finetune_lr=a.finetune_lr,
-                   finetune_momentum=a.finetune_momentum, finetune_dampening=a.finetune_dampening,
-                   finetune_weight_decay=a.finetune_weight_decay, eval_seed=cfg.eval_seed, seed=cfg.seed, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            head=a.head,
+            head_layer=a.head_layer,
+            batch_size=a.batch_size,
+            num_classes=a.num_classes,
+            rotate=cfg.dataset.rotate,
+            finetune_epochs=a.finetune_epochs,
+            finetune_batch=a.finetune_batch,
+            finetune_lr=a.finetune_lr,
+            finetune_momentum=a.finetune_momentum,
+            finetune_dampening=a.finetune_dampening,
+            finetune_weight_decay=a.finetune_weight_decay,
+            eval_seed=cfg.eval_seed,
+            seed=cfg.seed,
+            engine=engine,
+        )
 
     def describe(self) -> str:
-        return (f"pretrain ({'Baseline++, cosine' if self.head == 'cosine' else 'Baseline, linear'} head, "
-                f"{self.num_classes} classes), new head per task: {self.finetune['epochs']} epochs of SGD")
+        return (
+            f"pretrain ({'Baseline++, cosine' if self.head == 'cosine' else 'Baseline, linear'} head, "
+            f"{self.num_classes} classes), new head per task: {self.finetune['epochs']} epochs of SGD"
+        )
 
     # -- the runner's hooks -----------------------------------------------------------------------------
     def bind_data(self, splits: dict) -> None:
         classes = splits["train"].num_classes * (4 if self.rotate else 1)
         if self.num_classes is not None and self.num_classes != classes:
-            raise MetarunError(f"algorithm.num_classes={self.num_classes} but the train split has {classes} classes"
-                               f"{' (with rotations)' if self.rotate else ''}: set algorithm.num_classes=null.")
+            raise MetarunError(
+                f"algorithm.num_classes={self.num_classes} but the train split has {classes} classes"
+                f"{' (with rotations)' if self.rotate else ''}: set algorithm.num_classes=null."
+            )
         self.num_classes = classes
 
     def train_unit(self, cfg) -> tuple[int, str]:
@@ -155,15 +232,21 @@ class Pretrain(GradientMetaLearner):
 
     def extra_params(self, dtype, device) -> dict:
         if self.num_classes is None:
-            raise MetarunError("the pre-training baseline's classifier size is unknown before the data loads: set "
-                               "algorithm.num_classes (the train split's classes, x4 with dataset.rotate=true).")
+            raise MetarunError(
+                "the pre-training baseline's classifier size is unknown before the data loads: set "
+                "algorithm.num_classes (the train split's classes, x4 with dataset.rotate=true)."
+            )
         # torch's nn.Linear initialisation, from a local generator
         g = torch.Generator().manual_seed(self.seed + 1)
         bound = 1.0 / math.sqrt(self.features)
-        weight = (torch.rand(self.num_classes, self.features, generator=g, dtype=torch.float64) * 2 - 1) * bound
+        weight = (
+            torch.rand(self.num_classes, self.features, generator=g, dtype=torch.float64) * 2 - 1
+        ) * bound
         extra = {"pretrain.weight": weight}
         if self.head == "linear":
-            extra["pretrain.bias"] = (torch.rand(self.num_classes, generator=g, dtype=torch.float64) * 2 - 1) * bound
+            extra["pretrain.bias"] = (
+                torch.rand(self.num_classes, generator=g, dtype=torch.float64) * 2 - 1
+            ) * bound
         else:
             extra["pretrain.gain"] = weight.norm(dim=1)  # weight norm starts at the weight itself
         return {k: v.to(dtype=dtype, device=device) for k, v in extra.items()}
@@ -177,8 +260,10 @@ class Pretrain(GradientMetaLearner):
         tasks = x.shape[0]
         w, b = self.head_names
         ref = params["pretrain.weight"]
-        identity = {w: torch.eye(self.features, dtype=ref.dtype, device=ref.device),
-                    b: torch.zeros(self.features, dtype=ref.dtype, device=ref.device)}
+        identity = {
+            w: torch.eye(self.features, dtype=ref.dtype, device=ref.device),
+            b: torch.zeros(self.features, dtype=ref.dtype, device=ref.device),
+        }
         weights = self.frozen_learner_weights({**params, **identity}, {}, tasks)
         return self.model.forward(weights, x)
 
@@ -205,7 +290,9 @@ class Pretrain(GradientMetaLearner):
         return StepResult(loss.detach(), accuracy.view(1))
 
     # -- evaluation -------------------------------------------------------------------------------------
-    def fit_heads(self, support: torch.Tensor, y: torch.Tensor, way: int, generator: torch.Generator):
+    def fit_heads(
+        self, support: torch.Tensor, y: torch.Tensor, way: int, generator: torch.Generator
+    ):
         """Their set_forward_adaptation for T tasks at once: support features [T, S, F], labels [T, S] ->
         each task's new head (weight [T, way, F], bias or gain [T, way]). Each task's loss is its own mean
         cross-entropy; summing them keeps the tasks' gradients, and SGD's update is elementwise, so this is
@@ -213,25 +300,36 @@ class Pretrain(GradientMetaLearner):
         tasks, shots, feats = support.shape
         dtype, device = support.dtype, support.device
         bound = 1.0 / math.sqrt(feats)
-        weight = ((torch.rand(tasks, way, feats, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+        weight = (
+            torch.rand(tasks, way, feats, generator=generator, dtype=torch.float64) * 2 - 1
+        ) * bound
         if self.head == "linear":
-            second = (torch.rand(tasks, way, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+            second = (
+                torch.rand(tasks, way, generator=generator, dtype=torch.float64) * 2 - 1
+            ) * bound
         else:
             second = weight.norm(dim=-1)
         weight = weight.to(dtype=dtype, device=device).requires_grad_(True)
         second = second.to(dtype=dtype, device=device).requires_grad_(True)
         ft = self.finetune
-        opt = torch.optim.SGD([weight, second], lr=ft["lr"], momentum=ft["momentum"], dampening=ft["dampening"],
-                              weight_decay=ft["weight_decay"])
+        opt = torch.optim.SGD(
+            [weight, second],
+            lr=ft["lr"],
+            momentum=ft["momentum"],
+            dampening=ft["dampening"],
+            weight_decay=ft["weight_decay"],
+        )
         rows = torch.arange(tasks, device=device).unsqueeze(1)
         with torch.enable_grad():
             for _ in range(ft["epochs"]):
                 perm = torch.rand(tasks, shots, generator=generator).argsort(-1).to(device)
                 for i in range(0, shots, ft["batch"]):
-                    idx = perm[:, i:i + ft["batch"]]
+                    idx = perm[:, i : i + ft["batch"]]
                     xb, yb = support[rows, idx], y[rows, idx]
                     logits = self.scores(xb, weight, second)
-                    ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape)
+                    ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(
+                        yb.shape
+                    )
                     opt.zero_grad(set_to_none=True)
                     ce.mean(1).sum().backward()
                     opt.step()

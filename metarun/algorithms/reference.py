@@ -6,6 +6,7 @@ gradient is taken once. For MAML this is the textbook loop of the common PyTorch
 plug in their rules through the hooks of algorithms/base.py. `scripts/bench.py --compare` times it (the
 tests keep their own independent references).
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,14 +15,27 @@ import torch.nn.functional as F
 from metarun.models.conv4 import BN_EPS
 
 
-def conv4_forward(params: dict, x: torch.Tensor, downsample: str, blocks: int = 4,
-                  activation: str = "relu", eps: float = BN_EPS) -> torch.Tensor:
+def conv4_forward(
+    params: dict,
+    x: torch.Tensor,
+    downsample: str,
+    blocks: int = 4,
+    activation: str = "relu",
+    eps: float = BN_EPS,
+) -> torch.Tensor:
     """One task: x [N, C, H, W] -> logits [N, way]."""
     h = x
     for i in range(blocks):
-        h = F.conv2d(h, params[f"conv{i}.weight"], params[f"conv{i}.bias"],
-                     stride=2 if downsample == "stride" else 1, padding=1)
-        scale = params.get(f"bn{i}.weight")  # absent with model.bn_scale=false: a constant unit scale
+        h = F.conv2d(
+            h,
+            params[f"conv{i}.weight"],
+            params[f"conv{i}.bias"],
+            stride=2 if downsample == "stride" else 1,
+            padding=1,
+        )
+        scale = params.get(
+            f"bn{i}.weight"
+        )  # absent with model.bn_scale=false: a constant unit scale
         scale = h.new_ones(h.shape[1]) if scale is None else scale
         h = F.batch_norm(h, None, None, scale, params[f"bn{i}.bias"], training=True, eps=eps)
         h = F.relu(h) if activation == "relu" else F.leaky_relu(h)
@@ -42,7 +56,10 @@ def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
     rates and per-step weights of a step, the per-step loss weights, the derivative order) through its
     hooks; the execution (grouped passes, chunks, threads) of metarun's engine is not used."""
     way, downsample = algorithm.model.way, algorithm.model.downsample
-    act, eps = getattr(algorithm.model, "activation", "relu"), getattr(algorithm.model, "bn_eps", BN_EPS)
+    act, eps = (
+        getattr(algorithm.model, "activation", "relu"),
+        getattr(algorithm.model, "bn_eps", BN_EPS),
+    )
     steps, create_graph = algorithm.update_step, algorithm.second_order()
     loss_weights = algorithm.step_loss_weights(steps)
     losses = []
@@ -50,15 +67,28 @@ def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
         fast = {k: params[k] for k in algorithm.adapted_names(params)}
         query_losses = []
         for step in range(steps):
-            logits = conv4_forward(algorithm.learner_weights(params, fast, step, None), ep.x_support[t], downsample,
-                                   activation=act, eps=eps)
+            logits = conv4_forward(
+                algorithm.learner_weights(params, fast, step, None),
+                ep.x_support[t],
+                downsample,
+                activation=act,
+                eps=eps,
+            )
             loss = task_support_loss(logits, ep.y_support[t], way, algorithm.inner_loss)
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
             lrs = algorithm.inner_lrs(params, step)
-            fast = {k: w - (lrs[k] if isinstance(lrs, dict) else lrs) * g for (k, w), g in zip(fast.items(), grads)}
+            fast = {
+                k: w - (lrs[k] if isinstance(lrs, dict) else lrs) * g
+                for (k, w), g in zip(fast.items(), grads)
+            }
             if loss_weights is not None or step == steps - 1:
-                query = conv4_forward(algorithm.learner_weights(params, fast, step, None), ep.x_query[t], downsample,
-                                      activation=act, eps=eps)
+                query = conv4_forward(
+                    algorithm.learner_weights(params, fast, step, None),
+                    ep.x_query[t],
+                    downsample,
+                    activation=act,
+                    eps=eps,
+                )
                 query_losses.append(F.cross_entropy(query, ep.y_query[t]))
         if loss_weights is None:
             losses.append(query_losses[-1])

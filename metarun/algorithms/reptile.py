@@ -18,6 +18,7 @@ Differences from their code (README): the inner Adam's moments start at zero for
 TensorFlow slots shared by every task and iteration of a run); conv4 averages its last feature map (theirs
 flattens it).
 """
+
 from __future__ import annotations
 
 import math
@@ -35,17 +36,23 @@ INNER_OPTIMIZERS = ("adam", "sgd")
 
 @dataclass
 class ReptileBatch:
-    x: torch.Tensor       # float [B, way*train_shots, C, H, W]: each task's training images
-    y: torch.Tensor       # long [B, way*train_shots]
-    order: torch.Tensor   # long [B, update_step, inner_batch]: the images (indices into x) of each inner step
+    x: torch.Tensor  # float [B, way*train_shots, C, H, W]: each task's training images
+    y: torch.Tensor  # long [B, way*train_shots]
+    order: (
+        torch.Tensor
+    )  # long [B, update_step, inner_batch]: the images (indices into x) of each inner step
 
 
-def mini_batch_order(tasks: int, images: int, steps: int, batch: int, generator, device) -> torch.Tensor:
+def mini_batch_order(
+    tasks: int, images: int, steps: int, batch: int, generator, device
+) -> torch.Tensor:
     """Their _mini_batches without replacement, per task: the images of consecutive random permutations,
     cut into `steps` batches of `batch` (a batch may span two permutations, as theirs). [tasks, steps, batch]."""
     need = steps * batch
     reps = math.ceil(need / images)
-    perms = torch.rand(tasks, reps, images, generator=generator, device=generator.device).argsort(-1)
+    perms = torch.rand(tasks, reps, images, generator=generator, device=generator.device).argsort(
+        -1
+    )
     return perms.reshape(tasks, reps * images)[:, :need].reshape(tasks, steps, batch).to(device)
 
 
@@ -56,12 +63,16 @@ class ReptileSampler:
 
     def __init__(self, classes, way, train_shots, steps, batch, device, seed, rotate):
         shot, self.keep_query = (train_shots - 1, True) if train_shots > 1 else (1, False)
-        self.episodes = EpisodeSampler(classes, "train", way, shot, 1, device, seed=seed, rotate=rotate)
+        self.episodes = EpisodeSampler(
+            classes, "train", way, shot, 1, device, seed=seed, rotate=rotate
+        )
         self.steps, self.batch, self.device = steps, batch, torch.device(device)
 
     def sample(self, meta_batch: int) -> ReptileBatch:
         ep = self.episodes.sample(meta_batch)
-        return to_batch(ep, self.keep_query, self.steps, self.batch, self.episodes.generator, self.device)
+        return to_batch(
+            ep, self.keep_query, self.steps, self.batch, self.episodes.generator, self.device
+        )
 
     def state(self) -> dict:
         return self.episodes.state()
@@ -70,10 +81,14 @@ class ReptileSampler:
         self.episodes.load_state(state)
 
 
-def to_batch(ep: Episodes, keep_query: bool, steps: int, batch: int, generator, device) -> ReptileBatch:
+def to_batch(
+    ep: Episodes, keep_query: bool, steps: int, batch: int, generator, device
+) -> ReptileBatch:
     x = torch.cat([ep.x_support, ep.x_query], 1) if keep_query else ep.x_support
     y = torch.cat([ep.y_support, ep.y_query], 1) if keep_query else ep.y_support
-    return ReptileBatch(x, y, mini_batch_order(x.shape[0], x.shape[1], steps, batch, generator, device))
+    return ReptileBatch(
+        x, y, mini_batch_order(x.shape[0], x.shape[1], steps, batch, generator, device)
+    )
 
 
 class Reptile(GradientMetaLearner):
@@ -86,33 +101,68 @@ class Reptile(GradientMetaLearner):
     length, or algorithm.meta_step_iterations: the annealing's length), eval_inner_batch (0: the whole support set), transductive, way, shot.
     Raises MetarunError for an impossible setting.
     """
+
     name = "reptile"
 
-    def __init__(self, model, update_lr, update_step, update_step_test, *, train_shots=None, shot=1,
-                 inner_batch=10, inner_optimizer="adam", adam_beta1=0.0, adam_beta2=0.999, adam_eps=1e-8,
-                 meta_step=1.0, meta_step_final=0.0, iterations=100000, eval_inner_batch=0, transductive=False,
-                 eval_seed=0, **kw):
-        super().__init__(model, update_lr, update_step, update_step_test, True, inner_loss="mean", **kw)
-        if self.frozen_names():  # Reptile's outer step moves phi only along what its inner loop trained
-            raise MetarunError("algorithm=reptile trains every weight in its inner loop: model.adapt_bn=false would "
-                               "freeze batch norm for the whole run; use model.adapt_bn=true.")
+    def __init__(
+        self,
+        model,
+        update_lr,
+        update_step,
+        update_step_test,
+        *,
+        train_shots=None,
+        shot=1,
+        inner_batch=10,
+        inner_optimizer="adam",
+        adam_beta1=0.0,
+        adam_beta2=0.999,
+        adam_eps=1e-8,
+        meta_step=1.0,
+        meta_step_final=0.0,
+        iterations=100000,
+        eval_inner_batch=0,
+        transductive=False,
+        eval_seed=0,
+        **kw,
+    ):
+        super().__init__(
+            model, update_lr, update_step, update_step_test, True, inner_loss="mean", **kw
+        )
+        if (
+            self.frozen_names()
+        ):  # Reptile's outer step moves phi only along what its inner loop trained
+            raise MetarunError(
+                "algorithm=reptile trains every weight in its inner loop: model.adapt_bn=false would "
+                "freeze batch norm for the whole run; use model.adapt_bn=true."
+            )
         if inner_optimizer not in INNER_OPTIMIZERS:
-            raise MetarunError(f"unknown algorithm.inner_optimizer={inner_optimizer!r}: use adam (their Omniglot "
-                               "runs, beta1=0) or sgd.")
+            raise MetarunError(
+                f"unknown algorithm.inner_optimizer={inner_optimizer!r}: use adam (their Omniglot "
+                "runs, beta1=0) or sgd."
+            )
         self.train_shots = int(shot if train_shots is None else train_shots)
         for name, value in (("train_shots", self.train_shots), ("inner_batch", inner_batch)):
             if int(value) <= 0:
-                raise MetarunError(f"algorithm.{name}={value} must be a positive integer (their Omniglot runs: "
-                                   "train_shots=10, inner_batch=10 for 5-way, 20 for 20-way).")
+                raise MetarunError(
+                    f"algorithm.{name}={value} must be a positive integer (their Omniglot runs: "
+                    "train_shots=10, inner_batch=10 for 5-way, 20 for 20-way)."
+                )
         if int(eval_inner_batch) < 0:
-            raise MetarunError(f"algorithm.eval_inner_batch={eval_inner_batch} must be >= 0 (0: the whole support set).")
+            raise MetarunError(
+                f"algorithm.eval_inner_batch={eval_inner_batch} must be >= 0 (0: the whole support set)."
+            )
         if not (0 <= float(adam_beta1) < 1 and 0 <= float(adam_beta2) < 1 and float(adam_eps) > 0):
-            raise MetarunError(f"algorithm.adam_beta1={adam_beta1}, adam_beta2={adam_beta2}, adam_eps={adam_eps}: "
-                               "betas must be in [0, 1) and eps positive (theirs: 0, 0.999, 1e-8).")
+            raise MetarunError(
+                f"algorithm.adam_beta1={adam_beta1}, adam_beta2={adam_beta2}, adam_eps={adam_eps}: "
+                "betas must be in [0, 1) and eps positive (theirs: 0, 0.999, 1e-8)."
+            )
         for name, value in (("meta_step", meta_step), ("meta_step_final", meta_step_final)):
             if not 0 <= float(value) <= 1:
-                raise MetarunError(f"algorithm.{name}={value} must be in [0, 1] (the fraction of the way from phi "
-                                   "to the adapted weights; theirs: 1 annealed to 0).")
+                raise MetarunError(
+                    f"algorithm.{name}={value} must be in [0, 1] (the fraction of the way from phi "
+                    "to the adapted weights; theirs: 1 annealed to 0)."
+                )
         self.inner_batch, self.inner_optimizer = int(inner_batch), inner_optimizer
         self.betas, self.adam_eps = (float(adam_beta1), float(adam_beta2)), float(adam_eps)
         self.meta_step, self.meta_step_final = float(meta_step), float(meta_step_final)
@@ -123,34 +173,63 @@ class Reptile(GradientMetaLearner):
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(model, cfg.update_lr, cfg.update_step, cfg.update_step_test, train_shots=a.train_shots,
-                   shot=cfg.shot, inner_batch=a.inner_batch, inner_optimizer=a.inner_optimizer,
-                   adam_beta1=a.adam_beta1, adam_beta2=a.adam_beta2, adam_eps=a.adam_eps, meta_step=a.meta_step,
-                   meta_step_final=a.meta_step_final,
-                   iterations=a.meta_step_iterations if a.get("meta_step_iterations") is not None else cfg.iterations,
-                   eval_inner_batch=a.eval_inner_batch, transductive=a.transductive, engine=engine)
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            train_shots=a.train_shots,
+            shot=cfg.shot,
+            inner_batch=a.inner_batch,
+            inner_optimizer=a.inner_optimizer,
+            adam_beta1=a.adam_beta1,
+            adam_beta2=a.adam_beta2,
+            adam_eps=a.adam_eps,
+            meta_step=a.meta_step,
+            meta_step_final=a.meta_step_final,
+            iterations=a.meta_step_iterations
+            if a.get("meta_step_iterations") is not None
+            else cfg.iterations,
+            eval_inner_batch=a.eval_inner_batch,
+            transductive=a.transductive,
+            engine=engine,
+        )
 
     def describe(self) -> str:
-        return (f"{self.impl} reptile, inner {self.inner_optimizer} {self.update_step} steps of {self.inner_batch} "
-                f"images from {self.train_shots} per class, {'' if self.transductive else 'non-'}transductive evaluation")
+        return (
+            f"{self.impl} reptile, inner {self.inner_optimizer} {self.update_step} steps of {self.inner_batch} "
+            f"images from {self.train_shots} per class, {'' if self.transductive else 'non-'}transductive evaluation"
+        )
 
     # -- the runner's hooks -----------------------------------------------------------------------------
     def bind_data(self, splits: dict) -> None:
         per_class = splits["train"].per_class
         if self.train_shots > per_class or per_class < 2:
-            raise MetarunError(f"algorithm.train_shots={self.train_shots} is more than the {per_class} images per "
-                               f"class of the train split: use algorithm.train_shots<={per_class}.")
+            raise MetarunError(
+                f"algorithm.train_shots={self.train_shots} is more than the {per_class} images per "
+                f"class of the train split: use algorithm.train_shots<={per_class}."
+            )
 
     def train_sampler(self, cfg, classes, device):
-        return ReptileSampler(classes, int(cfg.way), self.train_shots, self.update_step, self.inner_batch, device,
-                              int(cfg.seed), bool(cfg.dataset.rotate))
+        return ReptileSampler(
+            classes,
+            int(cfg.way),
+            self.train_shots,
+            self.update_step,
+            self.inner_batch,
+            device,
+            int(cfg.seed),
+            bool(cfg.dataset.rotate),
+        )
 
     def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
         # phi <- phi - eps * (phi - mean W): SGD at learning rate eps on that difference (meta_lr is unused)
         return torch.optim.SGD(params, lr=self.meta_step)
 
     def bench_batch(self, ep: Episodes, generator: torch.Generator) -> ReptileBatch:
-        return to_batch(ep, True, self.update_step, self.inner_batch, generator, ep.x_support.device)
+        return to_batch(
+            ep, True, self.update_step, self.inner_batch, generator, ep.x_support.device
+        )
 
     def meta_step_at(self, iteration: int) -> float:
         """Their linear annealing: frac_done * meta_step_final + (1 - frac_done) * meta_step."""
@@ -171,8 +250,10 @@ class Reptile(GradientMetaLearner):
         """Each task's own inner optimizer from phi, step s on images order[:, s] of x [T, n, C, H, W].
         Returns (adapted weights {name: [T, ...]}, last step's loss [T], last step's accuracy [T])."""
         tasks, steps = x.shape[0], order.shape[1]
-        fast = {k: params[k].detach().unsqueeze(0).expand(tasks, *params[k].shape).clone()
-                for k in self.learner_names()}
+        fast = {
+            k: params[k].detach().unsqueeze(0).expand(tasks, *params[k].shape).clone()
+            for k in self.learner_names()
+        }
         m = {k: torch.zeros_like(v) for k, v in fast.items()}
         v2 = {k: torch.zeros_like(v) for k, v in fast.items()}
         rows = torch.arange(tasks, device=x.device).unsqueeze(1)
@@ -183,15 +264,26 @@ class Reptile(GradientMetaLearner):
             leaves = {k: w.requires_grad_(True) for k, w in fast.items()}
             with torch.enable_grad():
                 logits = self.model.forward(leaves, xb)
-                ce = F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none").view(yb.shape).mean(1)
-                grads = torch.autograd.grad(ce.sum(), list(leaves.values()))  # tasks are independent: sum = each
+                ce = (
+                    F.cross_entropy(logits.flatten(0, 1), yb.flatten(), reduction="none")
+                    .view(yb.shape)
+                    .mean(1)
+                )
+                grads = torch.autograd.grad(
+                    ce.sum(), list(leaves.values())
+                )  # tasks are independent: sum = each
             loss, accuracy = ce.detach(), (logits.detach().argmax(-1) == yb).to(x.dtype).mean(1)
             with torch.no_grad():
                 if self.inner_optimizer == "sgd":
-                    fast = {k: w.detach() - self.update_lr * g for (k, w), g in zip(leaves.items(), grads)}
+                    fast = {
+                        k: w.detach() - self.update_lr * g
+                        for (k, w), g in zip(leaves.items(), grads)
+                    }
                     continue
-                t = s + 1  # TensorFlow's AdamOptimizer (their DEFAULT_OPTIMIZER), epsilon after bias correction
-                lr_t = self.update_lr * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+                t = (
+                    s + 1
+                )  # TensorFlow's AdamOptimizer (their DEFAULT_OPTIMIZER), epsilon after bias correction
+                lr_t = self.update_lr * math.sqrt(1 - b2**t) / (1 - b1**t)
                 new = {}
                 for (k, w), g in zip(leaves.items(), grads):
                     m[k] = b1 * m[k] + (1 - b1) * g
@@ -209,12 +301,16 @@ class Reptile(GradientMetaLearner):
         leaves = [params[k] for k in names]
 
         def chunk(part):
-            adapted, loss, accuracy = self.train_tasks(params, batch.x[part], batch.y[part], batch.order[part])
+            adapted, loss, accuracy = self.train_tasks(
+                params, batch.x[part], batch.y[part], batch.order[part]
+            )
             grads = [(params[k].detach() - adapted[k]).sum(0) / meta_batch for k in names]
             return grads, (loss, accuracy)
 
         extras = self.engine.accumulate(chunk, leaves, meta_batch, batch.x.shape[1])
-        return StepResult(torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras]))
+        return StepResult(
+            torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
+        )
 
     # -- evaluation -------------------------------------------------------------------------------------
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
@@ -223,7 +319,11 @@ class Reptile(GradientMetaLearner):
         for the mini-batch order)."""
         steps = self.update_step_test if steps is None else int(steps)
         shots, queries = ep.x_support.shape[1], ep.x_query.shape[1]
-        batch = shots if self.eval_inner_batch == 0 or self.eval_inner_batch >= shots else self.eval_inner_batch
+        batch = (
+            shots
+            if self.eval_inner_batch == 0 or self.eval_inner_batch >= shots
+            else self.eval_inner_batch
+        )
 
         def chunk_logits(part):
             x, y = ep.x_support[part], ep.y_support[part]
@@ -238,7 +338,13 @@ class Reptile(GradientMetaLearner):
                 if self.transductive:
                     return self.model.forward(fast, ep.x_query[part])
                 # each query image alone with the support set, so batch norm sees no other query image
-                both = torch.cat([x.unsqueeze(1).expand(tasks, queries, *x.shape[1:]), ep.x_query[part].unsqueeze(2)], 2)
+                both = torch.cat(
+                    [
+                        x.unsqueeze(1).expand(tasks, queries, *x.shape[1:]),
+                        ep.x_query[part].unsqueeze(2),
+                    ],
+                    2,
+                )
                 weights = {k: w.repeat_interleave(queries, 0) for k, w in fast.items()}
                 logits = self.model.forward(weights, both.flatten(0, 1))[:, -1]
                 return logits.view(tasks, queries, -1)

@@ -4,6 +4,7 @@
 (`starts`, `counts`: class c owns images[starts[c] : starts[c] + counts[c]]), so classes may have different
 numbers of images. A dense [classes, per_class, (C,) H, W] tensor (Omniglot) is accepted and flattened.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ class ClassImages:
     images: uint8 [N, C, H, W] (or dense [classes, per_class, H, W] / [classes, per_class, C, H, W], flattened
     on construction); starts, counts: long [classes]; class_names: one per class.
     """
+
     images: torch.Tensor
     class_names: list[str]
     starts: torch.Tensor | None = None
@@ -28,12 +30,20 @@ class ClassImages:
     def __post_init__(self):
         if self.starts is None:  # dense: [classes, per_class, (C,) H, W]
             k, p = self.images.shape[0], self.images.shape[1]
-            self.images = self.images.reshape(k * p, *(self.images.shape[2:] if self.images.dim() == 5
-                                                        else (1, *self.images.shape[2:])))
+            self.images = self.images.reshape(
+                k * p,
+                *(self.images.shape[2:] if self.images.dim() == 5 else (1, *self.images.shape[2:])),
+            )
             self.starts = torch.arange(k, dtype=torch.long) * p
             self.counts = torch.full((k,), p, dtype=torch.long)
-        if self.images.dim() != 4 or len(self.starts) != len(self.counts) or len(self.counts) != len(self.class_names):
-            raise ValueError("ClassImages wants images [N, C, H, W] and one start, count and name per class")
+        if (
+            self.images.dim() != 4
+            or len(self.starts) != len(self.counts)
+            or len(self.counts) != len(self.class_names)
+        ):
+            raise ValueError(
+                "ClassImages wants images [N, C, H, W] and one start, count and name per class"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -58,9 +68,13 @@ def check_splits(splits: dict[str, list[str]], where: str) -> None:
     seen: dict[str, str] = {}
     for split, names in splits.items():
         if not names:
-            raise MetarunError(f"the {split} split of {where} has no classes: give it at least `way` classes.")
+            raise MetarunError(
+                f"the {split} split of {where} has no classes: give it at least `way` classes."
+            )
         for name in names:
             if name in seen and seen[name] != split:
-                raise MetarunError(f"class {name!r} is in both the {seen[name]} and the {split} split of {where}: "
-                                   "a class must belong to one split only; remove it from one of them.")
+                raise MetarunError(
+                    f"class {name!r} is in both the {seen[name]} and the {split} split of {where}: "
+                    "a class must belong to one split only; remove it from one of them."
+                )
             seen[name] = split

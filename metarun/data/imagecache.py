@@ -4,6 +4,7 @@ Same style as Omniglot's cache: one `torch.save` file of plain tensors, lists an
 `weights_only=True`), written atomically, keyed by a fingerprint of the source files and the settings, and
 rebuilt when that fingerprint changes or the file is unreadable.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -38,13 +39,17 @@ def default_cache_dir(root: Path, cache_dir) -> Path:
 def check_image_settings(image_size, channels) -> tuple[int, int]:
     size, channels = int(image_size), int(channels)
     if size <= 0:
-        raise MetarunError(f"dataset.image_size={size} must be a positive number of pixels (e.g. 84).")
+        raise MetarunError(
+            f"dataset.image_size={size} must be a positive number of pixels (e.g. 84)."
+        )
     if channels not in MODES:
         raise MetarunError(f"dataset.channels={channels} must be 1 (grayscale) or 3 (RGB).")
     return size, channels
 
 
-def files_fingerprint(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, extra: str = "") -> str:
+def files_fingerprint(
+    splits: dict[str, dict[str, list[Path]]], size: int, channels: int, extra: str = ""
+) -> str:
     """sha256 of every file's (path, size, mtime), the split membership and the decode settings."""
     h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}:{extra}".encode())
     for split in SPLITS:
@@ -69,18 +74,30 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
-def decode_splits(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, desc: str) -> dict:
+def decode_splits(
+    splits: dict[str, dict[str, list[Path]]], size: int, channels: int, desc: str
+) -> dict:
     """Decodes every file into one uint8 array; returns the cache blob (without format/fingerprint)."""
     from tqdm import tqdm
 
     files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
     images = np.empty((len(files), channels, size, size), dtype=np.uint8)
-    for i, f in enumerate(tqdm(files, desc=f"decoding {desc}", unit="img", mininterval=1.0, leave=False,
-                               disable=len(files) < 2000)):
+    for i, f in enumerate(
+        tqdm(
+            files,
+            desc=f"decoding {desc}",
+            unit="img",
+            mininterval=1.0,
+            leave=False,
+            disable=len(files) < 2000,
+        )
+    ):
         images[i] = decode_image(f, size, channels)
-    return {"images": torch.from_numpy(images),
-            "splits": {s: list(splits[s].keys()) for s in SPLITS},
-            "counts": {s: [len(fs) for fs in splits[s].values()] for s in SPLITS}}
+    return {
+        "images": torch.from_numpy(images),
+        "splits": {s: list(splits[s].keys()) for s in SPLITS},
+        "counts": {s: [len(fs) for fs in splits[s].values()] for s in SPLITS},
+    }
 
 
 def read_cache(path: Path, fingerprint: str) -> dict | None:
@@ -88,14 +105,21 @@ def read_cache(path: Path, fingerprint: str) -> dict | None:
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = (isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("fingerprint") == fingerprint
-              and blob["images"].dtype == torch.uint8 and blob["images"].dim() == 4
-              and sum(sum(c) for c in blob["counts"].values()) == len(blob["images"]))
+        ok = (
+            isinstance(blob, dict)
+            and blob.get("format") == CACHE_FORMAT
+            and blob.get("fingerprint") == fingerprint
+            and blob["images"].dtype == torch.uint8
+            and blob["images"].dim() == 4
+            and sum(sum(c) for c in blob["counts"].values()) == len(blob["images"])
+        )
     except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
         ok = False
     if not ok:
-        log.warning(f"metarun: cache {path} does not match the data (changed files or settings) or is corrupt; "
-                    "rebuilding it")
+        log.warning(
+            f"metarun: cache {path} does not match the data (changed files or settings) or is corrupt; "
+            "rebuilding it"
+        )
         return None
     return blob
 
@@ -104,8 +128,16 @@ def mib(n_bytes: int) -> str:
     return f"{n_bytes / 2**20:.1f} MiB"
 
 
-def cached_class_images(splits: dict[str, dict[str, list[Path]]], size: int, channels: int, cache: Path,
-                        desc: str, where: str, build=None, fingerprint: str | None = None) -> dict[str, ClassImages]:
+def cached_class_images(
+    splits: dict[str, dict[str, list[Path]]],
+    size: int,
+    channels: int,
+    cache: Path,
+    desc: str,
+    where: str,
+    build=None,
+    fingerprint: str | None = None,
+) -> dict[str, ClassImages]:
     """{split: ClassImages} from the cache at `cache` when its fingerprint matches, else decoded and cached.
 
     splits: {split: {class name: [image files]}} (checked: no empty split, no class in two splits, no empty
@@ -115,25 +147,35 @@ def cached_class_images(splits: dict[str, dict[str, list[Path]]], size: int, cha
     for split in SPLITS:
         for name, files in splits[split].items():
             if not files and build is None:
-                raise MetarunError(f"class {name!r} of the {split} split of {where} has no images (.png/.jpg): "
-                                   "add images or remove that class.")
+                raise MetarunError(
+                    f"class {name!r} of the {split} split of {where} has no images (.png/.jpg): "
+                    "add images or remove that class."
+                )
     fingerprint = fingerprint or files_fingerprint(splits, size, channels)
     blob = read_cache(cache, fingerprint)
     if blob is None:
         n = sum(len(fs) for s in SPLITS for fs in splits[s].values())
-        if build is None:  # a `build` (CIFAR's pickles) decodes from elsewhere: its size is known once built
-            log.info(f"metarun: decoding {n} images of {desc} once into the cache {cache} "
-                     f"({mib(n * channels * size * size)} uint8)")
+        if (
+            build is None
+        ):  # a `build` (CIFAR's pickles) decodes from elsewhere: its size is known once built
+            log.info(
+                f"metarun: decoding {n} images of {desc} once into the cache {cache} "
+                f"({mib(n * channels * size * size)} uint8)"
+            )
         blob = build() if build is not None else decode_splits(splits, size, channels, desc)
         if build is not None:
-            log.info(f"metarun: decoded {len(blob['images'])} images of {desc} once into the cache {cache} "
-                     f"({mib(blob['images'].numel())} uint8)")
+            log.info(
+                f"metarun: decoded {len(blob['images'])} images of {desc} once into the cache {cache} "
+                f"({mib(blob['images'].numel())} uint8)"
+            )
         blob.update(format=CACHE_FORMAT, fingerprint=fingerprint)
         try:
             atomic_torch_save(blob, cache)
         except OSError as exc:  # a read-only place only costs the next run a decode
-            log.warning(f"metarun: could not write the cache {cache} ({exc}); set dataset.cache_dir to a writable "
-                        "folder to start faster next time")
+            log.warning(
+                f"metarun: could not write the cache {cache} ({exc}); set dataset.cache_dir to a writable "
+                "folder to start faster next time"
+            )
     else:
         log.info(f"metarun: {desc} from the cache {cache} ({mib(blob['images'].numel())} uint8)")
     return split_blob(blob)
@@ -146,6 +188,8 @@ def split_blob(blob: dict) -> dict[str, ClassImages]:
         counts = torch.tensor(blob["counts"][split], dtype=torch.long)
         n = int(counts.sum())
         starts = torch.cumsum(counts, 0) - counts
-        out[split] = ClassImages(blob["images"][start:start + n], list(blob["splits"][split]), starts, counts)
+        out[split] = ClassImages(
+            blob["images"][start : start + n], list(blob["splits"][split]), starts, counts
+        )
         start += n
     return out

@@ -4,6 +4,7 @@
 `Omniglot.class_images` gives a split's `ClassImages`: a uint8 tensor [classes, images_per_class, H, W]
 (255 = ink) that the episode sampler indexes on the device.
 """
+
 from __future__ import annotations
 
 import logging
@@ -30,14 +31,14 @@ RESIZES = ("lanczos", "nearest")
 
 @dataclass
 class Omniglot:
-    images: torch.Tensor          # uint8 [N, S, S], 255 = ink
-    archive: torch.Tensor         # per image: 0 background, 1 evaluation
+    images: torch.Tensor  # uint8 [N, S, S], 255 = ink
+    archive: torch.Tensor  # per image: 0 background, 1 evaluation
     alphabet: torch.Tensor
     character: torch.Tensor
     drawer: torch.Tensor
     alphabet_names: list[str]
     character_names: list[str]
-    source: str                   # where the pixels came from, for the log
+    source: str  # where the pixels came from, for the log
 
     def class_images(self, characters: list[int]) -> ClassImages:
         """Images of the given characters, [len(characters), per_class, S, S], ordered by drawer."""
@@ -47,16 +48,19 @@ class Omniglot:
         chosen = counts[characters]
         per_class = int(chosen.min()) if len(characters) else 0
         if len(characters) and int(chosen.max()) != per_class:
-            raise MetarunError(f"characters have between {per_class} and {int(chosen.max())} images; "
-                               "metarun needs the same number per character (Omniglot has 20). The dataset in "
-                               "dataset.root is incomplete: replace it with the public archives.")
+            raise MetarunError(
+                f"characters have between {per_class} and {int(chosen.max())} images; "
+                "metarun needs the same number per character (Omniglot has 20). The dataset in "
+                "dataset.root is incomplete: replace it with the public archives."
+            )
         starts = torch.cumsum(counts, 0) - counts
         index = starts[characters].unsqueeze(1) + torch.arange(per_class)
         return ClassImages(self.images[order[index]], [self.character_names[c] for c in characters])
 
 
-def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int,
-                     sizes=(MAML_TRAIN, MAML_VAL)) -> dict[str, list[int]]:
+def split_characters(
+    data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int, sizes=(MAML_TRAIN, MAML_VAL)
+) -> dict[str, list[int]]:
     """Character indices of each split. No character is in two splits. sizes: split=maml's (train, val)
     characters of the full 1,623 (the MAML paper's 1,100/100; MAML++'s code 1,150/50), the rest test.
     Raises MetarunError for sizes that leave no test characters."""
@@ -67,12 +71,18 @@ def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabet
         perm = torch.randperm(total, generator=g).tolist()
         n_train, n_val = (int(n) for n in sizes)
         if n_train <= 0 or n_val <= 0 or n_train + n_val >= MAML_TOTAL:
-            raise MetarunError(f"dataset.split_sizes={list(sizes)} must be two positive character counts (train, "
-                               f"validation) summing to less than {MAML_TOTAL}, e.g. [1100, 100] (the MAML paper).")
+            raise MetarunError(
+                f"dataset.split_sizes={list(sizes)} must be two positive character counts (train, "
+                f"validation) summing to less than {MAML_TOTAL}, e.g. [1100, 100] (the MAML paper)."
+            )
         if total != MAML_TOTAL:  # a smaller (test) dataset keeps the protocol's proportions
             n_train = max(1, round(total * n_train / MAML_TOTAL))
             n_val = max(1, round(total * n_val / MAML_TOTAL))
-        return {"train": perm[:n_train], "val": perm[n_train:n_train + n_val], "test": perm[n_train + n_val:]}
+        return {
+            "train": perm[:n_train],
+            "val": perm[n_train : n_train + n_val],
+            "test": perm[n_train + n_val :],
+        }
     if protocol == "lake":
         # Background alphabets train (some held out whole for validation), evaluation alphabets test.
         char_alphabet = torch.zeros(total, dtype=torch.long)
@@ -85,12 +95,20 @@ def split_characters(data: Omniglot, protocol: str, seed: int, lake_val_alphabet
         val_alphabets = set(shuffled[:n_val])
         chars = range(total)
         return {
-            "train": [c for c in chars if char_archive[c] == 0 and int(char_alphabet[c]) not in val_alphabets],
-            "val": [c for c in chars if char_archive[c] == 0 and int(char_alphabet[c]) in val_alphabets],
+            "train": [
+                c
+                for c in chars
+                if char_archive[c] == 0 and int(char_alphabet[c]) not in val_alphabets
+            ],
+            "val": [
+                c for c in chars if char_archive[c] == 0 and int(char_alphabet[c]) in val_alphabets
+            ],
             "test": [c for c in chars if char_archive[c] == 1],
         }
-    raise MetarunError(f"unknown dataset.split={protocol!r}: use dataset.split=maml (the MAML paper's "
-                       "1,100/100/423 characters) or dataset.split=lake (background vs evaluation alphabets).")
+    raise MetarunError(
+        f"unknown dataset.split={protocol!r}: use dataset.split=maml (the MAML paper's "
+        "1,100/100/423 characters) or dataset.split=lake (background vs evaluation alphabets)."
+    )
 
 
 def resize(masks: np.ndarray, size: int, method: str = "lanczos") -> np.ndarray:
@@ -100,15 +118,23 @@ def resize(masks: np.ndarray, size: int, method: str = "lanczos") -> np.ndarray:
     from tqdm import tqdm
 
     if method not in RESIZES:
-        raise MetarunError(f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
-                           "MAML paper's data).")
+        raise MetarunError(
+            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
+            "MAML paper's data)."
+        )
     resample = Image.Resampling.LANCZOS if method == "lanczos" else Image.Resampling.NEAREST
     ink = masks.astype(np.uint8) * 255
     if size == masks.shape[-1]:
         return ink
     out = np.empty((len(masks), size, size), dtype=np.uint8)
-    for i in tqdm(range(len(masks)), desc=f"resizing to {size}x{size}", unit="img", mininterval=1.0,
-                  leave=False, disable=len(masks) < 2000):
+    for i in tqdm(
+        range(len(masks)),
+        desc=f"resizing to {size}x{size}",
+        unit="img",
+        mininterval=1.0,
+        leave=False,
+        disable=len(masks) < 2000,
+    ):
         out[i] = np.asarray(Image.fromarray(ink[i]).resize((size, size), resample))
     return out
 
@@ -118,7 +144,9 @@ def resolve_source(cfg) -> tuple[str, object]:
     root = sources.source_root(cfg.root)
     found = sources.find_archives(root) if root.is_dir() else None
     if cfg.source not in ("auto", "archives", "embedded"):
-        raise MetarunError(f"unknown dataset.source={cfg.source!r}: use auto, archives or embedded.")
+        raise MetarunError(
+            f"unknown dataset.source={cfg.source!r}: use auto, archives or embedded."
+        )
     if cfg.source == "embedded" or (cfg.source == "auto" and found is None):
         return f"embedded:{embedded.EMBEDDED_SHA256}", embedded.load_embedded
     if found is None:
@@ -142,11 +170,19 @@ def _read_cache(path: Path, fingerprint: str, size: int, method: str = "lanczos"
         return None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        ok = (isinstance(blob, dict) and blob.get("format") == CACHE_FORMAT and blob.get("source") == fingerprint
-              and blob.get("image_size") == size and blob["images"].shape[1:] == (size, size)
-              and blob.get("resize", "lanczos") == method  # caches before dataset.resize were Lanczos
-              and blob["images"].dtype == torch.uint8
-              and all(len(blob[k]) == len(blob["images"]) for k in ("archive", "alphabet", "character", "drawer")))
+        ok = (
+            isinstance(blob, dict)
+            and blob.get("format") == CACHE_FORMAT
+            and blob.get("source") == fingerprint
+            and blob.get("image_size") == size
+            and blob["images"].shape[1:] == (size, size)
+            and blob.get("resize", "lanczos") == method  # caches before dataset.resize were Lanczos
+            and blob["images"].dtype == torch.uint8
+            and all(
+                len(blob[k]) == len(blob["images"])
+                for k in ("archive", "alphabet", "character", "drawer")
+            )
+        )
     except Exception:  # unreadable, truncated or foreign: rebuilt, never trusted
         ok = False
     if not ok:
@@ -180,31 +216,52 @@ def load_omniglot(cfg) -> Omniglot:
     """Omniglot at cfg.image_size, from the decoded cache when it is valid, else decoded once and cached."""
     size = int(cfg.image_size)
     if size <= 0:
-        raise MetarunError(f"dataset.image_size={size} must be positive (28 as in the MAML paper, or 105).")
+        raise MetarunError(
+            f"dataset.image_size={size} must be positive (28 as in the MAML paper, or 105)."
+        )
     method = str(cfg.get("resize", "lanczos"))
     if method not in RESIZES:
-        raise MetarunError(f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
-                           "MAML paper's data).")
+        raise MetarunError(
+            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
+            "MAML paper's data)."
+        )
     fingerprint, read = resolve_source(cfg)
     # one cache per resize method (Lanczos keeps the name it had before dataset.resize existed)
     path = cache_dir(cfg) / f"omniglot_{size}{'' if method == 'lanczos' else '_' + method}.pt"
     blob = _read_cache(path, fingerprint, size, method)
     if blob is None:
         strokes = read()
-        blob = {"format": CACHE_FORMAT, "source": fingerprint, "image_size": size, "resize": method,
-                "images": torch.from_numpy(resize(strokes.masks, size, method)),
-                "archive": torch.from_numpy(strokes.archive.astype(np.int64)),
-                "alphabet": torch.from_numpy(strokes.alphabet.astype(np.int64)),
-                "character": torch.from_numpy(strokes.character.astype(np.int64)),
-                "drawer": torch.from_numpy(strokes.drawer.astype(np.int64)),
-                "alphabet_names": list(strokes.alphabet_names),
-                "character_names": list(strokes.character_names)}
+        blob = {
+            "format": CACHE_FORMAT,
+            "source": fingerprint,
+            "image_size": size,
+            "resize": method,
+            "images": torch.from_numpy(resize(strokes.masks, size, method)),
+            "archive": torch.from_numpy(strokes.archive.astype(np.int64)),
+            "alphabet": torch.from_numpy(strokes.alphabet.astype(np.int64)),
+            "character": torch.from_numpy(strokes.character.astype(np.int64)),
+            "drawer": torch.from_numpy(strokes.drawer.astype(np.int64)),
+            "alphabet_names": list(strokes.alphabet_names),
+            "character_names": list(strokes.character_names),
+        }
         try:
             atomic_torch_save(blob, path)
-            log.info(f"metarun: decoded Omniglot at {size}x{size} ({method}) into the cache {path} "
-                     f"({path.stat().st_size / 2**20:.1f} MiB; dataset.cache_dir sets where it goes)")
+            log.info(
+                f"metarun: decoded Omniglot at {size}x{size} ({method}) into the cache {path} "
+                f"({path.stat().st_size / 2**20:.1f} MiB; dataset.cache_dir sets where it goes)"
+            )
         except OSError as exc:  # a read-only place only costs the next run a decode
-            log.warning(f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
-                        "folder to start faster next time")
-    return Omniglot(blob["images"], blob["archive"], blob["alphabet"], blob["character"], blob["drawer"],
-                    list(blob["alphabet_names"]), list(blob["character_names"]), fingerprint.split(":")[0])
+            log.warning(
+                f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
+                "folder to start faster next time"
+            )
+    return Omniglot(
+        blob["images"],
+        blob["archive"],
+        blob["alphabet"],
+        blob["character"],
+        blob["drawer"],
+        list(blob["alphabet_names"]),
+        list(blob["character_names"]),
+        fingerprint.split(":")[0],
+    )

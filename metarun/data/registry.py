@@ -1,4 +1,5 @@
 """`dataset=NAME` -> the dataset's splits: one loader per module under metarun/data/."""
+
 from __future__ import annotations
 
 from metarun.data.classes import ClassImages
@@ -11,35 +12,49 @@ def load_omniglot_splits(cfg) -> tuple[dict[str, ClassImages], str]:
 
     data = load_omniglot(cfg)
     sizes = cfg.get("split_sizes") or (MAML_TRAIN, MAML_VAL)
-    chars = split_characters(data, cfg.split, int(cfg.split_seed), int(cfg.lake_val_alphabets), tuple(sizes))
+    chars = split_characters(
+        data, cfg.split, int(cfg.split_seed), int(cfg.lake_val_alphabets), tuple(sizes)
+    )
     splits = {name: data.class_images(ids) for name, ids in chars.items()}
-    where = ("Omniglot from the copy inside metarun" if data.source == "embedded"
-             else f"Omniglot from the archives in {sources.source_root(cfg.root)}")
+    where = (
+        "Omniglot from the copy inside metarun"
+        if data.source == "embedded"
+        else f"Omniglot from the archives in {sources.source_root(cfg.root)}"
+    )
     return splits, where
 
 
 def _folder(cfg):
     from metarun.data.folder import load_folder
+
     return load_folder(cfg)
 
 
 def _miniimagenet(cfg):
     from metarun.data.miniimagenet import load_miniimagenet
+
     return load_miniimagenet(cfg)
 
 
 def _cifar_fs(cfg):
     from metarun.data.cifar_fs import load_cifar_fs
+
     return load_cifar_fs(cfg)
 
 
 def _fc100(cfg):
     from metarun.data.fc100 import load_fc100
+
     return load_fc100(cfg)
 
 
-LOADERS = {"omniglot": load_omniglot_splits, "folder": _folder, "miniimagenet": _miniimagenet,
-           "cifar_fs": _cifar_fs, "fc100": _fc100}
+LOADERS = {
+    "omniglot": load_omniglot_splits,
+    "folder": _folder,
+    "miniimagenet": _miniimagenet,
+    "cifar_fs": _cifar_fs,
+    "fc100": _fc100,
+}
 
 
 def load_dataset(cfg) -> tuple[dict[str, ClassImages], str]:

@@ -18,6 +18,7 @@ Xavier-uniform; `activation=leaky_relu` (slope 0.01) and `bn_eps=1e-5` are the M
 marks the batch-norm weights as not adapted in the inner loop (cbfinn: they are not in the `weights` dict the inner
 loop updates), which the algorithms read through their `adapted_names` hook.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,27 +37,54 @@ ACTIVATIONS = ("relu", "leaky_relu")
 class Conv4:
     blocks = 4
 
-    def __init__(self, way: int, in_channels: int = 1, filters: int = 64, image_size: int = 28,
-                 downsample: str = "stride", bn_scale: bool = True, adapt_bn: bool = True, head_init: str = "xavier",
-                 activation: str = "relu", bn_eps: float = BN_EPS):
+    def __init__(
+        self,
+        way: int,
+        in_channels: int = 1,
+        filters: int = 64,
+        image_size: int = 28,
+        downsample: str = "stride",
+        bn_scale: bool = True,
+        adapt_bn: bool = True,
+        head_init: str = "xavier",
+        activation: str = "relu",
+        bn_eps: float = BN_EPS,
+    ):
         if head_init not in HEAD_INITS:
-            raise MetarunError(f"unknown model.head_init={head_init!r}: use xavier (metarun's default) or normal "
-                               "(cbfinn/maml's Omniglot head, std 1).")
+            raise MetarunError(
+                f"unknown model.head_init={head_init!r}: use xavier (metarun's default) or normal "
+                "(cbfinn/maml's Omniglot head, std 1)."
+            )
         if activation not in ACTIVATIONS:
-            raise MetarunError(f"unknown model.activation={activation!r}: use relu (MAML) or leaky_relu (MAML++).")
+            raise MetarunError(
+                f"unknown model.activation={activation!r}: use relu (MAML) or leaky_relu (MAML++)."
+            )
         for name, value in (("model.bn_scale", bn_scale), ("model.adapt_bn", adapt_bn)):
             if not isinstance(value, bool):
                 raise MetarunError(f"{name}={value} must be true or false.")
         if isinstance(bn_eps, bool) or not float(bn_eps) > 0:
-            raise MetarunError(f"model.bn_eps={bn_eps} must be positive (1e-3 as tf.contrib, 1e-5 as the MAML++ "
-                               "code).")
-        self.bn_scale, self.adapt_bn, self.head_init, self.activation = bn_scale, adapt_bn, head_init, activation
+            raise MetarunError(
+                f"model.bn_eps={bn_eps} must be positive (1e-3 as tf.contrib, 1e-5 as the MAML++ "
+                "code)."
+            )
+        self.bn_scale, self.adapt_bn, self.head_init, self.activation = (
+            bn_scale,
+            adapt_bn,
+            head_init,
+            activation,
+        )
         self.bn_eps = float(bn_eps)
         if downsample not in DOWNSAMPLES:
-            raise MetarunError(f"unknown model.downsample={downsample!r}: use stride (Omniglot, the paper's "
-                               "default) or maxpool (MiniImagenet).")
-        for name, value in (("way", way), ("model.filters", filters), ("model.in_channels", in_channels),
-                            ("dataset.image_size", image_size)):
+            raise MetarunError(
+                f"unknown model.downsample={downsample!r}: use stride (Omniglot, the paper's "
+                "default) or maxpool (MiniImagenet)."
+            )
+        for name, value in (
+            ("way", way),
+            ("model.filters", filters),
+            ("model.in_channels", in_channels),
+            ("dataset.image_size", image_size),
+        ):
             if int(value) <= 0:
                 raise MetarunError(f"{name}={value} must be a positive integer.")
         self.way, self.in_channels, self.filters = way, in_channels, filters
@@ -65,11 +93,15 @@ class Conv4:
         for _ in range(self.blocks):
             side = (side - 1) // 2 + 1 if downsample == "stride" else side // 2
         if side < 1:
-            raise MetarunError(f"dataset.image_size={image_size} is too small for 4 max-pool blocks: use >= 16.")
+            raise MetarunError(
+                f"dataset.image_size={image_size} is too small for 4 max-pool blocks: use >= 16."
+            )
         # stride: mean over the last map; maxpool: flatten it (cbfinn/maml's MiniImagenet head)
         self.features = filters if downsample == "stride" else filters * side * side
 
-    def init_params(self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu") -> dict:
+    def init_params(
+        self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"
+    ) -> dict:
         """Xavier-uniform conv weights (cbfinn/maml's xavier_initializer_conv2d), zero biases, unit batch-norm
         scales (none with bn_scale=False), and a head drawn Xavier-uniform or, head_init=normal, from N(0, 1)
         as cbfinn/maml's Omniglot `w5`."""
@@ -78,7 +110,9 @@ class Conv4:
         for i in range(self.blocks):
             fan_in, fan_out = c_in * 9, self.filters * 9
             bound = math.sqrt(6.0 / (fan_in + fan_out))
-            params[f"conv{i}.weight"] = (torch.rand(self.filters, c_in, 3, 3, generator=generator) * 2 - 1) * bound
+            params[f"conv{i}.weight"] = (
+                torch.rand(self.filters, c_in, 3, 3, generator=generator) * 2 - 1
+            ) * bound
             params[f"conv{i}.bias"] = torch.zeros(self.filters)
             if self.bn_scale:
                 params[f"bn{i}.weight"] = torch.ones(self.filters)
@@ -88,7 +122,9 @@ class Conv4:
         if self.head_init == "normal":
             params["fc.weight"] = torch.randn(self.way, self.features, generator=generator)
         else:
-            params["fc.weight"] = (torch.rand(self.way, self.features, generator=generator) * 2 - 1) * bound
+            params["fc.weight"] = (
+                torch.rand(self.way, self.features, generator=generator) * 2 - 1
+            ) * bound
         params["fc.bias"] = torch.zeros(self.way)
         return {k: v.to(dtype=dtype, device=device) for k, v in params.items()}
 
@@ -108,12 +144,25 @@ class Conv4:
         stride = 2 if self.downsample == "stride" else 1
         for i in range(self.blocks):
             w = params[f"conv{i}.weight"]
-            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), params[f"conv{i}.bias"].reshape(-1),
-                         stride=stride, padding=1, groups=tasks)
+            h = F.conv2d(
+                h,
+                w.reshape(-1, *w.shape[2:]),
+                params[f"conv{i}.bias"].reshape(-1),
+                stride=stride,
+                padding=1,
+                groups=tasks,
+            )
             # offset only: a constant unit scale (torch's batch-norm double backward fails with weight=None)
             scale = params[f"bn{i}.weight"].reshape(-1) if self.bn_scale else h.new_ones(h.shape[1])
-            h = F.batch_norm(h, None, None, scale, params[f"bn{i}.bias"].reshape(-1), training=True,
-                             eps=self.bn_eps)
+            h = F.batch_norm(
+                h,
+                None,
+                None,
+                scale,
+                params[f"bn{i}.bias"].reshape(-1),
+                training=True,
+                eps=self.bn_eps,
+            )
             h = F.relu(h) if self.activation == "relu" else F.leaky_relu(h)
             if self.downsample == "maxpool":
                 h = F.max_pool2d(h, 2)
@@ -129,8 +178,15 @@ def build_model(cfg) -> Conv4:
     """The learner of cfg.model; settings newer than a checkpoint's config take their defaults (the behaviour
     before they existed)."""
     m = cfg.model
-    return Conv4(way=int(cfg.way), in_channels=int(m.in_channels), filters=int(m.filters),
-                 image_size=int(cfg.dataset.image_size), downsample=str(m.downsample),
-                 bn_scale=m.get("bn_scale", True), adapt_bn=m.get("adapt_bn", True),
-                 head_init=str(m.get("head_init", "xavier")), activation=str(m.get("activation", "relu")),
-                 bn_eps=m.get("bn_eps", BN_EPS))
+    return Conv4(
+        way=int(cfg.way),
+        in_channels=int(m.in_channels),
+        filters=int(m.filters),
+        image_size=int(cfg.dataset.image_size),
+        downsample=str(m.downsample),
+        bn_scale=m.get("bn_scale", True),
+        adapt_bn=m.get("adapt_bn", True),
+        head_init=str(m.get("head_init", "xavier")),
+        activation=str(m.get("activation", "relu")),
+        bn_eps=m.get("bn_eps", BN_EPS),
+    )

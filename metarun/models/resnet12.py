@@ -11,6 +11,7 @@ always normalises with the statistics of the batch it sees (what metarun's inner
 the MAML paper's conv4 does); no DropBlock / dropout (rfs: drop_rate=0.1 in pre-training, a stochastic
 regulariser outside the inner loop's functional setting).
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,7 +32,9 @@ class Block(nn.Module):
         self.bn2 = nn.BatchNorm2d(c_out, track_running_stats=False)
         self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(c_out, track_running_stats=False)
-        self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False))
+        self.shortcut = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out, track_running_stats=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.leaky_relu(self.bn1(self.conv1(x)), LEAK)
@@ -50,8 +53,10 @@ class ResNet12(nn.Module):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) != 4 or min(channels) <= 0 or int(way) <= 0 or int(in_channels) <= 0:
-            raise MetarunError(f"model.channels={channels} (way={way}, in_channels={in_channels}): ResNet-12 needs "
-                               "four positive block widths, e.g. [64, 160, 320, 640].")
+            raise MetarunError(
+                f"model.channels={channels} (way={way}, in_channels={in_channels}): ResNet-12 needs "
+                "four positive block widths, e.g. [64, 160, 320, 640]."
+            )
         widths = [int(in_channels)] + channels
         self.blocks = nn.Sequential(*[Block(a, b) for a, b in zip(widths, widths[1:])])
         self.fc = nn.Linear(channels[-1], int(way))

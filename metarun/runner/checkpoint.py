@@ -1,4 +1,5 @@
 """Checkpoints: plain tensors, dicts, lists and strings only, written atomically, read with weights_only=True."""
+
 from __future__ import annotations
 
 import pickle
@@ -23,11 +24,15 @@ def resolve_checkpoint_path(path: str | Path, setting: str) -> Path:
         for name in ("last.pt", "best.pt") if setting == "resume" else ("best.pt", "last.pt"):
             if (p / "checkpoints" / name).is_file():
                 return p / "checkpoints" / name
-        raise MetarunError(f"{setting}={path} is a folder without checkpoints/last.pt or best.pt: point {setting} at a "
-                           "run dir or a .pt file written by metarun train.")
+        raise MetarunError(
+            f"{setting}={path} is a folder without checkpoints/last.pt or best.pt: point {setting} at a "
+            "run dir or a .pt file written by metarun train."
+        )
     if not p.is_file():
-        raise MetarunError(f"{setting}={path} does not exist: point {setting} at a checkpoint written by metarun "
-                           "train (<run dir>/checkpoints/last.pt or best.pt).")
+        raise MetarunError(
+            f"{setting}={path} does not exist: point {setting} at a checkpoint written by metarun "
+            "train (<run dir>/checkpoints/last.pt or best.pt)."
+        )
     return p
 
 
@@ -45,23 +50,33 @@ def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # weights_only refuses any pickled object other than tensors and plain containers; nothing ran.
-        raise MetarunError(f"{setting}={p} was refused: it carries pickled objects that are not plain tensors "
-                           f"or containers, so it is not a metarun checkpoint and was not loaded ({str(exc).splitlines()[0]}). "
-                           "Only load checkpoints you trust, written by metarun train.")
+        raise MetarunError(
+            f"{setting}={p} was refused: it carries pickled objects that are not plain tensors "
+            f"or containers, so it is not a metarun checkpoint and was not loaded ({str(exc).splitlines()[0]}). "
+            "Only load checkpoints you trust, written by metarun train."
+        )
     except Exception as exc:
-        raise MetarunError(f"{setting}={p} is not a readable checkpoint ({type(exc).__name__}: "
-                           f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'}). Use another "
-                           "checkpoint, e.g. <run dir>/checkpoints/last.pt.")
+        raise MetarunError(
+            f"{setting}={p} is not a readable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'truncated or corrupt'}). Use another "
+            "checkpoint, e.g. <run dir>/checkpoints/last.pt."
+        )
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise MetarunError(f"{setting}={p} is not a metarun checkpoint (no '{FORMAT}' marker): point {setting} at "
-                           "a file written by metarun train.")
+        raise MetarunError(
+            f"{setting}={p} is not a metarun checkpoint (no '{FORMAT}' marker): point {setting} at "
+            "a file written by metarun train."
+        )
     for key in ("params", "config", "iteration"):
         if key not in blob:
             raise MetarunError(f"{setting}={p} is incomplete (no '{key}'): use another checkpoint.")
-    bad = nonfinite_tensor(blob["params"], "params") or nonfinite_tensor(blob.get("optimizer", {}), "optimizer")
+    bad = nonfinite_tensor(blob["params"], "params") or nonfinite_tensor(
+        blob.get("optimizer", {}), "optimizer"
+    )
     if bad:
-        raise MetarunError(f"{setting}={p}: {bad} holds NaN or inf values, so it would score or train as garbage "
-                           f"(a diverged run or a damaged file): use {_another(p)}.")
+        raise MetarunError(
+            f"{setting}={p}: {bad} holds NaN or inf values, so it would score or train as garbage "
+            f"(a diverged run or a damaged file): use {_another(p)}."
+        )
     return blob
 
 
@@ -74,7 +89,13 @@ def nonfinite_tensor(tree, name: str = "params") -> str | None:
             if not bool(finite.all()):
                 return f"tensor '{name}' ({int((~finite).sum())} of {tree.numel()} values)"
         return None
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, (list, tuple)) else ()
+    items = (
+        tree.items()
+        if isinstance(tree, dict)
+        else enumerate(tree)
+        if isinstance(tree, (list, tuple))
+        else ()
+    )
     for key, value in items:
         found = nonfinite_tensor(value, f"{name}.{key}")
         if found:
@@ -85,8 +106,16 @@ def nonfinite_tensor(tree, name: str = "params") -> str | None:
 def checkpoint_params(blob: dict, expected: dict, path, setting: str) -> dict:
     """The checkpoint's weights, refused unless they have exactly the names and shapes of `expected`."""
     saved = blob["params"]
-    if (not isinstance(saved, dict) or set(saved) != set(expected)
-            or any(not isinstance(saved[k], torch.Tensor) or saved[k].shape != expected[k].shape for k in expected)):
-        raise MetarunError(f"{setting}={path}: its weights do not match the learner of its own config (a damaged "
-                           "or hand-edited file): use another checkpoint.")
+    if (
+        not isinstance(saved, dict)
+        or set(saved) != set(expected)
+        or any(
+            not isinstance(saved[k], torch.Tensor) or saved[k].shape != expected[k].shape
+            for k in expected
+        )
+    ):
+        raise MetarunError(
+            f"{setting}={path}: its weights do not match the learner of its own config (a damaged "
+            "or hand-edited file): use another checkpoint."
+        )
     return saved

@@ -10,6 +10,7 @@ checkpoints and writes results; all ranks work in the one run dir that rank 0 cl
 Backends: gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK); the process group also gets a
 gloo side for the CPU objects exchanged before training (the run dir, a user error).
 """
+
 from __future__ import annotations
 
 import os
@@ -64,9 +65,11 @@ def device_for_rank(device: torch.device) -> torch.device:
     if world_size() > 1 and device.type == "cuda":
         index = int(os.environ.get("LOCAL_RANK", "0"))
         if index >= torch.cuda.device_count():
-            raise MetarunError(f"torchrun started {local_world_size()} processes on this machine but it has "
-                               f"{torch.cuda.device_count()} CUDA device(s): use --nproc-per-node<="
-                               f"{torch.cuda.device_count()}.")
+            raise MetarunError(
+                f"torchrun started {local_world_size()} processes on this machine but it has "
+                f"{torch.cuda.device_count()} CUDA device(s): use --nproc-per-node<="
+                f"{torch.cuda.device_count()}."
+            )
         torch.cuda.set_device(index)
         return torch.device("cuda", index)
     return device
@@ -76,8 +79,10 @@ def share(meta_batch: int) -> slice:
     """This rank's contiguous share of the meta-batch's tasks (sizes differ by at most one)."""
     world, me = world_size(), rank()
     if meta_batch < world:
-        raise MetarunError(f"meta_batch={meta_batch} is smaller than the {world} torchrun processes: every process "
-                           f"needs a task; use meta_batch>={world} or fewer processes (--nproc-per-node).")
+        raise MetarunError(
+            f"meta_batch={meta_batch} is smaller than the {world} torchrun processes: every process "
+            f"needs a task; use meta_batch>={world} or fewer processes (--nproc-per-node)."
+        )
     return slice(me * meta_batch // world, (me + 1) * meta_batch // world)
 
 
@@ -96,8 +101,9 @@ def broadcast_params(params: dict) -> None:
             dist.broadcast(params[name].data, src=0)
 
 
-def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool,
-               out_of_time: bool = False) -> tuple[StepResult, torch.Tensor]:
+def train_step(
+    algorithm, params: dict, optimizer, ep: Episodes, stop: bool, out_of_time: bool = False
+) -> tuple[StepResult, torch.Tensor]:
     """One data-parallel meta-iteration (metarun.algorithms.base.meta_train_step over the ranks).
 
     ep: the whole meta-batch (the same on every rank); this rank computes the gradient of its share
@@ -119,18 +125,23 @@ def train_step(algorithm, params: dict, optimizer, ep: Episodes, stop: bool,
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
     # this rank's sum over its tasks divided by the whole meta-batch: the sum over ranks is the mean
     scale = local / total
-    flags = torch.tensor([float(stop), float(out_of_time)], dtype=result.meta_loss.dtype,
-                         device=result.meta_loss.device)
-    stats = torch.cat([torch.stack([result.meta_loss * scale, result.accuracy.sum() / total]), flags])
+    flags = torch.tensor(
+        [float(stop), float(out_of_time)],
+        dtype=result.meta_loss.dtype,
+        device=result.meta_loss.device,
+    )
+    stats = torch.cat(
+        [torch.stack([result.meta_loss * scale, result.accuracy.sum() / total]), flags]
+    )
     flat = torch.cat([g.reshape(-1) * scale for g in grads] + [stats.to(grads[0].dtype)])
     dist.all_reduce(flat)
     offset = 0
     for p, g in zip(leaves, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
         offset += g.numel()
     optimizer.step()
     loss, accuracy = flat[offset], flat[offset + 1]
-    return StepResult(loss.detach(), accuracy.detach().reshape(1)), flat[offset + 2:offset + 4]
+    return StepResult(loss.detach(), accuracy.detach().reshape(1)), flat[offset + 2 : offset + 4]
 
 
 def finish() -> None:

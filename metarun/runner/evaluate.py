@@ -1,4 +1,5 @@
 """Scoring a learner on a fixed set of tasks: mean accuracy and its 95% confidence interval."""
+
 from __future__ import annotations
 
 import math
@@ -18,13 +19,31 @@ def accuracy_with_ci(accuracies: torch.Tensor) -> tuple[float, float]:
 
 def _fixed_tasks(classes, split: str, cfg, device, tasks: int, seed: int | None):
     """The fixed tasks of a split; dataset.rotate_eval (absent in older configs: no rotation) rotates them."""
-    return fixed_tasks(classes, split, int(cfg.way), int(cfg.shot), int(cfg.query), device, tasks,
-                       seed=int(cfg.eval_seed if seed is None else seed), chunk=int(cfg.eval_chunk),
-                       rotate=bool(cfg.dataset.get("rotate_eval", False)))
+    return fixed_tasks(
+        classes,
+        split,
+        int(cfg.way),
+        int(cfg.shot),
+        int(cfg.query),
+        device,
+        tasks,
+        seed=int(cfg.eval_seed if seed is None else seed),
+        chunk=int(cfg.eval_chunk),
+        rotate=bool(cfg.dataset.get("rotate_eval", False)),
+    )
 
 
-def evaluate_tasks(algorithm, params, classes, split: str, cfg, device, tasks: int, steps: int | None = None,
-                   seed: int | None = None) -> tuple[float, float]:
+def evaluate_tasks(
+    algorithm,
+    params,
+    classes,
+    split: str,
+    cfg,
+    device,
+    tasks: int,
+    steps: int | None = None,
+    seed: int | None = None,
+) -> tuple[float, float]:
     """Accuracy on `tasks` fixed tasks of a split (the same tasks for the same seed, on every device).
     params: one meta-parameter dict, or a list of them: an ensemble scored by the mean of its members'
     post-adaptation query logits (MAML++'s top-K ensemble)."""
@@ -39,15 +58,26 @@ def evaluate_tasks(algorithm, params, classes, split: str, cfg, device, tasks: i
     return accuracy_with_ci(torch.cat(accuracies))
 
 
-def evaluate_curve(algorithm, params, classes, split: str, cfg, device, tasks: int, steps: list[int],
-                   seed: int | None = None) -> list[tuple[float, float]]:
+def evaluate_curve(
+    algorithm,
+    params,
+    classes,
+    split: str,
+    cfg,
+    device,
+    tasks: int,
+    steps: list[int],
+    seed: int | None = None,
+) -> list[tuple[float, float]]:
     """(accuracy, 95% CI) after each number of inner steps in `steps` (0: no adaptation), from one inner loop
     per task, on the fixed tasks of evaluate_tasks (cbfinn/maml's test: accuracy after 0..10 steps).
     params: one dict or an ensemble, as evaluate_tasks."""
     members = params if isinstance(params, list) else [params]
     per_step = [[] for _ in steps]
     for ep in _fixed_tasks(classes, split, cfg, device, tasks, seed):
-        logits = sum(algorithm.query_logits_curve(p, ep, steps) for p in members) / len(members)  # [S, T, N, way]
+        logits = sum(algorithm.query_logits_curve(p, ep, steps) for p in members) / len(
+            members
+        )  # [S, T, N, way]
         accuracy = (logits.argmax(-1) == ep.y_query).to(logits.dtype).mean(2)
         for i in range(len(steps)):
             per_step[i].append(accuracy[i])

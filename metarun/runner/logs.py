@@ -1,5 +1,6 @@
 """Logging of a run (configured by Hydra's job logging, conf/*.yaml): messages on stdout, warnings and
 errors on stderr, everything in the run's log file."""
+
 import logging
 from contextlib import contextmanager
 
@@ -32,7 +33,9 @@ def console_through_tqdm():
     them), each by its own handler, so the stdout/stderr split, the handlers' levels and filters all stay
     (tqdm's logging_redirect_tqdm merges the console handlers into one: warnings then vanished from the
     console of rank 0, and the INFO lines of torchrun's quiet ranks appeared)."""
-    handlers = [h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler]  # not files
+    handlers = [
+        h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
+    ]  # not files
     for handler in handlers:
         handler.emit = _ThroughTqdm(handler)
     try:

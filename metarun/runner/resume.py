@@ -6,6 +6,7 @@ validate and log, how many evaluation tasks, where it runs, where the data lies)
 and each change is recorded in the run's history (checkpoint and results.json). Giving any other setting a
 value other than the run's own is a MetarunError naming it; repeating the run's own value is accepted.
 """
+
 from __future__ import annotations
 
 import time
@@ -18,9 +19,26 @@ from metarun.errors import MetarunError
 # state depends on them, and each is read afresh from the resumed config (the loop's length and cadence,
 # the evaluation's size and batching, how many best checkpoints are kept, the device, CPU threads, the
 # implementation and precision of the same gradient, and where the same data is found).
-RESUMABLE = ("iterations", "time_limit", "eval_every", "log_every", "val_tasks", "test_tasks", "eval_chunk", "keep_best", "device",
-             "threads", "cpu_allocator", "tf32", "autocast", "algorithm.impl", "algorithm.task_chunk", "dataset.root", "dataset.cache_dir",
-             "dataset.download")
+RESUMABLE = (
+    "iterations",
+    "time_limit",
+    "eval_every",
+    "log_every",
+    "val_tasks",
+    "test_tasks",
+    "eval_chunk",
+    "keep_best",
+    "device",
+    "threads",
+    "cpu_allocator",
+    "tf32",
+    "autocast",
+    "algorithm.impl",
+    "algorithm.task_chunk",
+    "dataset.root",
+    "dataset.cache_dir",
+    "dataset.download",
+)
 # Keys of the command line that are not settings of the run.
 NOT_SETTINGS = ("resume",)
 
@@ -43,11 +61,14 @@ def override_keys(overrides) -> list[tuple[str, str]]:
 def _option(config, group: str):
     """Which option of a config group a config holds: its `name`, else (a learner built from a class) its
     `_target_`."""
-    return (OmegaConf.select(config, f"{group}.name", default=None)
-            or OmegaConf.select(config, f"{group}._target_", default=None))
+    return OmegaConf.select(config, f"{group}.name", default=None) or OmegaConf.select(
+        config, f"{group}._target_", default=None
+    )
 
 
-def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) -> tuple[DictConfig, dict]:
+def resume_config(
+    saved: dict, requested: DictConfig, overrides, resume: str
+) -> tuple[DictConfig, dict]:
     """The resumed run's config: `saved` with the overridden RESUMABLE settings taken from `requested` (the
     command line's composition), and {key: [saved value, new value]} of the settings that changed.
 
@@ -59,18 +80,26 @@ def resume_config(saved: dict, requested: DictConfig, overrides, resume: str) ->
     for key, text in override_keys(overrides):
         if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
             # a config group: choosing the run's own option again changes nothing (its settings stay the run's)
-            if key in requested and _option(requested, key) is not None and _option(requested, key) == _option(base, key):
+            if (
+                key in requested
+                and _option(requested, key) is not None
+                and _option(requested, key) == _option(base, key)
+            ):
                 continue
-            raise MetarunError(f"{text} chooses a config group; resume={resume} continues the run with its own "
-                               f"settings: drop {text}, or start a new run without resume.")
+            raise MetarunError(
+                f"{text} chooses a config group; resume={resume} continues the run with its own "
+                f"settings: drop {text}, or start a new run without resume."
+            )
         new = OmegaConf.select(requested, key, default=None)
         old = OmegaConf.select(base, key, default=None)
         if new == old and isinstance(new, bool) == isinstance(old, bool):
             continue
         if key not in RESUMABLE:
-            raise MetarunError(f"{text} cannot change on resume: resume={resume} continues the run as it was "
-                               f"configured ({key}={old}); on resume only {', '.join(RESUMABLE)} may change. Drop "
-                               f"{text}, or start a new run without resume.")
+            raise MetarunError(
+                f"{text} cannot change on resume: resume={resume} continues the run as it was "
+                f"configured ({key}={old}); on resume only {', '.join(RESUMABLE)} may change. Drop "
+                f"{text}, or start a new run without resume."
+            )
         OmegaConf.update(base, key, new, force_add=True)
         changes[key] = [old, new]
     base.resume = saved.get("resume")
@@ -81,16 +110,22 @@ def resumed_config(blob: dict, requested: DictConfig, overrides, resume) -> tupl
     """resume_config of a loaded checkpoint, refusing an `iterations` below the iteration it reached."""
     config, changes = resume_config(blob["config"], requested, overrides, str(resume))
     if isinstance(config.iterations, int) and config.iterations < int(blob["iteration"]):
-        raise MetarunError(f"iterations={config.iterations} is below the iteration {int(blob['iteration'])} that "
-                           f"resume={resume} reached: give iterations>={int(blob['iteration'])}.")
+        raise MetarunError(
+            f"iterations={config.iterations} is below the iteration {int(blob['iteration'])} that "
+            f"resume={resume} reached: give iterations>={int(blob['iteration'])}."
+        )
     return config, changes
 
 
 def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dict:
     """One segment of a run's history: where it started, from what, with which changed settings."""
-    return {"start_iteration": int(start_iteration), "resumed_from": None if resume is None else str(resume),
-            "changes": {k: list(v) for k, v in changes.items()}, "overrides": [str(o) for o in overrides],
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "start_iteration": int(start_iteration),
+        "resumed_from": None if resume is None else str(resume),
+        "changes": {k: list(v) for k, v in changes.items()},
+        "overrides": [str(o) for o in overrides],
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def auto_resume(run_dir) -> str | None:

@@ -6,6 +6,7 @@ the run, holds an exclusive `flock` on the marker while running, so a run is nev
 processes at once. A dir that holds checkpoints without a marker (a run of an older metarun) counts as
 claimed too.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -20,12 +21,14 @@ from pathlib import Path
 from metarun.errors import MetarunError
 
 MARKER = ".metarun-run"
-_locks: dict[Path, int] = {}      # run dir -> open fd of its locked marker, held until the process ends
+_locks: dict[Path, int] = {}  # run dir -> open fd of its locked marker, held until the process ends
 
 
 def _unwritable(path: Path, exc: OSError, setting: str) -> MetarunError:
-    return MetarunError(f"the output dir {path} cannot be written ({exc.strerror or exc}): run from a writable "
-                        f"folder or set {setting}=/a/writable/path.")
+    return MetarunError(
+        f"the output dir {path} cannot be written ({exc.strerror or exc}): run from a writable "
+        f"folder or set {setting}=/a/writable/path."
+    )
 
 
 def _lock(path: Path, fd: int) -> None:
@@ -33,8 +36,10 @@ def _lock(path: Path, fd: int) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise MetarunError(f"the run in {path} is being run by another metarun process right now: wait for it "
-                           "to end, or choose another hydra.run.dir.")
+        raise MetarunError(
+            f"the run in {path} is being run by another metarun process right now: wait for it "
+            "to end, or choose another hydra.run.dir."
+        )
     _locks[path] = fd
 
 
@@ -64,13 +69,27 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path,
                 n += 1
                 candidate = path.with_name(f"{path.name}_{n}")
                 continue
-            hint = (f"continue that run with resume={path}, or " if (path / "checkpoints" / "last.pt").is_file()
-                    else "")
-            raise MetarunError(f"{setting}={path} already belongs to another run: {hint}choose a new {setting}.")
+            hint = (
+                f"continue that run with resume={path}, or "
+                if (path / "checkpoints" / "last.pt").is_file()
+                else ""
+            )
+            raise MetarunError(
+                f"{setting}={path} already belongs to another run: {hint}choose a new {setting}."
+            )
         except OSError as exc:
             raise _unwritable(path, exc, setting)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "argv": sys.argv,
-                                 "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        os.write(
+            fd,
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "argv": sys.argv,
+                    "claimed": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                }
+            ).encode(),
+        )
         _lock(candidate, fd)
         return candidate, created
 

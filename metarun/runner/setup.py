@@ -1,4 +1,5 @@
 """Turning a config into the run's parts: device, data splits, samplers, learner, algorithm."""
+
 from __future__ import annotations
 
 import math
@@ -25,10 +26,14 @@ def resolve_device(name: str) -> torch.device:
         raise MetarunError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise MetarunError(f"device={name} but this machine has no usable CUDA: use device=cpu or device=auto.")
+            raise MetarunError(
+                f"device={name} but this machine has no usable CUDA: use device=cpu or device=auto."
+            )
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise MetarunError(f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist: "
-                               f"use cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+            raise MetarunError(
+                f"device={name} but only {torch.cuda.device_count()} CUDA device(s) exist: "
+                f"use cuda:0..cuda:{torch.cuda.device_count() - 1}."
+            )
     elif device.type != "cpu":
         raise MetarunError(f"device={name} is not supported: use auto, cpu, cuda or cuda:N.")
     return device
@@ -36,28 +41,59 @@ def resolve_device(name: str) -> torch.device:
 
 def check_train_settings(cfg) -> None:
     """Settings that need no data, checked before anything is loaded."""
-    for key in ("way", "shot", "query", "meta_batch", "update_step", "update_step_test", "iterations",
-                "eval_every", "val_tasks", "test_tasks", "log_every", "eval_chunk"):
+    for key in (
+        "way",
+        "shot",
+        "query",
+        "meta_batch",
+        "update_step",
+        "update_step_test",
+        "iterations",
+        "eval_every",
+        "val_tasks",
+        "test_tasks",
+        "log_every",
+        "eval_chunk",
+    ):
         value = cfg[key]
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MetarunError(f"{key}={value} must be a positive integer.")
     check_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
     for key in ("update_lr", "meta_lr"):
         value = cfg[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise MetarunError(f"{key}={value} must be a positive number (the paper: update_lr=0.4 for 5-way, "
-                               "0.1 for 20-way; meta_lr=0.001).")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise MetarunError(
+                f"{key}={value} must be a positive number (the paper: update_lr=0.4 for 5-way, "
+                "0.1 for 20-way; meta_lr=0.001)."
+            )
     if not isinstance(cfg.first_order, bool):
         raise MetarunError(f"first_order={cfg.first_order} must be true or false.")
     limit = cfg.get("time_limit")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
-                              or not math.isfinite(limit) or limit <= 0):
-        raise MetarunError(f"time_limit={limit} must be a positive number of minutes (or null: no limit).")
+    if limit is not None and (
+        isinstance(limit, bool)
+        or not isinstance(limit, (int, float))
+        or not math.isfinite(limit)
+        or limit <= 0
+    ):
+        raise MetarunError(
+            f"time_limit={limit} must be a positive number of minutes (or null: no limit)."
+        )
     for key in ("threads", "keep_best"):
         value = cfg.get(key)
-        if not isinstance(value, int) or isinstance(value, bool) or value < (0 if key == "threads" else 1):
-            raise MetarunError(f"{key}={value} must be an integer >= {0 if key == 'threads' else 1}"
-                               f"{' (0: all cores)' if key == 'threads' else ''}.")
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < (0 if key == "threads" else 1)
+        ):
+            raise MetarunError(
+                f"{key}={value} must be an integer >= {0 if key == 'threads' else 1}"
+                f"{' (0: all cores)' if key == 'threads' else ''}."
+            )
     algorithm_class(str(cfg.algorithm.name))
 
 
@@ -65,14 +101,20 @@ def load_splits(cfg, device) -> dict:
     """{split name: ClassImages} of the configured dataset, with the episode shape checked on each split."""
     splits, where = load_dataset(cfg.dataset)
     # Omniglot's split protocols hold different class counts; other datasets have fixed splits
-    more = "another dataset.split" if "split" in cfg.dataset else "a dataset with more classes per split"
+    more = (
+        "another dataset.split"
+        if "split" in cfg.dataset
+        else "a dataset with more classes per split"
+    )
     for name, classes in splits.items():
         check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query), more)
     have = splits["train"].channels
     channels = int(cfg.model.get("in_channels", have))
     if channels != have:
-        raise MetarunError(f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} channel(s): "
-                           f"leave model.in_channels=${{dataset.channels}} or set it to {have}.")
+        raise MetarunError(
+            f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} channel(s): "
+            f"leave model.in_channels=${{dataset.channels}} or set it to {have}."
+        )
     return {"splits": splits, "source": where}
 
 
@@ -85,7 +127,9 @@ def cpu_threads(setting: int) -> int:
     processes torchrun started on this machine (LOCAL_WORLD_SIZE), so that they do not oversubscribe it."""
     if int(setting) > 0:
         return int(setting)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    )
     return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
@@ -107,8 +151,10 @@ def apply_precision(cfg, device) -> None:
         raise MetarunError(f"autocast={autocast} is not a setting: use none or bf16 (CUDA).")
     if device.type != "cuda":
         if tf32 or autocast != "none":
-            raise MetarunError(f"tf32={str(tf32).lower()} autocast={autocast} need device=cuda: leave "
-                               "tf32=false autocast=none on the CPU.")
+            raise MetarunError(
+                f"tf32={str(tf32).lower()} autocast={autocast} need device=cuda: leave "
+                "tf32=false autocast=none on the CPU."
+            )
         return
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
@@ -118,15 +164,17 @@ CPU_ALLOCATORS = ("tuned", "system")
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 # Blocks below the mmap threshold come from the heap. Some glibc builds cap it at HEAP_MAX_SIZE / 2 (32 MiB
 # on 64-bit): the second value is the fallback.
-MMAP_THRESHOLDS = (2 ** 30, 32 * 2 ** 20)
-TRIM_THRESHOLD = 2 ** 30
+MMAP_THRESHOLDS = (2**30, 32 * 2**20)
+TRIM_THRESHOLD = 2**30
 
 
 def check_cpu_allocator(setting: str) -> None:
     """Raises MetarunError unless `setting` is one of CPU_ALLOCATORS."""
     if setting not in CPU_ALLOCATORS:
-        raise MetarunError(f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
-                           "or system (the C library's defaults).")
+        raise MetarunError(
+            f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
+            "or system (the C library's defaults)."
+        )
 
 
 def apply_cpu_allocator(setting: str) -> bool:
@@ -140,6 +188,7 @@ def apply_cpu_allocator(setting: str) -> bool:
     if setting == "system" or not sys.platform.startswith("linux"):
         return False
     import ctypes
+
     try:
         mallopt = ctypes.CDLL(None).mallopt  # the process's own C library
     except (OSError, AttributeError):
@@ -171,9 +220,19 @@ def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
     model = build_learner(cfg)
     cls = algorithm_class(str(cfg.algorithm.name))
     if execution is None:
-        engine = Engine(str(cfg.algorithm.impl), 0, int(cfg.algorithm.task_chunk), device,
-                        autocast=str(cfg.get("autocast", "none")))
+        engine = Engine(
+            str(cfg.algorithm.impl),
+            0,
+            int(cfg.algorithm.task_chunk),
+            device,
+            autocast=str(cfg.get("autocast", "none")),
+        )
     else:
-        engine = Engine(execution["impl"], execution["workers"], int(cfg.algorithm.task_chunk), device,
-                        autocast=str(cfg.get("autocast", "none")))
+        engine = Engine(
+            execution["impl"],
+            execution["workers"],
+            int(cfg.algorithm.task_chunk),
+            device,
+            autocast=str(cfg.get("autocast", "none")),
+        )
     return model, cls.from_config(cfg, model, engine)

@@ -1,4 +1,5 @@
 """The meta-training loop: episodes -> meta-step -> logs, validation, checkpoints; test at the end."""
+
 from __future__ import annotations
 
 import json
@@ -18,22 +19,45 @@ from tqdm import tqdm
 from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner import distributed
-from metarun.runner.checkpoint import (checkpoint_params, load_checkpoint, nonfinite_tensor, resolve_checkpoint_path,
-                                      save_checkpoint)
+from metarun.runner.checkpoint import (
+    checkpoint_params,
+    load_checkpoint,
+    nonfinite_tensor,
+    resolve_checkpoint_path,
+    save_checkpoint,
+)
 from metarun.runner.evaluate import describe, evaluate_tasks
 from metarun.runner.logs import console_through_tqdm
 from metarun.runner.resume import auto_resume, history_entry, resumed_config
-from metarun.runner.setup import (build_algorithm, check_train_settings, configure_execution, load_splits,
-                                  resolve_device)
+from metarun.runner.setup import (
+    build_algorithm,
+    check_train_settings,
+    configure_execution,
+    load_splits,
+    resolve_device,
+)
 
 log = logging.getLogger("metarun")
 
-HPARAM_KEYS = ("way", "shot", "query", "meta_batch", "update_step", "update_step_test", "update_lr", "meta_lr",
-               "first_order", "iterations", "seed")
+HPARAM_KEYS = (
+    "way",
+    "shot",
+    "query",
+    "meta_batch",
+    "update_step",
+    "update_step_test",
+    "update_lr",
+    "meta_lr",
+    "first_order",
+    "iterations",
+    "seed",
+)
 
 
 # SIGUSR2: Slurm's preemption warning as submitit asks for it (`#SBATCH --signal=USR2@<seconds>`).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + ((signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ())
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
+    (signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()
+)
 
 
 class StopRequest:
@@ -79,7 +103,8 @@ def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> Metarun
     return MetarunError(
         f"{what} at iteration {done}{'' if exact else ' (or shortly before)'}; training stopped and "
         f"{f'the last good checkpoint {kept} is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
-        f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr}).")
+        f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr})."
+    )
 
 
 def resolved_settings(cfg, device, execution: dict, source: str) -> dict:
@@ -107,9 +132,13 @@ def train(cfg, run_dir: Path, overrides=()) -> dict:
 
 def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     wall_start = time.perf_counter()
-    main = distributed.is_main()  # torchrun: rank 0 alone logs, validates, checkpoints and writes results
+    main = (
+        distributed.is_main()
+    )  # torchrun: rank 0 alone logs, validates, checkpoints and writes results
     resume = cfg.resume
-    if resume == "auto":  # a requeued job: continue this dir's run if it wrote a checkpoint, else start
+    if (
+        resume == "auto"
+    ):  # a requeued job: continue this dir's run if it wrote a checkpoint, else start
         resume = auto_resume(run_dir)
     resumed, changes = None, {}
     if resume:
@@ -122,8 +151,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     config = OmegaConf.to_container(cfg, resolve=True)
     ckpt_dir = run_dir / "checkpoints"
     if resumed is None and (ckpt_dir / "last.pt").exists():
-        raise MetarunError(f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
-                           "or choose a new hydra.run.dir.")
+        raise MetarunError(
+            f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
+            "or choose a new hydra.run.dir."
+        )
     if main:
         require_writable_dir(ckpt_dir)
 
@@ -133,27 +164,38 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     last_device = str((resumed or {}).get("resolved", {}).get("device", device))
     # (torchrun: also when the number of processes changes, so that their threads share the cores again)
     last_processes = int(((resumed or {}).get("history") or [{}])[-1].get("processes", 1))
-    if kept and (changes.keys() & {"algorithm.impl", "threads"} or torch.device(last_device).type != device.type
-                 or last_processes != distributed.world_size()):
+    if kept and (
+        changes.keys() & {"algorithm.impl", "threads"}
+        or torch.device(last_device).type != device.type
+        or last_processes != distributed.world_size()
+    ):
         kept = None
     # the algorithm checks its own settings here, before any data is loaded
     execution = configure_execution(cfg, device, kept)
     model, algorithm = build_algorithm(cfg, device, execution)
     data = load_splits(cfg, device)
     splits = data["splits"]
-    algorithm.bind_data(splits)  # settings only the data can check (train_shots, the classifier's classes)
+    algorithm.bind_data(
+        splits
+    )  # settings only the data can check (train_shots, the classifier's classes)
     resolved = resolved_settings(cfg, device, execution, data["source"])
     if main:
         (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    parallel = f", {distributed.world_size()} torchrun processes" if distributed.world_size() > 1 else ""
-    log.info(f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
-             f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), {data['source']} "
-             f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}")
+    parallel = (
+        f", {distributed.world_size()} torchrun processes" if distributed.world_size() > 1 else ""
+    )
+    log.info(
+        f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
+        f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), {data['source']} "
+        f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}"
+    )
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
     optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
-    sampler = algorithm.train_sampler(cfg, splits["train"], device)  # episodes, or the algorithm's own batches
+    sampler = algorithm.train_sampler(
+        cfg, splits["train"], device
+    )  # episodes, or the algorithm's own batches
     start, best_val, best_iteration, train_seconds, wall_before, history = 0, -1.0, 0, 0.0, 0.0, []
     top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
     if resumed is not None:
@@ -163,14 +205,24 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 v.copy_(saved[k])
         optimizer.load_state_dict(resumed["optimizer"])
         start, best_val = int(resumed["iteration"]), float(resumed["best_val"])
-        best_iteration, train_seconds = int(resumed["best_iteration"]), float(resumed["train_seconds"])
+        best_iteration, train_seconds = (
+            int(resumed["best_iteration"]),
+            float(resumed["train_seconds"]),
+        )
         top = [list(e) for e in resumed.get("top", [])]
-        wall_before, history = float(resumed.get("wall_seconds", 0.0)), list(resumed.get("history", []))
+        wall_before, history = (
+            float(resumed.get("wall_seconds", 0.0)),
+            list(resumed.get("history", [])),
+        )
         resume_file = resolve_checkpoint_path(resume, "resume")
         best_file = resume_file.parent / "best.pt"
         if best_file.is_file() and best_file.resolve() != resume_file.resolve():
-            load_checkpoint(best_file, "resume")  # the end of training scores it: refuse a damaged one now
-        if main and resume_file.parent.resolve() != ckpt_dir.resolve():  # a branch of the run in a new dir
+            load_checkpoint(
+                best_file, "resume"
+            )  # the end of training scores it: refuse a damaged one now
+        if (
+            main and resume_file.parent.resolve() != ckpt_dir.resolve()
+        ):  # a branch of the run in a new dir
             if best_file.is_file():
                 shutil.copyfile(best_file, ckpt_dir / "best.pt")
             else:  # its best checkpoint is unknown: the branch's next validation writes one
@@ -185,56 +237,112 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
             sampler.load_state(resumed["sampler"])
         else:  # an older checkpoint's generator state only fits the generator type that wrote it
             sampler.load_state({"seed": int(cfg.seed), "draws": start})
-            log.warning(f"metarun: warning: {resume} carries a device-specific sampler state (an older metarun); "
-                        f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start}).")
-        log.info(f"metarun: resumed from {resume} at iteration {start}"
-                 + (f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}" if changes else ""))
+            log.warning(
+                f"metarun: warning: {resume} carries a device-specific sampler state (an older metarun); "
+                f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start})."
+            )
+        log.info(
+            f"metarun: resumed from {resume} at iteration {start}"
+            + (
+                f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}"
+                if changes
+                else ""
+            )
+        )
     distributed.broadcast_params(params)  # every rank starts from rank 0's weights
-    history.append({**history_entry(start, resume, changes, overrides), "device": str(device),
-                    "impl": execution["impl"], "threads": execution["threads"],
-                    **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {})})
+    history.append(
+        {
+            **history_entry(start, resume, changes, overrides),
+            "device": str(device),
+            "impl": execution["impl"],
+            "threads": execution["threads"],
+            **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),
+        }
+    )
 
     from torch.utils.tensorboard import SummaryWriter
+
     # Events after the checkpoint's iteration were lost with the interruption and are redrawn; those of the
     # checkpoint's own iteration were written before it was saved and stay.
-    writer = (SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None)
-              if main else distributed.NullWriter())
+    writer = (
+        SummaryWriter(
+            str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None
+        )
+        if main
+        else distributed.NullWriter()
+    )
 
     def state(iteration: int) -> dict:
         bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
         if bad:  # never let non-finite weights reach a checkpoint
-            raise _diverged(f"the weights became non-finite ({bad})", iteration, True, ckpt_dir, cfg)
-        return {"iteration": iteration, "params": {k: v.detach().cpu() for k, v in params.items()},
-                "optimizer": optimizer.state_dict(), "sampler": sampler.state(),
-                "best_val": best_val, "best_iteration": best_iteration, "train_seconds": train_seconds,
-                "wall_seconds": wall_before + time.perf_counter() - wall_start,
-                "config": config, "resolved": resolved, "history": history,
-                "algorithm": algorithm.state_dict(), "top": [list(e) for e in top]}
+            raise _diverged(
+                f"the weights became non-finite ({bad})", iteration, True, ckpt_dir, cfg
+            )
+        return {
+            "iteration": iteration,
+            "params": {k: v.detach().cpu() for k, v in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "sampler": sampler.state(),
+            "best_val": best_val,
+            "best_iteration": best_iteration,
+            "train_seconds": train_seconds,
+            "wall_seconds": wall_before + time.perf_counter() - wall_start,
+            "config": config,
+            "resolved": resolved,
+            "history": history,
+            "algorithm": algorithm.state_dict(),
+            "top": [list(e) for e in top],
+        }
 
     iterations, log_every = int(cfg.iterations), int(cfg.log_every)
-    per_iteration, unit = algorithm.train_unit(cfg)  # meta_batch tasks (the baseline: images) per iteration
+    per_iteration, unit = algorithm.train_unit(
+        cfg
+    )  # meta_batch tasks (the baseline: images) per iteration
     # time_limit: minutes of this segment's wall clock after which training ends as if `iterations` were
     # reached (a last validation, the test, results.json); the run can be continued later with resume.
     deadline = wall_start + 60 * float(cfg.time_limit) if cfg.get("time_limit") else None
     done, out_of_time = start, False
     check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
     window_start, window_items = time.perf_counter(), 0
-    bar = tqdm(total=iterations, initial=start, desc="meta-train", unit="it", dynamic_ncols=True,
-               file=sys.stdout, mininterval=1.0, disable=not main)
+    bar = tqdm(
+        total=iterations,
+        initial=start,
+        desc="meta-train",
+        unit="it",
+        dynamic_ncols=True,
+        file=sys.stdout,
+        mininterval=1.0,
+        disable=not main,
+    )
     with console_through_tqdm():
         for it in range(start, iterations):
-            algorithm.begin_iteration(it, optimizer)  # the algorithm's schedules (epochs, meta learning rate)
+            algorithm.begin_iteration(
+                it, optimizer
+            )  # the algorithm's schedules (epochs, meta learning rate)
             episodes = sampler.sample(int(cfg.meta_batch))
             done = it + 1
             window_items += per_iteration
-            out_of_time = deadline is not None and time.perf_counter() >= deadline and done < iterations
+            out_of_time = (
+                deadline is not None and time.perf_counter() >= deadline and done < iterations
+            )
             if distributed.world_size() > 1:
                 # Every rank stops at the same iteration: the all-reduced flags (a signal on any rank, rank 0's
                 # clock for time_limit), read at the same iterations on every rank.
-                result, flags = distributed.train_step(algorithm, params, optimizer, episodes,
-                                                       stop.signum is not None, out_of_time and main)
-                read = (check_every_step or deadline is not None or done % log_every == 0
-                        or done % int(cfg.eval_every) == 0 or done == iterations)
+                result, flags = distributed.train_step(
+                    algorithm,
+                    params,
+                    optimizer,
+                    episodes,
+                    stop.signum is not None,
+                    out_of_time and main,
+                )
+                read = (
+                    check_every_step
+                    or deadline is not None
+                    or done % log_every == 0
+                    or done % int(cfg.eval_every) == 0
+                    or done == iterations
+                )
                 stops, timed = flags.tolist() if read else (0.0, 0.0)
                 stopping, out_of_time = stops > 0, timed > 0 and done < iterations
             else:
@@ -248,7 +356,9 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 loss = result.meta_loss.item()
                 if not math.isfinite(loss):
                     bar.close()
-                    raise _diverged(f"the meta-loss became {loss}", done, check_every_step, ckpt_dir, cfg)
+                    raise _diverged(
+                        f"the meta-loss became {loss}", done, check_every_step, ckpt_dir, cfg
+                    )
             bar.update(1)
             if logging_step:
                 # The .item() above synchronised the device, so the window's wall time is its compute time.
@@ -262,21 +372,38 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 writer.add_scalar("lr/meta_lr", optimizer.param_groups[0]["lr"], done)
                 for tag, value in algorithm.scalars(params).items():
                     writer.add_scalar(tag, value, done)
-                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **{f"{unit}_s": f"{speed:.1f}"})
+                bar.set_postfix(
+                    loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **{f"{unit}_s": f"{speed:.1f}"}
+                )
                 window_start, window_items = time.perf_counter(), 0
             if validating and main:
                 bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
-                if bad:  # the loss can still be finite when a weight the query pass barely uses is not
+                if (
+                    bad
+                ):  # the loss can still be finite when a weight the query pass barely uses is not
                     bar.close()
-                    raise _diverged(f"the weights became non-finite ({bad})", done, check_every_step, ckpt_dir, cfg)
-                if not logging_step:  # close the speed window (the loss check synced) so validation is not counted
+                    raise _diverged(
+                        f"the weights became non-finite ({bad})",
+                        done,
+                        check_every_step,
+                        ckpt_dir,
+                        cfg,
+                    )
+                if (
+                    not logging_step
+                ):  # close the speed window (the loss check synced) so validation is not counted
                     train_seconds += time.perf_counter() - window_start
-                val, ci = evaluate_tasks(algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks))
+                val, ci = evaluate_tasks(
+                    algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks)
+                )
                 writer.add_scalar("val/accuracy", val, done)
                 writer.add_scalar("val/ci95", ci, done)
                 for tag, values in algorithm.histograms(params).items():
                     writer.add_histogram(tag, values, done)
-                log.info(f"iteration {done}: " + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation"))
+                log.info(
+                    f"iteration {done}: "
+                    + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation")
+                )
                 top, dropped = rank_top(top, val, done, int(cfg.keep_best))
                 if any(e[1] == done for e in top):
                     save_checkpoint(top_path(ckpt_dir, done), state(done))
@@ -286,24 +413,35 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
                 for entry in dropped:  # only once last.pt no longer lists them
                     top_path(ckpt_dir, entry[1]).unlink(missing_ok=True)
-                window_start, window_items = time.perf_counter(), 0  # validation time is not training speed
+                window_start, window_items = (
+                    time.perf_counter(),
+                    0,
+                )  # validation time is not training speed
             if stopping:
-                signum = stop.signum or int(signal.SIGTERM)  # torchrun: another rank may have got it
+                signum = stop.signum or int(
+                    signal.SIGTERM
+                )  # torchrun: another rank may have got it
                 if main:
                     save_checkpoint(ckpt_dir / "last.pt", state(done))
                 bar.close()
                 writer.close()
                 name = signal.Signals(signum).name
-                log.info(f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
-                         f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}")
+                log.info(
+                    f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
+                    f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}"
+                )
                 requeue = stop.previous_handler(signum)
                 if requeue is not None and signum != signal.SIGINT:
-                    requeue(signum, None)  # submitit (Slurm): requeue the job, which resumes with resume=auto
+                    requeue(
+                        signum, None
+                    )  # submitit (Slurm): requeue the job, which resumes with resume=auto
                 distributed.finish()
                 sys.exit(128 + signum)
             if out_of_time:
-                log.info(f"metarun: time_limit={cfg.time_limit} min reached at iteration {done} of {iterations}; "
-                         f"testing the best checkpoint. Continue with: metarun train resume={shlex.quote(str(run_dir))}")
+                log.info(
+                    f"metarun: time_limit={cfg.time_limit} min reached at iteration {done} of {iterations}; "
+                    f"testing the best checkpoint. Continue with: metarun train resume={shlex.quote(str(run_dir))}"
+                )
                 break
     bar.close()
     if not main:  # rank 0 tests the best checkpoint and writes the results
@@ -315,22 +453,50 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
     best_saved = checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint")
     best_params = {k: v.to(device) for k, v in best_saved.items()}
-    test, test_ci = evaluate_tasks(algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks))
-    log.info(describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot) + f" with the best checkpoint "
-             f"(iteration {best_iteration})")
-    speed = done * per_iteration / train_seconds if train_seconds > 0 else float("nan")  # whole run, resumes too
+    test, test_ci = evaluate_tasks(
+        algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks)
+    )
+    log.info(
+        describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot)
+        + f" with the best checkpoint "
+        f"(iteration {best_iteration})"
+    )
+    speed = (
+        done * per_iteration / train_seconds if train_seconds > 0 else float("nan")
+    )  # whole run, resumes too
     segment_wall = time.perf_counter() - wall_start
-    results = {"status": "completed", "iterations_done": done, "stopped_by": "time_limit" if out_of_time else "iterations",
-               "config": config, "resolved": resolved, "best_val_accuracy": best_val,
-               "best_iteration": best_iteration, "test_accuracy": test, "test_ci95": test_ci,
-               "test_tasks": int(cfg.test_tasks), "train_seconds": train_seconds,
-               "wall_seconds": wall_before + segment_wall, "segment_wall_seconds": segment_wall,
-               f"{unit}_per_s": speed, "device": str(device),
-               "impl": algorithm.impl, "algorithm": algorithm.name, "workers": algorithm.workers,
-               "threads": execution["threads"], "data_source": data["source"], "history": history}
-    writer.add_hparams({"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
-                       {"hparam/best_val_accuracy": best_val, "hparam/test_accuracy": test,
-                        f"hparam/{unit}_per_s": speed}, run_name=".")
+    results = {
+        "status": "completed",
+        "iterations_done": done,
+        "stopped_by": "time_limit" if out_of_time else "iterations",
+        "config": config,
+        "resolved": resolved,
+        "best_val_accuracy": best_val,
+        "best_iteration": best_iteration,
+        "test_accuracy": test,
+        "test_ci95": test_ci,
+        "test_tasks": int(cfg.test_tasks),
+        "train_seconds": train_seconds,
+        "wall_seconds": wall_before + segment_wall,
+        "segment_wall_seconds": segment_wall,
+        f"{unit}_per_s": speed,
+        "device": str(device),
+        "impl": algorithm.impl,
+        "algorithm": algorithm.name,
+        "workers": algorithm.workers,
+        "threads": execution["threads"],
+        "data_source": data["source"],
+        "history": history,
+    }
+    writer.add_hparams(
+        {"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
+        {
+            "hparam/best_val_accuracy": best_val,
+            "hparam/test_accuracy": test,
+            f"hparam/{unit}_per_s": speed,
+        },
+        run_name=".",
+    )
     writer.close()
     (run_dir / "results.json").write_text(json.dumps(results, indent=2))
     log.info(f"metarun: run dir {run_dir} (results.json, checkpoints/, tensorboard/)")
