@@ -56,7 +56,9 @@ SUITE = {
 
 
 def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
     from metarun.cli import CONF
 
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):

@@ -43,6 +43,7 @@ def generate(root: Path, classes: int, per_class: int, size: int) -> None:
 def worker(root: str, size: int, sample_batches: int) -> dict:
     import torch
     from omegaconf import OmegaConf
+
     from metarun.data.episodes import EpisodeSampler
     from metarun.data.folder import load_folder
 

@@ -2,13 +2,9 @@
 MAML++ schedules, the registry and configs, and the rule that constructing an algorithm changes no
 process-wide state."""
 
-import math
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import REPO
 from test_maml import (
     metarun_gradient,
@@ -17,6 +13,7 @@ from test_maml import (
     relative_error,
     synthetic_tasks,
 )
+
 from metarun.algorithms import algorithm_class, registry
 from metarun.algorithms.base import meta_train_step
 from metarun.algorithms.engine import Engine
@@ -403,6 +400,7 @@ def test_registry_matches_the_algorithm_configs():
 )
 def test_every_experiment_config_builds_its_algorithm(experiment):
     from hydra import compose, initialize_config_dir
+
     from metarun.runner.setup import build_algorithm, check_train_settings
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):

@@ -7,13 +7,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from test_algorithms import reference
 from test_maml import metarun_gradient, random_episodes, relative_error, synthetic_tasks
+
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.base import meta_train_step
 from metarun.algorithms.pretrain import ImageBatch, Pretrain
-from metarun.algorithms.reptile import ReptileBatch, Reptile
+from metarun.algorithms.reptile import Reptile, ReptileBatch
 from metarun.data.episodes import Episodes
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import REPO
 
 
@@ -89,7 +88,7 @@ def test_runner_applies_the_threads_setting_once(monkeypatch):
     resumed run keeps its saved impl and workers."""
     from omegaconf import OmegaConf
 
-    from metarun.runner.setup import build_algorithm, configure_execution
+    from metarun.runner.setup import configure_execution
 
     threads = torch.get_num_threads()
     try:

@@ -3,9 +3,8 @@
 import json
 
 import torch
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from conftest import REPO, run_metarun, tiny_args
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 
 def load_params(path):

@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-
 from conftest import run_metarun, tiny_args
 from test_robustness import assert_clean_error
 

@@ -4,9 +4,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import DRAWERS, make_omniglot
 from omegaconf import OmegaConf
 
-from conftest import DRAWERS, make_omniglot
 from metarun.data import omniglot as omniglot_module
 from metarun.data.episodes import EpisodeSampler, fixed_tasks
 from metarun.data.omniglot import ClassImages, load_omniglot, split_characters

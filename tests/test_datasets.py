@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_metarun
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import run_metarun
 from metarun.data import cifar_fs, fc100, imagecache
 from metarun.data.cifar100 import SUPERCLASSES
 from metarun.data.classes import ClassImages
 from metarun.data.episodes import EpisodeSampler, draw_seed, fixed_tasks
 from metarun.data.folder import load_folder
-from metarun.data.miniimagenet import load_miniimagenet
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
 
@@ -392,6 +391,7 @@ def test_rgb_84_episode_through_training_and_evaluation(tmp_path):
     """miniImageNet's 5-way 1-shot experiment config, shrunk, via the real CLI: train, then eval the checkpoint."""
     root = make_miniimagenet(tmp_path / "mini", per_class=16)
     from hydra import compose, initialize_config_dir
+
     from metarun.runner.setup import build_algorithm, load_splits, train_sampler
 
     with initialize_config_dir(

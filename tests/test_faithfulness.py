@@ -10,17 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
-
 from conftest import REPO, run_metarun, tiny_args
+from omegaconf import OmegaConf
 from test_maml import random_episodes, relative_error
-from metarun.algorithms import registry
+
 from metarun.algorithms.maml import MAML
 from metarun.models.conv4 import Conv4
 
 
 def compose(*overrides):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
 
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
@@ -368,6 +368,7 @@ def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
     """dataset.rotate_eval must change what evaluate_tasks (validation, test, metarun eval) scores: every
     scored image unrotated without it, all four rotations with it."""
     from test_data import ids, labelled_classes
+
     from metarun.runner.evaluate import evaluate_tasks
 
     scored = []

@@ -11,11 +11,12 @@ import sys
 
 import pytest
 import torch
+from conftest import REPO, run_metarun, tiny_args
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_robustness import assert_clean_error
 
-from conftest import REPO, run_metarun, tiny_args
 from metarun import cli
 from metarun.data.episodes import EpisodeSampler, fixed_tasks
 from metarun.data.omniglot import atomic_torch_save
@@ -23,7 +24,6 @@ from metarun.errors import MetarunError
 from metarun.runner import rundir
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.resume import RESUMABLE, resume_config
-from test_robustness import assert_clean_error
 
 
 def ckpt(run, name="last.pt"):
@@ -144,7 +144,7 @@ def test_every_setting_is_either_resumable_and_applied_or_refused():
             continue
         new = other_value(value)
         text = f"{key}={new}"
-        requested = compose_train(f"resume=x", text)
+        requested = compose_train("resume=x", text)
         if key in RESUMABLE:
             config, changes = resume_config(saved, requested, [text], "x")
             assert OmegaConf.select(config, key) == new and changes == {key: [value, new]}, key

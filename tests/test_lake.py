@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import character_image, png_bytes, run_metarun
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import character_image, png_bytes, run_metarun
 from metarun.cli import CONF
 from metarun.data.lake import read_all_runs
 from metarun.errors import MetarunError

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import REPO, make_omniglot, run_metarun, tiny_args
+
 from metarun.data.omniglot import atomic_torch_save
 
 
@@ -268,6 +268,7 @@ def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
     """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler (torchrun's
     other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them into one handler."""
     import logging
+
     from metarun.runner.logs import BelowWarning, console_through_tqdm
 
     root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level)
@@ -290,6 +291,7 @@ def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
 def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
     """tuned: glibc's mallopt is called (mmap and trim thresholds); system: nothing is changed."""
     import ctypes
+
     from metarun.runner import setup
 
     if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):

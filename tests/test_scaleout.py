@@ -7,16 +7,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from omegaconf import OmegaConf
-
 from conftest import REPO, run_metarun, tiny_args
-from metarun import cli
+from omegaconf import OmegaConf
 from test_robustness import assert_clean_error
+
+from metarun import cli
 
 
 def ckpt(run, name="last.pt"):
@@ -77,9 +76,10 @@ distributed.finish()
 
 
 def test_two_process_meta_gradient_equals_the_single_process_one(tmp_path):
+    from test_maml import random_episodes, reference_gradient
+
     from metarun.algorithms.maml import MAML
     from metarun.models.conv4 import Conv4
-    from test_maml import random_episodes, reference_gradient
 
     script = tmp_path / "worker.py"
     script.write_text(GRADIENT_WORKER)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.engine import Engine
-from metarun.data.episodes import EpisodeSampler, Episodes
+from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
 
 INNER_LOSSES = ("sum_over_shot", "mean")

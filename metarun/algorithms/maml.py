@@ -15,8 +15,21 @@ from metarun.algorithms.base import (
     StepResult,
     inner_update,
     meta_train_step,
-)  # noqa: F401
-from metarun.algorithms.engine import IMPLS, PARALLEL_IMAGES_PER_PASS, resolve_impl  # noqa: F401
+)
+from metarun.algorithms.engine import IMPLS, PARALLEL_IMAGES_PER_PASS, resolve_impl
+
+# Re-exported: maml is where users (and the tests) look for MAML's pieces.
+__all__ = [
+    "INNER_LOSSES",
+    "IMPLS",
+    "PARALLEL_IMAGES_PER_PASS",
+    "GradientMetaLearner",
+    "MAML",
+    "StepResult",
+    "inner_update",
+    "meta_train_step",
+    "resolve_impl",
+]
 
 
 class MAML(GradientMetaLearner):

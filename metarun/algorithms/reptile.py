@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.base import GradientMetaLearner, StepResult
-from metarun.data.episodes import EpisodeSampler, Episodes
+from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
 
 INNER_OPTIMIZERS = ("adam", "sgd")

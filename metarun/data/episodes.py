@@ -134,7 +134,7 @@ class EpisodeSampler(SeededDraws):
         ).to(self.device)
 
     @classmethod
-    def training(cls, cfg, classes: ClassImages, device) -> "EpisodeSampler":
+    def training(cls, cfg, classes: ClassImages, device) -> EpisodeSampler:
         """A run's training episodes: the train split at cfg.way/shot/query, seeded by cfg.seed, rotated by
         cfg.dataset.rotate."""
         return cls(
