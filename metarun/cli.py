@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
+from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner import distributed, rundir
 
@@ -165,19 +166,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-# Every setting that is a path: `~` in it means the home folder (Hydra's grammar would refuse it).
-PATH_SETTINGS = (
-    "hydra.run.dir",
-    "hydra.sweep.dir",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.split_files.train",
-    "dataset.split_files.val",
-    "dataset.split_files.test",
-    "resume",
-    "checkpoint",
-    "data_root",
-)
+# Every setting that is a path (metarun/settings.py): `~` in it means the home folder (Hydra's
+# grammar would refuse it).
+PATH_SETTINGS = settings.paths()
 
 
 def _normalize(arg: str) -> str:
