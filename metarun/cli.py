@@ -33,7 +33,7 @@ commands:
           Lake et al.'s one-shot runs: add benchmark=lake)
   report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> [--paper] [--out DIR])
 
-`metarun <command> --help` lists that command's settings and config groups (Hydra).
+`metarun <command> --help` lists that command's settings, their defaults and what they mean.
 Set METARUN_DEBUG=1 to see Python tracebacks with errors."""
 
 
@@ -443,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = [_normalize(a) for a in rest]
         multirun = any(a in ("-m", "--multirun") for a in rest)
         flags = [a for a in rest if a.startswith("-") and a not in ("-m", "--multirun")]
+        if {"-h", "--help"} & set(flags):  # each setting with its default and description
+            print(settings.help_text(command))
+            return 0
         overrides = [a for a in rest if not a.startswith("-")]
         if command == "eval" and not multirun:  # steps=0,1,3 is one list here, not a sweep
             overrides = [re.sub(r"^steps=(\d+(?:,\d+)+)$", r"steps=[\1]", o) for o in overrides]
