@@ -134,6 +134,8 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         resumed = load_checkpoint(resume, "resume")
         cfg, changes = resumed_config(resumed, cfg, overrides, resume)
     check_train_settings(cfg)
+    if main and resumed is None and (hint := settings.preset_hint(cfg, overrides)):
+        log.warning(hint)  # e.g. way=20 with the 5-way step sizes: name the tuned preset, once
     device = distributed.device_for_rank(resolve_device(cfg.device))
     if distributed.world_size() > 1:
         distributed.share(int(cfg.meta_batch))  # every process needs a task
