@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf, open_dict
 
+from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner import distributed, rundir
 
@@ -32,7 +33,7 @@ commands:
           Lake et al.'s one-shot runs: add benchmark=lake)
   report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> [--paper] [--out DIR])
 
-`metarun <command> --help` lists that command's settings and config groups (Hydra).
+`metarun <command> --help` lists that command's settings, their defaults and what they mean.
 Set METARUN_DEBUG=1 to see Python tracebacks with errors."""
 
 
@@ -165,19 +166,9 @@ def _quote(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-# Every setting that is a path: `~` in it means the home folder (Hydra's grammar would refuse it).
-PATH_SETTINGS = (
-    "hydra.run.dir",
-    "hydra.sweep.dir",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.split_files.train",
-    "dataset.split_files.val",
-    "dataset.split_files.test",
-    "resume",
-    "checkpoint",
-    "data_root",
-)
+# Every setting that is a path (metarun/settings.py): `~` in it means the home folder (Hydra's
+# grammar would refuse it).
+PATH_SETTINGS = settings.paths()
 
 
 def _normalize(arg: str) -> str:
@@ -452,6 +443,9 @@ def main(argv: list[str] | None = None) -> int:
         rest = [_normalize(a) for a in rest]
         multirun = any(a in ("-m", "--multirun") for a in rest)
         flags = [a for a in rest if a.startswith("-") and a not in ("-m", "--multirun")]
+        if {"-h", "--help"} & set(flags):  # each setting with its default and description
+            print(settings.help_text(command))
+            return 0
         overrides = [a for a in rest if not a.startswith("-")]
         if command == "eval" and not multirun:  # steps=0,1,3 is one list here, not a sweep
             overrides = [re.sub(r"^steps=(\d+(?:,\d+)+)$", r"steps=[\1]", o) for o in overrides]

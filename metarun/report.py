@@ -23,24 +23,12 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from metarun import settings
 from metarun.errors import MetarunError
 
-# Settings that never make two runs different experiments: the seed (aggregated over), where and how fast it ran.
-IGNORED = {
-    "seed",
-    "resume",
-    "device",
-    "log_every",
-    "eval_chunk",
-    "test_tasks",
-    "val_tasks",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.source",
-    "dataset.download",
-    "algorithm.impl",
-    "algorithm.task_chunk",
-}
+# Settings that never make two runs different experiments: the seed (aggregated over), where and how
+# fast it ran (metarun/settings.py: the settings not shown in reports).
+IGNORED = settings.ignored()
 ALGORITHM_NAMES = {
     "maml": "MAML",
     "metasgd": "Meta-SGD",

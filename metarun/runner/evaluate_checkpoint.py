@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
 from metarun.runner.evaluate import describe, evaluate_curve, evaluate_tasks
@@ -70,29 +71,10 @@ def curve_steps(value) -> list[int] | None:
 
 
 def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
-    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content, the
-    checkpoints to score (ensemble), the inner-step counts of the curve or None)."""
-    if isinstance(cfg.tasks, bool) or not isinstance(cfg.tasks, int) or cfg.tasks <= 0:
-        raise MetarunError(f"tasks={cfg.tasks} must be a positive number of evaluation tasks.")
-    if cfg.split not in ("train", "val", "test"):
-        raise MetarunError(f"split={cfg.split!r} is not a split: use test, val or train.")
-    if (
-        isinstance(cfg.eval_chunk, bool)
-        or not isinstance(cfg.eval_chunk, int)
-        or cfg.eval_chunk <= 0
-    ):
-        raise MetarunError(
-            f"eval_chunk={cfg.eval_chunk} must be a positive number of tasks per pass."
-        )
-    if cfg.get("benchmark") not in (None, "lake"):
-        raise MetarunError(
-            f"benchmark={cfg.benchmark!r} is not a benchmark: use benchmark=lake (Lake et al.'s 20 "
-            "one-shot runs) or leave it out (fixed tasks of `split`)."
-        )
-    if isinstance(cfg.ensemble, bool) or not isinstance(cfg.ensemble, int):
-        raise MetarunError(
-            f"ensemble={cfg.ensemble} must be a whole number of checkpoints (1: the checkpoint alone)."
-        )
+    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content,
+    the checkpoints to score (ensemble), the inner-step counts of the curve or None). Each setting's
+    type and range as metarun/settings.py declares them, then the combinations that cannot work."""
+    settings.validate(cfg, "eval")
     if cfg.get("benchmark") == "lake" and int(cfg.ensemble) != 1:
         raise MetarunError(f"benchmark=lake scores one checkpoint: drop ensemble={cfg.ensemble}.")
     if cfg.get("benchmark") == "lake" and cfg.get("steps") is not None:
@@ -124,11 +106,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
         train_cfg.eval_seed = int(cfg.eval_seed)
-    if cfg.get("rotate_eval") is not None:
-        if not isinstance(cfg.rotate_eval, bool):
-            raise MetarunError(
-                f"rotate_eval={cfg.rotate_eval} must be true, false or null (the checkpoint's)."
-            )
+    if cfg.get("rotate_eval") is not None:  # checked by check_eval_settings
         train_cfg.dataset.rotate_eval = cfg.rotate_eval
     train_cfg.eval_chunk = int(cfg.eval_chunk)
     steps = (

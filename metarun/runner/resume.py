@@ -13,32 +13,12 @@ import time
 
 from omegaconf import DictConfig, OmegaConf
 
+from metarun import settings
 from metarun.errors import MetarunError
 
-# Settings that may change when a run is continued: nothing in the saved weights, Adam state or sampler
-# state depends on them, and each is read afresh from the resumed config (the loop's length and cadence,
-# the evaluation's size and batching, how many best checkpoints are kept, the device, CPU threads, the
-# implementation and precision of the same gradient, and where the same data is found).
-RESUMABLE = (
-    "iterations",
-    "time_limit",
-    "eval_every",
-    "log_every",
-    "val_tasks",
-    "test_tasks",
-    "eval_chunk",
-    "keep_best",
-    "device",
-    "threads",
-    "cpu_allocator",
-    "tf32",
-    "autocast",
-    "algorithm.impl",
-    "algorithm.task_chunk",
-    "dataset.root",
-    "dataset.cache_dir",
-    "dataset.download",
-)
+# Settings that may change when a run is continued (metarun/settings.py marks them resumable):
+# nothing in the saved weights, Adam state or sampler state depends on them.
+RESUMABLE = settings.resumable()
 # Keys of the command line that are not settings of the run.
 NOT_SETTINGS = ("resume",)
 

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 import torch
 
+from metarun import settings
 from metarun.algorithms import algorithm_class
 from metarun.algorithms.engine import AUTOCASTS, Engine, resolve_impl
 from metarun.data.episodes import EpisodeSampler, check_episode_shape
@@ -40,60 +40,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def check_train_settings(cfg) -> None:
-    """Settings that need no data, checked before anything is loaded."""
-    for key in (
-        "way",
-        "shot",
-        "query",
-        "meta_batch",
-        "update_step",
-        "update_step_test",
-        "iterations",
-        "eval_every",
-        "val_tasks",
-        "test_tasks",
-        "log_every",
-        "eval_chunk",
-    ):
-        value = cfg[key]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise MetarunError(f"{key}={value} must be a positive integer.")
-    check_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
-    for key in ("update_lr", "meta_lr"):
-        value = cfg[key]
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            raise MetarunError(
-                f"{key}={value} must be a positive number (the paper: update_lr=0.4 for 5-way, "
-                "0.1 for 20-way; meta_lr=0.001)."
-            )
-    if not isinstance(cfg.first_order, bool):
-        raise MetarunError(f"first_order={cfg.first_order} must be true or false.")
-    limit = cfg.get("time_limit")
-    if limit is not None and (
-        isinstance(limit, bool)
-        or not isinstance(limit, (int, float))
-        or not math.isfinite(limit)
-        or limit <= 0
-    ):
-        raise MetarunError(
-            f"time_limit={limit} must be a positive number of minutes (or null: no limit)."
-        )
-    for key in ("threads", "keep_best"):
-        value = cfg.get(key)
-        if (
-            not isinstance(value, int)
-            or isinstance(value, bool)
-            or value < (0 if key == "threads" else 1)
-        ):
-            raise MetarunError(
-                f"{key}={value} must be an integer >= {0 if key == 'threads' else 1}"
-                f"{' (0: all cores)' if key == 'threads' else ''}."
-            )
+    """The settings that need no data, checked before anything is loaded: each one's type and range
+    as metarun/settings.py declares them (way >= 2, positive step sizes ...), and the algorithm's
+    name. Raises MetarunError (one line naming the setting)."""
+    settings.validate(cfg, "train")
     algorithm_class(str(cfg.algorithm.name))
 
 
@@ -160,7 +110,7 @@ def apply_precision(cfg, device) -> None:
     torch.backends.cudnn.allow_tf32 = tf32
 
 
-CPU_ALLOCATORS = ("tuned", "system")
+CPU_ALLOCATORS = settings.find("cpu_allocator").choices  # tuned, system
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 # Blocks below the mmap threshold come from the heap. Some glibc builds cap it at HEAP_MAX_SIZE / 2 (32 MiB
 # on 64-bit): the second value is the fallback.
@@ -170,11 +120,7 @@ TRIM_THRESHOLD = 2**30
 
 def check_cpu_allocator(setting: str) -> None:
     """Raises MetarunError unless `setting` is one of CPU_ALLOCATORS."""
-    if setting not in CPU_ALLOCATORS:
-        raise MetarunError(
-            f"cpu_allocator={setting} is not a setting: use tuned (keep freed memory for reuse) "
-            "or system (the C library's defaults)."
-        )
+    settings.check_value("cpu_allocator", setting)
 
 
 def apply_cpu_allocator(setting: str) -> bool:

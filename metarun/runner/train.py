@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
+from metarun import settings
 from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
 from metarun.runner import distributed
@@ -39,19 +40,7 @@ from metarun.runner.setup import (
 
 log = logging.getLogger("metarun")
 
-HPARAM_KEYS = (
-    "way",
-    "shot",
-    "query",
-    "meta_batch",
-    "update_step",
-    "update_step_test",
-    "update_lr",
-    "meta_lr",
-    "first_order",
-    "iterations",
-    "seed",
-)
+HPARAM_KEYS = settings.hparams()  # metarun/settings.py: the settings marked hparam
 
 
 # SIGUSR2: Slurm's preemption warning as submitit asks for it (`#SBATCH --signal=USR2@<seconds>`).
@@ -145,6 +134,8 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         resumed = load_checkpoint(resume, "resume")
         cfg, changes = resumed_config(resumed, cfg, overrides, resume)
     check_train_settings(cfg)
+    if main and resumed is None and (hint := settings.preset_hint(cfg, overrides)):
+        log.warning(hint)  # e.g. way=20 with the 5-way step sizes: name the tuned preset, once
     device = distributed.device_for_rank(resolve_device(cfg.device))
     if distributed.world_size() > 1:
         distributed.share(int(cfg.meta_batch))  # every process needs a task
