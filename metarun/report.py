@@ -213,7 +213,7 @@ def _checkpoint_file(value) -> Path:
     """The checkpoint an eval scored: a .pt path, or a run dir's best.pt (else last.pt), as eval
     resolves it."""
     path = Path(str(value or "")).expanduser()
-    if path.suffix != ".pt":
+    if path.is_dir():
         best = path / "checkpoints" / "best.pt"
         return (
             best
@@ -386,6 +386,18 @@ def _progress(run_dir: Path, config: dict) -> str:
     )
 
 
+def _launch_dir(run_dir: Path) -> Path:
+    """The folder a run was started from (Hydra's runtime.cwd), against which its relative paths
+    resolve; the current folder when .hydra/hydra.yaml does not say."""
+    try:
+        from omegaconf import OmegaConf
+
+        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+        return Path(str(hydra.hydra.runtime.cwd))
+    except Exception:  # no or another hydra.yaml: the report's own folder is the best guess
+        return Path.cwd()
+
+
 def incomplete_result(run_dir: Path) -> Result | None:
     """A run dir without results.json or eval.json: an interrupted (or running) train or eval, as an
     incomplete Result with the settings of its .hydra/config.yaml (settings {} when it has none);
@@ -396,6 +408,7 @@ def incomplete_result(run_dir: Path) -> Result | None:
     if _is_eval_config(config):
         if config.get("benchmark"):
             return None
+        config = {**config, "checkpoint": _launch_dir(run_dir) / str(config["checkpoint"])}
         state = "is still running" if _running(run_dir) else "stopped before writing it"
         return Result(
             run_dir, _eval_settings(config)[0], incomplete=f"no eval.json (the eval {state})"

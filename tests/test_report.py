@@ -324,7 +324,10 @@ def test_incomplete_runs_of_every_kind(tmp_path, capsys):
     (runs / "pending" / "results.json").write_text(json.dumps(record))
     (runs / "bare").mkdir()
     (runs / "bare" / ".metarun-run").write_text("{}")
-    interrupted(runs / "eval", {"checkpoint": str(runs / "done" / "checkpoints" / "best.pt")})
+    # an eval's checkpoint path is relative to where it was started (Hydra's runtime.cwd)
+    interrupted(runs / "eval", {"checkpoint": "done/checkpoints/best.pt"})
+    hydra = {"hydra": {"runtime": {"cwd": str(runs)}}}
+    (runs / "eval" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
     # a sweep dir (multirun.yaml beside its own marker) is not a run
     (runs / "multirun.yaml").write_text("{}")
     (runs / ".metarun-run").write_text("{}")
