@@ -1,14 +1,27 @@
-"""`metarun report DIR... [--out DIR] [--paper]`: one table of the results of a sweep or of several runs.
+"""`metarun report DIR... [--out DIR] [--paper]`: one table of the results of a sweep or of runs.
 
-Reads every `results.json` (`metarun train`) and `eval.json` (`metarun eval`) in the given run dirs or below
-the given sweep dirs, and lays them out like Table 1 of Finn et al. (2017): one row per combination of the
-settings that differ between the runs (always way and shot first), one column per algorithm (algorithm.name,
-first_order, and any algorithm.* setting that differs within one algorithm); `file` (results.json or
-eval.json) is a row setting when both kinds are given, so a run and a later eval of it stay apart. A cell is "mean ± 95% CI" (%) of
-one run's test accuracy; several seeds of one cell are "mean ± std (N seeds)" over the seeds (sample std); a
-cell whose runs all failed ("status": "failed" in results.json) reads "failed" and its reason is listed under
-the table. `--paper` adds the published Omniglot figures (PAPER_OMNIGLOT) as extra columns, each with its
-source. The table is printed and written as report.md and report.csv (one line per cell, numbers in %).
+Reads every `results.json` (`metarun train`) and `eval.json` (`metarun eval`) in the given run dirs
+or below the given sweep dirs, and lays them out like Table 1 of Finn et al. (2017): one row per
+combination of the settings that differ between the runs (always way and shot first), one column per
+algorithm (algorithm.name, first_order, and any algorithm.* setting that differs within one
+algorithm).
+
+Every setting that changes how a score was measured separates rows: `file` (results.json or
+eval.json), and of an eval its split, update_step_test (each of `steps=0,1,3` is a row of its own),
+rotate_eval (the eval's own, not the training run's), ensemble and checkpoint (best.pt, last.pt,
+top/...); benchmark=lake evals are left out (error rates, not task accuracies). A cell is "mean ±
+95% CI" (%) of one run's test accuracy; several seeds of one cell are "mean ± std (N seeds)" over
+the seeds (sample std). Several evals of one checkpoint in one cell (another eval_seed or task
+count: another sample of the same run) are pooled into that run's figure, never counted as runs or
+seeds ("(N evals of one run)").
+
+A run dir without results.json (a run stopped by a signal, or still running) or with one that has no
+test accuracy is an incomplete run: counted in its cell ("(2 seeds, 1 incomplete)", or "incomplete")
+and listed under the table with how far it got. A cell whose runs all failed ("status": "failed")
+reads "failed" and its reason is listed under the table. `--paper` adds the published Omniglot
+figures (PAPER_OMNIGLOT) as extra columns, each with its source, in the rows on the papers' protocol
+(PAPER_PROTOCOL); the table is printed and written as report.md and report.csv (one line per cell,
+numbers in %).
 """
 
 from __future__ import annotations
@@ -19,6 +32,8 @@ import io
 import json
 import math
 import os
+import shlex
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,15 +94,35 @@ PAPER_OMNIGLOT = [
 ]
 
 
+# Which test tasks were drawn: another sample of the same run, never another experiment.
+SAMPLE_KEYS = {"eval_seed"}
+# What every published Omniglot figure (PAPER_OMNIGLOT) shares: a row that differs in any of these
+# gets no paper figure beside it. A setting an older run's config lacks counts as the papers'.
+PAPER_PROTOCOL = {
+    "dataset.name": "omniglot",
+    "dataset.split": "maml",
+    "dataset.image_size": 28,
+    "split": "test",
+}
+
+
 @dataclass
 class Result:
-    """One run's score (or failure), with its settings flattened to dotted keys."""
+    """One score (or failure, or an unfinished run), with its settings flattened to dotted keys.
+
+    `sample` is what was scored: (the training run, its checkpoint, the iteration), the run being a
+    results.json's dir or an eval.json's checkpoint's run. Results of one sample in one cell are
+    evaluations of one model: pooled into one figure, never counted as independent runs."""
 
     where: Path
     settings: dict
     accuracy: float | None = None  # fraction correct
     ci95: float | None = None  # half-width, fraction
     failed: str | None = None  # the reason, when the run failed
+    incomplete: str | None = None  # why it has no score yet (stopped or still running)
+    tasks: int | None = None  # test tasks scored
+    eval_seed: int | None = None  # seed of those tasks
+    sample: tuple = ()
 
 
 @dataclass
@@ -96,6 +131,18 @@ class Table:
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     csv_rows: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class Cell:
+    """One table cell: the text shown and its CSV fields (numbers in %)."""
+
+    text: str
+    mean: str = ""
+    ci: str = ""
+    std: str = ""
+    runs: int = 0
+    pooled: bool = False  # some run's figure pools several of its evals
 
 
 def _flatten(config: dict, prefix: str = "") -> dict:
@@ -114,8 +161,9 @@ def _read_json(path: Path) -> dict:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise MetarunError(
-            f"{path} is not readable JSON ({exc}): delete it or leave its run dir out of the report."
-        )
+            f"{path} is not readable JSON ({exc}): delete it or leave its run dir out of the "
+            "report."
+        ) from None
     if not isinstance(data, dict):
         raise MetarunError(
             f"{path} is not a metarun results file: leave its run dir out of the report."
@@ -144,52 +192,242 @@ def _run_config(run_dir: Path) -> dict | None:
     return None
 
 
-def load_result(path: Path) -> Result | None:
-    """A Result from a results.json or an eval.json; None for files the table does not show (benchmark=lake)."""
-    data, run_dir = _read_json(path), path.parent
-    if path.name == "results.json":
-        config = (
-            data.get("config") if isinstance(data.get("config"), dict) else _run_config(run_dir)
+def _is_eval_config(config: dict) -> bool:
+    """Whether a run dir's config is `metarun eval`'s (it names a checkpoint), not train's."""
+    return "checkpoint" in config and "iterations" not in config
+
+
+def _checkpoint_file(value) -> Path:
+    """The checkpoint an eval scored: a .pt path, or a run dir's best.pt (else last.pt), as eval
+    resolves it."""
+    path = Path(str(value or "")).expanduser()
+    if path.is_dir():
+        best = path / "checkpoints" / "best.pt"
+        return (
+            best
+            if best.is_file() or not (path / "checkpoints" / "last.pt").is_file()
+            else best.with_name("last.pt")
         )
-        if config is None:
-            raise MetarunError(
-                f"{path} has no config and {run_dir}/.hydra/config.yaml is missing: the report cannot "
-                "tell its settings; leave this run dir out."
-            )
-        settings = {**_flatten(config), "split": "test", "file": path.name}
-        if data.get("status") == "failed":
-            return Result(run_dir, settings, failed=str(data.get("reason") or "no reason recorded"))
-        if not isinstance(data.get("test_accuracy"), (int, float)):
-            raise MetarunError(
-                f'{path} has no test_accuracy and no "status": "failed": it is not a finished '
-                "metarun run; leave its run dir out of the report."
-            )
-        return Result(
-            run_dir, settings, float(data["test_accuracy"]), float(data.get("test_ci95") or 0.0)
-        )
-    if data.get("benchmark"):
-        return None
-    ckpt = Path(str(data.get("checkpoint", "")))
-    config = _run_config(ckpt.parent.parent) if ckpt.parent.name == "checkpoints" else None
-    settings = (
-        _flatten(config) if config else {k: data[k] for k in ("way", "shot", "query") if k in data}
-    )
+    return path
+
+
+def _checkpoint_run(ckpt: Path) -> Path:
+    """The run dir of a checkpoint (<run>/checkpoints/X.pt, <run>/checkpoints/top/X.pt), else the
+    file itself."""
+    if ckpt.parent.name == "top" and ckpt.parent.parent.name == "checkpoints":
+        return ckpt.parent.parent.parent
+    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+
+
+def _checkpoint_name(ckpt: Path) -> str:
+    """best.pt, last.pt, top/iteration-N.pt: which of its run's checkpoints was scored."""
+    return f"top/{ckpt.name}" if ckpt.parent.name == "top" else ckpt.name
+
+
+def _train_settings(config: dict) -> dict:
+    """A training run's settings as the table keys them: its test is of best.pt on `test` tasks."""
+    settings = _flatten(config)
     settings.update(
         {
-            "split": data.get("split", "test"),
-            "update_step_test": data.get("update_step_test"),
-            "file": path.name,
+            "split": "test",
+            "file": "results.json",
+            "checkpoint": "best.pt",
+            "ensemble": 1,
+            "dataset.rotate_eval": bool(settings.get("dataset.rotate_eval") or False),
         }
     )
-    if not isinstance(data.get("accuracy"), (int, float)):
+    return settings
+
+
+def _eval_settings(record: dict) -> tuple[dict, Path]:
+    """An eval's settings (from eval.json or from an eval's own config) and the run it measured: its
+    checkpoint's run config, overridden by every eval setting that changes the protocol."""
+    ckpt = _checkpoint_file(record.get("checkpoint"))
+    run = _checkpoint_run(ckpt)
+    config = _run_config(run) if run.is_dir() else None
+    if config:
+        settings = _flatten(config)
+    else:  # the run dir is gone: what eval.json itself says
+        settings = {k: record[k] for k in ("way", "shot", "query") if k in record}
+    ensemble = record.get("ensemble")
+    rotate = record.get("rotate_eval")
+    steps = record.get("update_step_test")
+    settings.update(
+        {
+            "split": record.get("split") or "test",
+            "file": "eval.json",
+            "checkpoint": _checkpoint_name(ckpt),
+            "ensemble": len(ensemble) if isinstance(ensemble, list) else int(ensemble or 1),
+            "dataset.rotate_eval": bool(
+                settings.get("dataset.rotate_eval") if rotate is None else rotate
+            ),
+            "update_step_test": settings.get("update_step_test") if steps is None else steps,
+        }
+    )
+    if record.get("eval_seed") is not None:
+        settings["eval_seed"] = record["eval_seed"]
+    return settings, run
+
+
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def train_result(path: Path, data: dict) -> Result:
+    """A Result from a results.json: a score, a failure, or (no test accuracy) an incomplete run."""
+    run_dir = path.parent
+    config = data.get("config") if isinstance(data.get("config"), dict) else _run_config(run_dir)
+    if config is None:
+        raise MetarunError(
+            f"{path} has no config and {run_dir}/.hydra/config.yaml is missing: the report cannot "
+            "tell its settings; leave this run dir out."
+        )
+    if _is_eval_config(config):  # a failed cell of an eval sweep
+        settings, run = _eval_settings(config)
+    else:
+        settings, run = _train_settings(config), run_dir
+    if data.get("status") == "failed":
+        return Result(run_dir, settings, failed=str(data.get("reason") or "no reason recorded"))
+    accuracy = _number(data.get("test_accuracy"))
+    if accuracy is None:
+        status = f'"status": "{data["status"]}"' if data.get("status") else "no status"
+        return Result(
+            run_dir, settings, incomplete=f"its results.json has no test_accuracy ({status})"
+        )
+    return Result(
+        run_dir,
+        settings,
+        accuracy,
+        _number(data.get("test_ci95")) or 0.0,
+        tasks=data.get("test_tasks") or config.get("test_tasks"),
+        eval_seed=config.get("eval_seed"),
+        sample=(run, "best.pt", data.get("best_iteration")),
+    )
+
+
+def eval_results(path: Path, data: dict) -> list[Result]:
+    """Results from an eval.json: its headline score and, for `steps=...`, one per number of inner
+    steps (each its own protocol, so a row of its own); none for benchmark=lake (error rates)."""
+    if data.get("benchmark"):
+        return []
+    headline = _number(data.get("accuracy"))
+    if headline is None:
         raise MetarunError(
             f"{path} has no accuracy: it is not an eval.json of metarun eval; leave its dir out."
         )
-    return Result(run_dir, settings, float(data["accuracy"]), float(data.get("ci95") or 0.0))
+    settings, run = _eval_settings(data)
+    scores = {settings["update_step_test"]: (headline, _number(data.get("ci95")) or 0.0)}
+    for point in data.get("curve") or []:
+        scores[point.get("steps")] = (float(point["accuracy"]), _number(point.get("ci95")) or 0.0)
+    sample = (run, settings["checkpoint"], data.get("iteration"))
+    return [
+        Result(
+            path.parent,
+            {**settings, "update_step_test": steps},
+            accuracy,
+            ci,
+            tasks=data.get("tasks"),
+            eval_seed=data.get("eval_seed"),
+            sample=sample,
+        )
+        for steps, (accuracy, ci) in scores.items()
+    ]
+
+
+def load_results(path: Path) -> list[Result]:
+    """The Results of one results.json (`metarun train`) or eval.json (`metarun eval`)."""
+    data = _read_json(path)
+    return [train_result(path, data)] if path.name == "results.json" else eval_results(path, data)
+
+
+def _running(run_dir: Path) -> bool:
+    """Whether the process that claimed the run dir (its marker's pid, on this host) still runs."""
+    from metarun.runner.rundir import MARKER
+
+    try:
+        owner = json.loads((run_dir / MARKER).read_text())
+        if owner.get("host") != socket.gethostname():
+            return False
+        os.kill(int(owner["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _progress(run_dir: Path, config: dict) -> str:
+    """How far an unfinished training run got, from its last.pt, and how to continue it."""
+    state = "still running" if _running(run_dir) else "stopped"
+    last = run_dir / "checkpoints" / "last.pt"
+    if not last.is_file():
+        return f"no results.json and no checkpoint ({state} before its first checkpoint)"
+    try:
+        import torch
+
+        # mmap: only the header and the iteration are read, not the weights
+        iteration = torch.load(last, map_location="cpu", weights_only=True, mmap=True)["iteration"]
+        at = f"iteration {int(iteration)} of {config.get('iterations')}"
+    except Exception:  # an unreadable last.pt: the run dir still counts as an incomplete run
+        at = "an unreadable checkpoints/last.pt"
+    return (
+        f"no results.json ({state} at {at}); metarun train resume={shlex.quote(str(run_dir))} "
+        "continues it"
+    )
+
+
+def _launch_dir(run_dir: Path) -> Path:
+    """The folder a run was started from (Hydra's runtime.cwd), against which its relative paths
+    resolve; the current folder when .hydra/hydra.yaml does not say."""
+    try:
+        from omegaconf import OmegaConf
+
+        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+        return Path(str(hydra.hydra.runtime.cwd))
+    except Exception:  # no or another hydra.yaml: the report's own folder is the best guess
+        return Path.cwd()
+
+
+def incomplete_result(run_dir: Path) -> Result | None:
+    """A run dir without results.json or eval.json: an interrupted (or running) train or eval, as an
+    incomplete Result with the settings of its .hydra/config.yaml (settings {} when it has none);
+    None for an eval of benchmark=lake."""
+    config = _run_config(run_dir)
+    if config is None:
+        return Result(run_dir, {}, incomplete="no results.json and no .hydra/config.yaml")
+    if _is_eval_config(config):
+        if config.get("benchmark"):
+            return None
+        config = {**config, "checkpoint": _launch_dir(run_dir) / str(config["checkpoint"])}
+        state = "is still running" if _running(run_dir) else "stopped before writing it"
+        return Result(
+            run_dir, _eval_settings(config)[0], incomplete=f"no eval.json (the eval {state})"
+        )
+    return Result(run_dir, _train_settings(config), incomplete=_progress(run_dir, config))
+
+
+def _outside_hidden(base: Path, path: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(base).parts)
+
+
+def run_dirs_without_results(base: Path) -> list[Path]:
+    """Run dirs under `base` (Hydra's .hydra/config.yaml, or metarun's claim marker) holding neither
+    results.json nor eval.json; a sweep dir (multirun.yaml) is not a run."""
+    from metarun.runner.rundir import MARKER
+
+    found = {p.parent for p in base.rglob(MARKER)}
+    found |= {p.parent.parent for p in base.rglob("config.yaml") if p.parent.name == ".hydra"}
+    return sorted(
+        d
+        for d in found
+        if _outside_hidden(base, d)
+        and not (d / "multirun.yaml").is_file()
+        and not (d / "results.json").is_file()
+        and not (d / "eval.json").is_file()
+    )
 
 
 def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
-    """Every result in the given run or sweep dirs (searched recursively), and the files left out."""
+    """Every result in the given run or sweep dirs (searched recursively), an incomplete Result for
+    each run dir without one, and the files left out (benchmark=lake evals)."""
     results, skipped = [], []
     for d in dirs:
         if not d.is_dir():
@@ -200,16 +438,21 @@ def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
             p
             for name in ("results.json", "eval.json")
             for p in d.rglob(name)
-            if not any(part.startswith(".") for part in p.relative_to(d).parts)
+            if _outside_hidden(d, p)
         )
-        if not files:
+        unfinished = run_dirs_without_results(d)
+        if not files and not unfinished:
             raise MetarunError(
                 f"no results.json or eval.json under {d}: give the dir of a finished run or sweep."
             )
         for f in files:
-            result = load_result(f)
+            found = load_results(f)
+            results += found
+            skipped += [] if found else [f]
+        for run_dir in unfinished:
+            result = incomplete_result(run_dir)
             if result is None:
-                skipped.append(f)
+                skipped.append(run_dir / ".hydra" / "config.yaml")
             else:
                 results.append(result)
     return results, skipped
@@ -240,17 +483,19 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
-def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Table:
+def _layout(results: list[Result]) -> tuple[list[str], list[str]]:
+    """(row keys, algorithm.* keys that split an algorithm's column): the settings that differ."""
     keys = sorted({k for r in results for k in r.settings})
     differ = [
         k
         for k in keys
         if k not in IGNORED
+        and k not in SAMPLE_KEYS
         and not k.startswith("hydra")
         and len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in results}) > 1
     ]
     column_keys = [k for k in differ if k.startswith("algorithm.") or k == "first_order"]
-    # An algorithm.* setting names a column only where it differs between runs of the same algorithm.
+    # An algorithm.* setting names a column only where it differs between runs of one algorithm.
     extra_keys = [
         k
         for k in column_keys
@@ -269,7 +514,116 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     ]
     row_keys = [k for k in ("way", "shot") if any(k in r.settings for r in results)]
     row_keys += [k for k in differ if k not in column_keys and k not in row_keys]
+    return row_keys, extra_keys
 
+
+def pool(evals: list[Result]) -> tuple[float, float, int]:
+    """Several evals of one checkpoint under one protocol as one figure: (accuracy, 95% CI, tasks)
+    over all their distinct tasks. Evals with the same eval_seed score the same tasks (the first N
+    of a seed's list are the N tasks), so only the largest of them counts; different seeds are
+    pooled exactly: the mean weighted by tasks, the CI from the per-task variance of the union
+    (each eval's CI is 1.96 * std / sqrt(n), population std: runner/evaluate.accuracy_with_ci)."""
+    largest: dict = {}
+    for r in evals:
+        if r.eval_seed not in largest or (r.tasks or 0) > (largest[r.eval_seed].tasks or 0):
+            largest[r.eval_seed] = r
+    parts = list(largest.values())
+    if len(parts) == 1:
+        return parts[0].accuracy, parts[0].ci95, parts[0].tasks or 0
+    n = [max(int(r.tasks or 1), 1) for r in parts]
+    total = sum(n)
+    mean = sum(k * r.accuracy for k, r in zip(n, parts, strict=True)) / total
+    # each eval's per-task variance is (ci / 1.96)^2 * n; the union's adds the spread of the means
+    var = sum(
+        k * ((r.ci95 / 1.96) ** 2 * k + (r.accuracy - mean) ** 2)
+        for k, r in zip(n, parts, strict=True)
+    )
+    return mean, 1.96 * math.sqrt(var / total) / math.sqrt(total), total
+
+
+def _count_label(samples: list[list[Result]]) -> str:
+    """'3 seeds', '2 runs' (runs sharing a seed) or '2 checkpoints of 1 run': a cell's samples."""
+    runs = {group[0].sample[0] for group in samples}
+    seeds = {group[0].settings.get("seed") for group in samples}
+    if len(runs) < len(samples):
+        return f"{len(samples)} checkpoints of {len(runs)} run{'s' if len(runs) > 1 else ''}"
+    return f"{len(samples)} seeds" if len(seeds) == len(samples) else f"{len(samples)} runs"
+
+
+def summarize(group: list[Result]) -> Cell:
+    """A cell's text and figures: one sample's accuracy ± 95% CI, or mean ± std over independent
+    runs (seeds); evals of one checkpoint are pooled first; failed and incomplete runs are
+    counted."""
+    done = [r for r in group if r.accuracy is not None]
+    failed = sum(r.failed is not None for r in group)
+    incomplete = sum(r.incomplete is not None for r in group)
+    tail = [f"{failed} failed"] * bool(failed) + [f"{incomplete} incomplete"] * bool(incomplete)
+    if not done:
+        text = "failed" if not incomplete else "incomplete" if not failed else ", ".join(tail)
+        return Cell(text)
+    samples: dict = {}
+    for r in done:
+        samples.setdefault(r.sample or (r.where,), []).append(r)
+    figures = [pool(evals) for evals in samples.values()]
+    evals = sum(len(v) for v in samples.values())
+    if len(figures) == 1:
+        mean, ci, _ = figures[0]
+        counts = [f"{evals} evals of one run"] if evals > 1 else []
+        cell = Cell(f"{_pct(mean)} ± {_pct(ci)}", f"{100 * mean:.4f}", f"{100 * ci:.4f}", runs=1)
+    else:
+        mean = sum(f[0] for f in figures) / len(figures)
+        sd = math.sqrt(sum((f[0] - mean) ** 2 for f in figures) / (len(figures) - 1))
+        counts = [_count_label(list(samples.values()))]
+        counts += [f"{evals} evals"] if evals > len(figures) else []
+        cell = Cell(f"{_pct(mean)} ± {_pct(sd)}", f"{100 * mean:.4f}", "", f"{100 * sd:.4f}")
+        cell.runs = len(figures)
+    cell.pooled = evals > len(figures)
+    counts += tail
+    cell.text += f" ({', '.join(counts)})" if counts else ""
+    return cell
+
+
+def off_protocol(settings: dict) -> list[str]:
+    """The settings in which a result differs from the published figures' protocol."""
+    return [
+        f"{k}={settings[k]}"
+        for k, paper in PAPER_PROTOCOL.items()
+        if settings.get(k) is not None and settings[k] != paper
+    ]
+
+
+def _papers(cells: dict, rows: list[tuple], row_keys: list[str]) -> tuple[list, dict, list[str]]:
+    """The paper columns (PAPER_OMNIGLOT entries with a figure for a row on the papers' protocol),
+    each row's protocol differences (a row that has any gets no paper figure), notes saying so."""
+    if row_keys[:2] != ["way", "shot"]:
+        return [], {}, []
+    differs = {
+        row: sorted(
+            {d for group in cells[row].values() for r in group for d in off_protocol(r.settings)}
+        )
+        for row in rows
+    }
+    on = [row for row in rows if not differs[row]]
+    papers = [p for p in PAPER_OMNIGLOT if any((row[0], row[1]) in p[2] for row in on)]
+    off = sorted({d for row in rows for d in differs[row]})
+    protocol = ", ".join(f"{k}={v}" for k, v in PAPER_PROTOCOL.items())
+    if not off:
+        notes = []
+    elif papers:
+        notes = [
+            f"(paper) columns are blank in rows that differ from the papers' protocol "
+            f"({protocol}): {', '.join(off)}."
+        ]
+    else:
+        notes = [
+            f"--paper: no published figure is shown: the runs differ from the papers' protocol "
+            f"({protocol}) in {', '.join(off)}."
+        ]
+    return papers, differs, notes
+
+
+def _group(results: list[Result], row_keys: list[str], extra_keys: list[str]):
+    """{row: {column: [results]}}, the rows in order and the columns in order."""
     cells: dict[tuple, dict[str, list[Result]]] = {}
     for r in results:
         row = tuple(r.settings.get(k) for k in row_keys)
@@ -278,80 +632,85 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     columns = sorted(
         {c for row in cells.values() for c in row}, key=lambda c: (c.startswith("first-order"), c)
     )
-    papers = []
-    if paper:
-        names = {r.settings.get("dataset.name", "omniglot") for r in results}
-        if names == {"omniglot"} and row_keys[:2] == ["way", "shot"]:
-            papers = [p for p in PAPER_OMNIGLOT if any((row[0], row[1]) in p[2] for row in rows)]
+    return cells, rows, columns
+
+
+def _legend(any_pooled: bool) -> list[str]:
+    notes = [
+        "Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± "
+        "standard deviation over the seeds' runs; (N runs): the same over runs that share a seed."
+    ]
+    if any_pooled:
+        notes.append(
+            "(N evals): evaluations of one checkpoint under one protocol (another eval_seed or "
+            "number of tasks: another sample of the same run's tasks) are pooled into that run's "
+            "figure over all their distinct tasks, never counted as runs or seeds."
+        )
+    return notes
+
+
+def _cell_csv(row_values: list, column: str, cell: Cell, group: list[Result], out_dir) -> list:
+    """report.csv's line of one cell: figures, counts, dirs and the reasons of unscored runs."""
+    return row_values + [
+        column,
+        cell.mean,
+        cell.ci,
+        cell.std,
+        str(cell.runs),
+        str(sum(r.failed is not None for r in group)),
+        str(sum(r.incomplete is not None for r in group)),
+        ";".join(dict.fromkeys(os.path.relpath(r.where, out_dir) for r in group)),
+        "; ".join(r.failed or r.incomplete for r in group if r.accuracy is None),
+    ]
+
+
+def _notes(results: list[Result], failed: list[Result], out_dir: Path) -> list[str]:
+    """The lines under the table about failed and incomplete runs."""
+    notes = [f"failed: {os.path.relpath(r.where, out_dir)}: {r.failed}" for r in failed]
+    return notes + [
+        f"incomplete: {os.path.relpath(r.where, out_dir)}: {r.incomplete}"
+        + ("" if r.settings else " (its settings are unknown: not in the table)")
+        for r in results
+        if r.incomplete is not None
+    ]
+
+
+def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Table:
+    placed = [r for r in results if r.settings]  # an unfinished run with no config has no row
+    row_keys, extra_keys = _layout(placed)
+    cells, rows, columns = _group(placed, row_keys, extra_keys)
+    papers, differs, paper_notes = _papers(cells, rows, row_keys) if paper else ([], {}, [])
 
     table = Table(row_keys + columns + [p[0] for p in papers], [])
     table.csv_rows.append(
-        row_keys + ["method", "accuracy", "ci95", "std", "runs", "failed", "dirs", "note"]
+        row_keys
+        + ["method", "accuracy", "ci95", "std", "runs", "failed", "incomplete", "dirs", "note"]
     )
-    failures = []
+    any_pooled, failed = False, []
     for row in rows:
         line = ["" if v is None else str(v) for v in row]
         for column in columns:
             group = cells[row].get(column, [])
-            done = [r for r in group if r.failed is None]
-            failed = [r for r in group if r.failed is not None]
-            failures += failed
-            dirs = ";".join(os.path.relpath(r.where, out_dir) for r in group)
-            reasons = "; ".join(r.failed for r in failed)
-            if not group:
-                line.append("")
-                continue
-            if not done:
-                line.append("failed")
+            cell = summarize(group) if group else Cell("")
+            any_pooled |= cell.pooled
+            failed += [r for r in group if r.failed is not None]
+            line.append(cell.text)
+            if group:
                 table.csv_rows.append(
-                    line[: len(row_keys)]
-                    + [column, "", "", "", "0", str(len(failed)), dirs, reasons]
+                    _cell_csv(line[: len(row_keys)], column, cell, group, out_dir)
                 )
-                continue
-            mean = sum(r.accuracy for r in done) / len(done)
-            if len(done) == 1:
-                text, ci, std = (
-                    f"{_pct(mean)} ± {_pct(done[0].ci95)}",
-                    f"{100 * done[0].ci95:.4f}",
-                    "",
-                )
-                counts = []
-            else:
-                sd = math.sqrt(sum((r.accuracy - mean) ** 2 for r in done) / (len(done) - 1))
-                text, ci, std = f"{_pct(mean)} ± {_pct(sd)}", "", f"{100 * sd:.4f}"
-                seeds = {r.settings.get("seed") for r in done}
-                counts = [f"{len(done)} seeds" if len(seeds) == len(done) else f"{len(done)} runs"]
-            counts += [f"{len(failed)} failed"] if failed else []
-            line.append(text + (f" ({', '.join(counts)})" if counts else ""))
-            table.csv_rows.append(
-                line[: len(row_keys)]
-                + [
-                    column,
-                    f"{100 * mean:.4f}",
-                    ci,
-                    std,
-                    str(len(done)),
-                    str(len(failed)),
-                    dirs,
-                    reasons,
-                ]
-            )
         for name, source, figures in papers:
-            figure = figures.get((row[0], row[1]), "")
+            figure = "" if differs[row] else figures.get((row[0], row[1]), "")
             line.append(figure)
             if figure:
                 mean, _, ci = figure.partition(" ± ")
                 table.csv_rows.append(
-                    line[: len(row_keys)] + [name, mean, ci, "", "", "", "", source]
+                    line[: len(row_keys)] + [name, mean, ci, "", "", "", "", "", source]
                 )
         table.rows.append(line)
 
-    table.notes.append(
-        "Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± "
-        "standard deviation over the seeds' runs; (N runs): the same over runs that share a seed."
-    )
-    table.notes += [f"failed: {os.path.relpath(r.where, out_dir)}: {r.failed}" for r in failures]
-    table.notes += [f"{name}: {source}." for name, source, _ in papers]
+    table.notes += _legend(any_pooled) + _notes(results, failed, out_dir)
+    table.notes += paper_notes + [f"{name}: {source}." for name, source, _ in papers]
     return table
 
 
@@ -368,8 +727,8 @@ def csv_text(table: Table) -> str:
 
 
 def report(dirs: list[Path], out: Path | None = None, paper: bool = False) -> tuple[str, Path]:
-    """Builds the table of `dirs`, writes report.md and report.csv into `out` (default: the one dir given, or
-    the dirs' common parent) and returns (the Markdown text, out)."""
+    """Builds the table of `dirs`, writes report.md and report.csv into `out` (default: the one dir
+    given, or the dirs' common parent) and returns (the Markdown text, out)."""
     results, skipped = collect(dirs)
     if out is None:
         out = dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in dirs]))
@@ -387,7 +746,7 @@ def report(dirs: list[Path], out: Path | None = None, paper: bool = False) -> tu
     except OSError as exc:
         raise MetarunError(
             f"cannot write the report into {out} ({exc.strerror}): give a writable --out DIR."
-        )
+        ) from None
     return text, out
 
 
@@ -414,7 +773,8 @@ def main(argv: list[str]) -> int:
         "--out",
         type=Path,
         default=None,
-        help="where report.md and report.csv go (default: the dir given, or the dirs' common parent)",
+        help="where report.md and report.csv go (default: the dir given, or the dirs' common "
+        "parent)",
     )
     parser.add_argument(
         "--paper",

@@ -1,3 +1,4 @@
+import errno
 import shutil
 import zipfile
 
@@ -207,3 +208,40 @@ def test_missing_and_corrupt_data(tmp_path):
     with pytest.raises(MetarunError, match="dataset.image_size"):
         load_omniglot(dataset_cfg(trunc, image_size=0))
     assert zipfile.is_zipfile(trunc / "images_evaluation.zip")
+
+
+# torch.save on a full disk raises a RuntimeError from its zip writer, not an OSError
+TORCH_DISK_FULL = RuntimeError(
+    "[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374"
+)
+
+
+@pytest.mark.parametrize(
+    "error, reason",
+    [
+        (TORCH_DISK_FULL, "the write failed, e.g. no space left on the device: [enforce fail"),
+        (OSError(errno.ENOSPC, "No space left on device"), "no space left on the device"),
+        (PermissionError(errno.EACCES, "Permission denied"), "Permission denied"),
+    ],
+)
+def test_cache_that_cannot_be_written_only_warns(
+    tiny_root, tmp_path, monkeypatch, caplog, error, reason
+):
+    """A full disk (torch's RuntimeError or ENOSPC) or a read-only place: the decoded data is used,
+    one warning says the cache was not written and why, and no partial file is left behind."""
+    cache_dir = tmp_path / "cache"
+
+    def full_disk(obj, fh, *a, **k):
+        fh.write(b"PK\x03\x04 half a file")
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    data = load_omniglot(dataset_cfg(tiny_root, cache_dir=str(cache_dir)))
+    assert data.images.shape == (48 * DRAWERS, 28, 28)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert (
+        len(warnings) == 1
+        and f"could not write the cache {cache_dir / 'omniglot_28.pt'}" in (warnings[0])
+    )
+    assert reason in warnings[0] and "set dataset.cache_dir to a writable folder" in warnings[0]
+    assert list(cache_dir.iterdir()) == []  # the temporary file went with the failure

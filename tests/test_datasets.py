@@ -509,3 +509,133 @@ def test_equal_classes_draw_exactly_the_dense_tasks():
     assert torch.equal(ep.x_support, x[:, :, :shot].reshape(B, way * shot, 1, side, side))
     assert torch.equal(ep.x_query, x[:, :, shot:].reshape(B, way * query, 1, side, side))
     assert torch.equal(ep.y_query, labels.unsqueeze(-1).expand(B, way, query).reshape(B, -1))
+
+
+# ---- what users' files really look like ---------------------------------------------------------
+
+
+def test_folder_cache_on_a_full_disk_falls_back_like_a_read_only_dir(tmp_path, monkeypatch, caplog):
+    root = tmp_path / "data"
+    make_folder(root, "subfolders", {"train": [3, 3], "val": [3], "test": [3]})
+
+    def full_disk(*a, **k):
+        raise RuntimeError(
+            "[enforce fail at inline_container.cc:672] . unexpected pos 4480 vs 4374"
+        )
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    splits, _ = load_folder(folder_cfg(root))
+    assert splits["train"].counts.tolist() == [3, 3]
+    assert "could not write the cache" in caplog.text and "no space left" in caplog.text
+    assert not any((root / "cache").iterdir())
+
+
+def write_grey16(path: Path, values: np.ndarray, fmt: str = "PNG") -> None:
+    """A 16-bit greyscale image file (PIL mode I;16) of uint16 `values`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(values.astype(np.uint16)).save(path, format=fmt)
+
+
+def sixteen_bit_folder(root: Path, fmt: str = "PNG", suffix: str = "png") -> np.ndarray:
+    """train/val/test classes of 16-bit images, each a ramp over the whole 0..65535 range."""
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)
+    for split, classes in (("train", 2), ("val", 1), ("test", 1)):
+        for c in range(classes):
+            for i in range(2):
+                write_grey16(root / split / f"{split}{c}" / f"{i}.{suffix}", ramp, fmt)
+    return ramp
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_sixteen_bit_pngs_are_scaled_not_clipped(tmp_path, channels):
+    """16-bit PNGs (mode I;16) used to be clipped at 255 by PIL's convert: 98% of a ramp read as
+    white. Scaled, the ramp keeps its 64 grey levels, 0 -> 0 and 65535 -> 255."""
+    ramp = sixteen_bit_folder(tmp_path / "data")
+    assert Image.open(tmp_path / "data" / "train" / "train0" / "0.png").mode == "I;16"
+    splits, _ = load_folder(folder_cfg(tmp_path / "data", channels=channels))
+    images = splits["train"].images
+    expected = torch.from_numpy((ramp.astype(np.int64) * 255 + 32767) // 65535).to(torch.uint8)
+    assert images.shape == (4, channels, 8, 8)
+    assert all(torch.equal(img[c], expected) for img in images for c in range(channels))
+    assert (images == 255).float().mean() < 0.05
+
+
+def test_sixteen_bit_pgm_and_tiff_are_scaled_too(tmp_path):
+    """Other 16-bit files: PGM (mode I) and TIFF (mode I;16)."""
+    for fmt, suffix in (("PPM", "png"), ("TIFF", "jpg")):  # the suffix only lists the file
+        root = tmp_path / fmt
+        ramp = sixteen_bit_folder(root, fmt, suffix)
+        first = next((root / "train" / "train0").iterdir())
+        assert Image.open(first).mode in ("I", "I;16")
+        images = load_folder(folder_cfg(root, channels=1))[0]["train"].images
+        assert int(images.max()) == 255 and int(images.min()) == 0
+        assert torch.equal(images[0, 0, 0], torch.tensor([0, 4, 8, 12, 16, 20, 24, 28]).byte())
+        assert ramp.max() == 65535
+
+
+@pytest.mark.parametrize(
+    "array, mode",
+    [(np.full((8, 8), 70000, dtype=np.int32), "I"), (np.full((8, 8), 0.5, np.float32), "F")],
+)
+def test_pixels_with_no_white_level_are_refused_naming_file_and_mode(tmp_path, array, mode):
+    root = tmp_path / "data"
+    make_folder(root, "subfolders", {"train": [3, 3], "val": [3], "test": [3]})
+    odd = root / "val" / "class02" / "img001.png"
+    Image.fromarray(array).save(odd, format="TIFF")
+    with pytest.raises(MetarunError) as info:
+        load_folder(folder_cfg(root))
+    message = str(info.value)
+    assert f"the image {odd} has" in message and f"(PIL mode {mode})" in message
+    assert "save it as an 8-bit or 16-bit PNG" in message and "\n" not in message
+
+
+def test_caches_of_an_older_decode_are_rebuilt(tmp_path, monkeypatch, caplog):
+    """A cache written when 16-bit images were clipped is not reused by the decoder scaling them."""
+    root = tmp_path / "data"
+    sixteen_bit_folder(root)
+    monkeypatch.setattr(imagecache, "DECODE_VERSION", 1)
+    load_folder(folder_cfg(root))
+    monkeypatch.undo()
+    caplog.clear()
+    load_folder(folder_cfg(root))
+    assert "does not match the data (changed files or settings) or is corrupt; rebuilding" in (
+        caplog.text
+    )
+
+
+def rewrite(path: Path, encoding: str, newline: str = "\r\n") -> None:
+    """The same text file as a spreadsheet or Notepad saves it (another encoding, CRLF lines)."""
+    text = path.read_text()
+    path.write_bytes(text.replace("\r\n", "\n").replace("\n", newline).encode(encoding))
+
+
+def test_miniimagenet_csvs_with_a_byte_order_mark(tmp_path):
+    """CSVs saved by a spreadsheet program (UTF-8 with a byte-order mark, CRLF lines) read as the
+    plain ones; the mark used to make the header a class and the dataset an incomplete one."""
+    root = make_miniimagenet(tmp_path / "mini", per_class=2, classes=(3, 2, 2), size=8)
+    cfg = OmegaConf.create(
+        dict(name="miniimagenet", root=str(root), image_size=8, channels=3, cache_dir=None)
+    )
+    plain, _ = load_dataset(cfg)
+    for split in ("train", "val", "test"):
+        rewrite(root / f"{split}.csv", "utf-8-sig")
+    assert (root / "train.csv").read_bytes().startswith(b"\xef\xbb\xbffilename,label\r\n")
+    marked, _ = load_dataset(cfg)
+    for split in ("train", "val", "test"):
+        assert marked[split].class_names == plain[split].class_names
+        assert torch.equal(marked[split].images, plain[split].images)
+    rewrite(root / "val.csv", "utf-16")  # a spreadsheet's "Unicode text"
+    with pytest.raises(MetarunError, match=r"val.csv is not UTF-8 text .*save it as a UTF-8 CSV"):
+        load_dataset(cfg)
+
+
+def test_folder_split_files_with_a_byte_order_mark(tmp_path):
+    root = tmp_path / "data"
+    names = make_folder(root, "splitfiles", {"train": [3, 3], "val": [3], "test": [3]})
+    for split in ("train", "val", "test"):
+        rewrite(root / f"{split}.txt", "utf-8-sig")
+    splits, _ = load_folder(folder_cfg(root))
+    assert [splits[s].class_names for s in ("train", "val", "test")] == list(names.values())
+    rewrite(root / "test.txt", "utf-16")
+    with pytest.raises(MetarunError, match=r"the test split file .*test.txt is not UTF-8 text"):
+        load_folder(folder_cfg(root))

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import math
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import torch
 import yaml
+from conftest import run_metarun, tiny_args
 
 from metarun.cli import main
+from metarun.report import Result, pool
+from metarun.runner.evaluate import accuracy_with_ci
 
 
 def config(
@@ -97,22 +111,22 @@ ANIL (paper): Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157).
 """
 
 EXPECTED_CSV = """\
-way,shot,method,accuracy,ci95,std,runs,failed,dirs,note
-5,1,MAML,95.0000,,2.0000,3,0,0;1;2,
-5,1,first-order MAML,90.1200,1.2300,,1,0,3,
-5,1,MAML (paper),98.7,0.4,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-5,1,first-order MAML (paper),98.3,0.5,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-5,1,Meta-SGD (paper),99.5,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
-5,1,MAML++ (paper),99.47,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
-5,1,Reptile (paper),97.68,0.04,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
-20,1,MAML,85.1200,1.0100,,1,1,4;6,CUDA out of memory
-20,1,first-order MAML,,,,0,1,5,the meta-loss became nan at iteration 3
-20,1,MAML (paper),95.8,0.3,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-20,1,first-order MAML (paper),89.4,0.5,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-20,1,Meta-SGD (paper),95.9,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
-20,1,MAML++ (paper),97.65,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
-20,1,Reptile (paper),89.43,0.14,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
-20,1,ANIL (paper),96.2,0.5,,,,,"Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)"
+way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
+5,1,MAML,95.0000,,2.0000,3,0,0,0;1;2,
+5,1,first-order MAML,90.1200,1.2300,,1,0,0,3,
+5,1,MAML (paper),98.7,0.4,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
+5,1,first-order MAML (paper),98.3,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
+5,1,Meta-SGD (paper),99.5,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
+5,1,MAML++ (paper),99.47,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
+5,1,Reptile (paper),97.68,0.04,,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
+20,1,MAML,85.1200,1.0100,,1,1,0,4;6,CUDA out of memory
+20,1,first-order MAML,,,,0,1,0,5,the meta-loss became nan at iteration 3
+20,1,MAML (paper),95.8,0.3,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
+20,1,first-order MAML (paper),89.4,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
+20,1,Meta-SGD (paper),95.9,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
+20,1,MAML++ (paper),97.65,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
+20,1,Reptile (paper),89.43,0.14,,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
+20,1,ANIL (paper),96.2,0.5,,,,,,"Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)"
 """
 
 
@@ -201,10 +215,10 @@ def test_report_errors_are_one_line(tmp_path, capsys):
         "metarun: error: the following arguments are required: dirs (usage: metarun "
         "report DIR... [--paper] [--out DIR]; metarun report --help)\n"
     )
-    (tmp_path / "running").mkdir()
-    (tmp_path / "running" / "results.json").write_text(json.dumps({"config": config(5, 1, 0)}))
-    assert main(["report", str(tmp_path / "running")]) == 2
-    assert 'has no test_accuracy and no "status": "failed"' in capsys.readouterr().err
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "results.json").write_text(json.dumps({"accuracy": 0.5}))
+    assert main(["report", str(tmp_path / "foreign")]) == 2
+    assert "has no config and " in capsys.readouterr().err
 
 
 def test_runs_that_share_a_seed_are_not_called_seeds(tmp_path, capsys):
@@ -215,6 +229,287 @@ def test_runs_that_share_a_seed_are_not_called_seeds(tmp_path, capsys):
     assert main(["report", str(runs)]) == 0
     assert "| 91.00 ± 1.41 (2 runs) |" in capsys.readouterr().out
     write_run(runs / "c", config(5, 1, 1, n=2), 0.94, 0.01)
-    (runs / "a" / "results.json").unlink()
+    shutil.rmtree(runs / "a")
     assert main(["report", str(runs)]) == 0
     assert "| 93.00 ± 1.41 (2 seeds) |" in capsys.readouterr().out
+
+
+# ---- runs that have no score yet ---------------------------------------------------------------
+
+
+def write_eval(eval_dir: Path, checkpoint: Path, accuracy: float, ci95: float, **fields) -> None:
+    """An eval.json as `metarun eval` writes it (runner/evaluate_checkpoint.py)."""
+    eval_dir.mkdir(parents=True)
+    record = {
+        "checkpoint": str(checkpoint),
+        "iteration": 100,
+        "split": "test",
+        "tasks": 600,
+        "update_step_test": 3,
+        "accuracy": accuracy,
+        "ci95": ci95,
+        "way": 5,
+        "shot": 1,
+        "query": 1,
+        "eval_seed": 1234,
+        "rotate_eval": False,
+        "ensemble": [str(checkpoint)],
+        **fields,
+    }
+    (eval_dir / "eval.json").write_text(json.dumps(record))
+
+
+def interrupted(run_dir: Path, cfg: dict, iteration: int | None = None) -> None:
+    """What a run stopped by a signal leaves: Hydra's .hydra/, the claim marker, maybe last.pt."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run_dir / ".metarun-run").write_text(json.dumps({"pid": 2**22 + 1, "host": "elsewhere"}))
+    if iteration is not None:
+        (run_dir / "checkpoints").mkdir()
+        torch.save({"iteration": iteration}, run_dir / "checkpoints" / "last.pt")
+
+
+def test_sigterm_cell_of_a_sweep_is_shown_and_counted(tiny_root, tmp_path, capsys):
+    """A 3-seed sweep whose third cell was stopped by SIGTERM: the report counts it and says that it
+    stopped (it used to read "(2 seeds)" and never mention the cell)."""
+    sweep = tmp_path / "sweep"
+    args = tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2", "threads=1")
+    args = [a for a in args if not a.startswith("hydra.run.dir")]
+    run_metarun(*args, "-m", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path, check=True)
+    cell = sweep / "2"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "metarun.cli",
+            *args,
+            "seed=2",
+            f"hydra.run.dir={cell}",
+        ],
+        cwd=tmp_path,
+        env={k: v for k, v in os.environ.items() if k != "METARUN_DATA"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while not (cell / ".hydra" / "config.yaml").is_file() and time.time() < deadline:
+        time.sleep(0.05)
+    # during its setup: it stops after its first iteration at the latest
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) in (128 + signal.SIGTERM, -signal.SIGTERM)
+    assert not (cell / "results.json").exists()
+
+    assert main(["report", str(sweep)]) == 0
+    text = capsys.readouterr().out
+    assert "| 3 | 1 | 93.06 ± 1.96 (2 seeds, 1 incomplete) |" in text
+    note = [line for line in text.splitlines() if line.startswith("incomplete: 2: ")]
+    assert len(note) == 1 and "no results.json" in note[0] and "stopped" in note[0], text
+    rows = list(csv.DictReader(io.StringIO((sweep / "report.csv").read_text())))
+    assert [(r["runs"], r["failed"], r["incomplete"]) for r in rows] == [("2", "0", "1")]
+    assert rows[0]["dirs"] == "0;1;2" and "no results.json" in rows[0]["note"]
+
+
+def test_incomplete_runs_of_every_kind(tmp_path, capsys):
+    """Stopped at a checkpoint, stopped before one, a results.json without a test accuracy, a run
+    dir with no settings, an eval that stopped: each counted; a cell with no score says so."""
+    runs = tmp_path / "runs"
+    write_run(runs / "done", config(5, 1, 0, n=0), 0.90, 0.01)
+    interrupted(runs / "stopped", config(5, 1, 1, n=1), iteration=7)
+    interrupted(runs / "early", config(5, 1, 2, n=2))
+    write_run(runs / "failed", config(20, 1, 0, n=3), reason="CUDA out of memory")
+    write_run(runs / "pending", config(20, 1, 1, n=4), 0.5, 0.1)
+    record = json.loads((runs / "pending" / "results.json").read_text())
+    del record["test_accuracy"]
+    record["status"] = "running"
+    (runs / "pending" / "results.json").write_text(json.dumps(record))
+    (runs / "bare").mkdir()
+    (runs / "bare" / ".metarun-run").write_text("{}")
+    # an eval's checkpoint path is relative to where it was started (Hydra's runtime.cwd)
+    interrupted(runs / "eval", {"checkpoint": "done/checkpoints/best.pt"})
+    hydra = {"hydra": {"runtime": {"cwd": str(runs)}}}
+    (runs / "eval" / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(hydra))
+    # a sweep dir (multirun.yaml beside its own marker) is not a run
+    (runs / "multirun.yaml").write_text("{}")
+    (runs / ".metarun-run").write_text("{}")
+    assert main(["report", str(runs)]) == 0
+    text = capsys.readouterr().out
+    assert "| 5 | 1 | results.json | 90.00 ± 1.00 (2 incomplete) |" in text
+    assert "| 20 | 1 | results.json | 1 failed, 1 incomplete |" in text
+    assert "| 5 | 1 | eval.json | incomplete |" in text
+    assert (
+        "incomplete: stopped: no results.json (stopped at iteration 7 of 100); metarun train "
+        f"resume={runs / 'stopped'} continues it" in text
+    )
+    assert "incomplete: early: no results.json and no checkpoint (stopped before its first" in text
+    assert (
+        'incomplete: pending: its results.json has no test_accuracy ("status": "running")' in text
+    )
+    assert "incomplete: eval: no eval.json (the eval stopped before writing it)" in text
+    assert (
+        "incomplete: bare: no results.json and no .hydra/config.yaml (its settings are unknown: "
+        "not in the table)" in text
+    )
+    assert "incomplete: .:" not in text  # the sweep dir itself
+    # a run whose process still holds its claim is running, not stopped
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    (runs / "stopped" / ".metarun-run").write_text(json.dumps(owner))
+    assert main(["report", str(runs)]) == 0
+    assert "no results.json (still running at iteration 7 of 100)" in capsys.readouterr().out
+
+
+def test_only_incomplete_runs_still_make_a_report(tmp_path, capsys):
+    interrupted(tmp_path / "sweep" / "0", config(5, 1, 0), iteration=3)
+    assert main(["report", str(tmp_path / "sweep")]) == 0
+    out = capsys.readouterr().out
+    assert "| 5 | 1 | incomplete |" in out and "iteration 3 of 100" in out
+
+
+# ---- evals: one row per protocol, one run per checkpoint ---------------------------------------
+
+
+def table_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("|")]
+
+
+def test_evals_of_one_checkpoint_under_four_protocols(tiny_root, tmp_path, capsys):
+    """plain, ensemble=3, rotate_eval=true and eval_seed=7 evals of one checkpoint: three protocols
+    in three rows (labelled with the eval's rotate_eval: the run trained without rotated tasks), and
+    the two plain samples pooled as one run (it used to be one cell "(4 runs)")."""
+    run = tmp_path / "run"
+    extra = ("iterations=6", "eval_every=2", "keep_best=3", "threads=1")
+    run_metarun(*tiny_args(tiny_root, run, *extra), cwd=tmp_path, check=True)
+    protocols = {
+        "plain": [],
+        "ens": ["ensemble=3"],
+        "rot": ["rotate_eval=true"],
+        "s7": ["eval_seed=7"],
+    }
+    for name, settings in protocols.items():
+        out = tmp_path / "evals" / name
+        args = ("eval", f"checkpoint={run}", "tasks=6", *settings, f"hydra.run.dir={out}")
+        run_metarun(*args, cwd=tmp_path, check=True)
+    evals = {n: json.loads((tmp_path / "evals" / n / "eval.json").read_text()) for n in protocols}
+    assert main(["report", str(tmp_path / "evals")]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0] == "| way | shot | dataset.rotate_eval | ensemble | MAML |"
+    mean, ci, tasks = pool(
+        [
+            Result(Path(), {}, e["accuracy"], e["ci95"], tasks=6, eval_seed=e["eval_seed"])
+            for e in (evals["plain"], evals["s7"])
+        ]
+    )
+    assert tasks == 12
+    assert lines[2:] == [
+        f"| 3 | 1 | False | 1 | {100 * mean:.2f} ± {100 * ci:.2f} (2 evals of one run) |",
+        f"| 3 | 1 | False | 3 | {100 * evals['ens']['accuracy']:.2f} ± "
+        f"{100 * evals['ens']['ci95']:.2f} |",
+        f"| 3 | 1 | True | 1 | {100 * evals['rot']['accuracy']:.2f} ± "
+        f"{100 * evals['rot']['ci95']:.2f} |",
+    ]
+
+
+def test_pooled_evals_equal_one_eval_over_all_their_tasks():
+    """Pooling two evals (different eval_seeds) gives exactly the mean and CI of their tasks
+    together; a smaller eval with the same eval_seed is a prefix of the larger: it adds nothing."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 6, (600,), generator=g).double() / 5
+    b = torch.randint(0, 6, (250,), generator=g).double() / 5
+    evals = [
+        Result(Path(), {}, *accuracy_with_ci(a), tasks=600, eval_seed=1234),
+        Result(Path(), {}, *accuracy_with_ci(b), tasks=250, eval_seed=7),
+        Result(Path(), {}, *accuracy_with_ci(a[:100]), tasks=100, eval_seed=1234),
+    ]
+    mean, ci, tasks = pool(evals)
+    expected = accuracy_with_ci(torch.cat([a, b]))
+    assert tasks == 850 and math.isclose(mean, expected[0]) and math.isclose(ci, expected[1])
+    assert pool(evals[:1] + evals[2:]) == (evals[0].accuracy, evals[0].ci95, 600)
+
+
+def test_every_eval_protocol_setting_separates_rows(tmp_path, capsys):
+    """split, update_step_test (each point of a `steps` curve) and the checkpoint each make a row;
+    evals of two seeds' runs under one protocol are two seeds, however many evals each has."""
+    runs = tmp_path / "train"
+    write_run(runs / "s0", config(5, 1, 0, n=0), 0.90, 0.01)
+    write_run(runs / "s1", config(5, 1, 1, n=1), 0.94, 0.01)
+    best0, best1 = (runs / s / "checkpoints" / "best.pt" for s in ("s0", "s1"))
+    evals = tmp_path / "evals"
+    curve = [{"steps": s, "accuracy": 0.2 + 0.2 * s, "ci95": 0.01} for s in (0, 1, 3)]
+    write_eval(evals / "curve", best0, 0.80, 0.01, curve=curve)
+    write_eval(evals / "val", best0, 0.70, 0.02, split="val")
+    write_eval(evals / "last", best0.with_name("last.pt"), 0.60, 0.02)
+    for seed in (1234, 7):
+        write_eval(evals / f"s1_{seed}", best1, 0.84, 0.01, eval_seed=seed)
+    assert main(["report", str(evals)]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0] == "| way | shot | checkpoint | split | update_step_test | MAML |"
+    assert lines[2:] == [
+        "| 5 | 1 | best.pt | test | 0 | 20.00 ± 1.00 |",
+        "| 5 | 1 | best.pt | test | 1 | 40.00 ± 1.00 |",
+        "| 5 | 1 | best.pt | test | 3 | 82.00 ± 2.83 (2 seeds, 3 evals) |",
+        "| 5 | 1 | best.pt | val | 3 | 70.00 ± 2.00 |",
+        "| 5 | 1 | last.pt | test | 3 | 60.00 ± 2.00 |",
+    ]
+
+
+def test_rotated_row_is_labelled_with_the_evals_own_setting(tmp_path, capsys):
+    """A run trained with rotate_eval=true, evaluated with rotate_eval=false: its row says False."""
+    cfg = config(5, 1, 0)
+    cfg["dataset"]["rotate_eval"] = True
+    write_run(tmp_path / "train" / "r", cfg, 0.90, 0.01)
+    best = tmp_path / "train" / "r" / "checkpoints" / "best.pt"
+    write_eval(tmp_path / "evals" / "e", best, 0.80, 0.01, rotate_eval=False)
+    assert main(["report", str(tmp_path)]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0] == "| way | shot | dataset.rotate_eval | file | MAML |"
+    assert lines[2:] == [
+        "| 5 | 1 | False | eval.json | 80.00 ± 1.00 |",
+        "| 5 | 1 | True | results.json | 90.00 ± 1.00 |",
+    ]
+
+
+# ---- --paper only beside runs on the papers' protocol ------------------------------------------
+
+
+def lake(cfg: dict) -> dict:
+    cfg["dataset"]["split"] = "lake"
+    return cfg
+
+
+def test_paper_figures_never_sit_beside_another_protocol(tmp_path, capsys):
+    """split=lake runs get no split=maml figures beside them, and the report says why."""
+    runs = tmp_path / "lake"
+    write_run(runs / "a", lake(config(5, 1, 0, n=0)), 0.95, 0.01)
+    write_run(runs / "b", lake(config(20, 1, 0, n=1)), 0.85, 0.01)
+    assert main(["report", str(runs), "--paper"]) == 0
+    text = capsys.readouterr().out
+    assert table_lines(text)[0] == "| way | shot | MAML |" and "(paper)" not in text
+    assert (
+        "--paper: no published figure is shown: the runs differ from the papers' protocol "
+        "(dataset.name=omniglot, dataset.split=maml, dataset.image_size=28, split=test) in "
+        "dataset.split=lake." in text
+    )
+    assert "paper" not in (runs / "report.csv").read_text().split("\n", 1)[1]
+
+
+def test_paper_columns_blank_in_rows_of_another_protocol(tmp_path, capsys):
+    """Beside a split=maml run, a split=lake run and a validation-split eval: the split is shown;
+    only the split=maml test row has the papers' figures."""
+    write_run(tmp_path / "maml", config(5, 1, 0, n=0), 0.95, 0.01)
+    write_run(tmp_path / "lake", lake(config(5, 1, 0, n=1)), 0.93, 0.01)
+    assert main(["report", str(tmp_path), "--paper"]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[0].startswith("| way | shot | dataset.split | MAML | MAML (paper) |")
+    assert lines[2].startswith("| 5 | 1 | lake | 93.00 ± 1.00 |  |  |")
+    assert lines[3].startswith("| 5 | 1 | maml | 95.00 ± 1.00 | 98.7 ± 0.4 | 98.3 ± 0.5 |")
+    text = (tmp_path / "report.md").read_text()
+    assert "(paper) columns are blank in rows that differ from the papers' protocol" in text
+    assert text.rstrip().count("dataset.split=lake") == 1
+
+    evals = tmp_path / "evals"
+    best = tmp_path / "maml" / "checkpoints" / "best.pt"
+    write_eval(evals / "val", best, 0.97, 0.01, split="val")
+    write_eval(evals / "test", best, 0.96, 0.01)
+    assert main(["report", str(evals), "--paper"]) == 0
+    lines = table_lines(capsys.readouterr().out)
+    assert lines[2].startswith("| 5 | 1 | test | 96.00 ± 1.00 | 98.7 ± 0.4 |")
+    assert lines[3].startswith("| 5 | 1 | val | 97.00 ± 1.00 |  |")

@@ -114,7 +114,7 @@ def test_bad_checkpoints(trained, tiny_root, tmp_path):
     assert_clean_error(
         run_metarun("eval", f"checkpoint={text}", cwd=tmp_path),
         "notes.pt",
-        "not a readable checkpoint",
+        "is not a checkpoint (a text file, not a zip/torch file)",
     )
     plain = tmp_path / "plain.pt"
     torch.save({"weights": torch.zeros(3)}, plain)

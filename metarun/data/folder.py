@@ -34,13 +34,20 @@ def class_folders(folder: Path) -> list[Path]:
 
 
 def read_split_file(path: Path, split: str) -> list[str]:
+    """The class folders a split file lists, one a line (blank lines and # comments skipped); UTF-8
+    with or without a byte-order mark (utf-8-sig: what Notepad and spreadsheet programs write)."""
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
     except OSError as exc:
         raise MetarunError(
             f"cannot read the {split} split file {path} ({exc.strerror}): set "
             f"dataset.split_files.{split} to a text file listing one class folder a line."
-        )
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise MetarunError(
+            f"the {split} split file {path} is not UTF-8 text (byte {exc.start}: {exc.reason}): "
+            "save it as UTF-8, one class folder a line."
+        ) from None
     return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from metarun.data.classes import ClassImages, check_splits
-from metarun.data.omniglot import atomic_torch_save
+from metarun.data.omniglot import save_cache
 from metarun.errors import MetarunError
 
 log = logging.getLogger("metarun")
@@ -25,6 +25,11 @@ log = logging.getLogger("metarun")
 CACHE_FORMAT = "metarun-class-images-cache-v1"
 SPLITS = ("train", "val", "test")
 MODES = {1: "L", 3: "RGB"}
+# 16-bit grey as PIL opens it (I;16 little-endian, I;16B big-endian, I;16N native).
+SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+# Part of every file fingerprint: a new version rebuilds the caches whose pixels it decodes
+# differently (v2: 16-bit grey scaled to 8 bits, where v1 clipped it at 255).
+DECODE_VERSION = 2
 
 
 def default_cache_dir(root: Path, cache_dir) -> Path:
@@ -51,7 +56,7 @@ def files_fingerprint(
     splits: dict[str, dict[str, list[Path]]], size: int, channels: int, extra: str = ""
 ) -> str:
     """sha256 of every file's (path, size, mtime), the split membership and the decode settings."""
-    h = hashlib.sha256(f"{CACHE_FORMAT}:{size}:{channels}:{extra}".encode())
+    h = hashlib.sha256(f"{CACHE_FORMAT}:{DECODE_VERSION}:{size}:{channels}:{extra}".encode())
     for split in SPLITS:
         for name, files in splits[split].items():
             h.update(f"\n{split}/{name}".encode())
@@ -61,16 +66,40 @@ def files_fingerprint(
     return h.hexdigest()
 
 
+def eight_bit(img: Image.Image, path: Path) -> Image.Image:
+    """`img` in a mode whose convert("L"/"RGB") keeps its grey levels. PIL's convert clips integer
+    pixels at 255 instead of scaling them, so 16-bit grey (modes I;16*, and mode I as PNG and
+    PGM/PPM files open in it: 0..65535) is scaled to 8 bits here, v * 255 / 65535 rounded. 32-bit
+    integer (mode I of other formats, e.g. TIFF) and floating-point (mode F) pixels have no defined
+    white level: a MetarunError names the file and its mode."""
+    if img.mode in SIXTEEN_BIT or (img.mode == "I" and img.format in ("PNG", "PPM")):
+        values = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))  # mode L
+    if img.mode in ("I", "F"):
+        kind = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise MetarunError(
+            f"the image {path} has {kind} pixels (PIL mode {img.mode}), which have no defined "
+            "white level to scale to 8 bits: save it as an 8-bit or 16-bit PNG, or a JPEG."
+        )
+    return img
+
+
 def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
-    """One file -> uint8 [channels, size, size]; resized with PIL's (antialiased) bilinear filter if needed."""
+    """One file -> uint8 [channels, size, size]; 16-bit grey scaled to 8 bits (eight_bit), resized
+    with PIL's (antialiased) bilinear filter if needed. Raises MetarunError naming a file it cannot
+    use."""
     try:
         with Image.open(path) as img:
-            img = img.convert(MODES[channels])
+            img = eight_bit(img, path).convert(MODES[channels])
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             pixels = np.asarray(img, dtype=np.uint8)
+    except MetarunError:
+        raise
     except Exception as exc:  # PIL raises many types for bad bytes
-        raise MetarunError(f"cannot read the image {path} ({exc}): replace or delete that file.")
+        raise MetarunError(
+            f"cannot read the image {path} ({exc}): replace or delete that file."
+        ) from None
     return pixels[None] if channels == 1 else pixels.transpose(2, 0, 1)
 
 
@@ -169,13 +198,7 @@ def cached_class_images(
                 f"({mib(blob['images'].numel())} uint8)"
             )
         blob.update(format=CACHE_FORMAT, fingerprint=fingerprint)
-        try:
-            atomic_torch_save(blob, cache)
-        except OSError as exc:  # a read-only place only costs the next run a decode
-            log.warning(
-                f"metarun: could not write the cache {cache} ({exc}); set dataset.cache_dir to a writable "
-                "folder to start faster next time"
-            )
+        save_cache(blob, cache)  # a read-only or full place only costs the next run a decode
     else:
         log.info(f"metarun: {desc} from the cache {cache} ({mib(blob['images'].numel())} uint8)")
     return split_blob(blob)

@@ -30,10 +30,11 @@ def missing_message(root: Path, what: str) -> str:
 
 
 def read_csv(path: Path, images: Path, split: str) -> dict[str, list[Path]]:
-    """{label: [image files]} in file order; the header row (filename,label) is skipped."""
+    """{label: [image files]} in file order; the header row (filename,label) is skipped. Read as
+    UTF-8 with or without a byte-order mark (what spreadsheet programs write: utf-8-sig)."""
     classes: dict[str, list[Path]] = {}
     try:
-        with open(path, newline="") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             for n, row in enumerate(csv.reader(fh)):
                 if not row or (n == 0 and row[0].strip().lower() == "filename"):
                     continue
@@ -47,7 +48,12 @@ def read_csv(path: Path, images: Path, split: str) -> dict[str, list[Path]]:
     except OSError as exc:
         raise MetarunError(
             f"cannot read {path} ({exc.strerror}): " + missing_message(path.parent, split)
-        )
+        ) from None
+    except UnicodeDecodeError as exc:  # e.g. a spreadsheet's "Unicode text" (UTF-16) export
+        raise MetarunError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}): save it as a UTF-8 CSV of "
+            "filename,label rows (Ravi & Larochelle's split files)."
+        ) from None
     return classes
 
 

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -212,6 +213,28 @@ def atomic_torch_save(obj, path: Path) -> None:
         raise
 
 
+def save_cache(blob: dict, path: Path) -> bool:
+    """Writes a decoded-data cache (atomically); where it cannot be written (a read-only folder, a
+    full disk) logs one warning and returns False: the data is used, the next run decodes it again.
+    torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc:...]
+    unexpected pos ..." or "PytorchStreamWriter failed writing file ..."), not as an OSError."""
+    try:
+        atomic_torch_save(blob, path)
+        return True
+    except OSError as exc:
+        reason = "no space left on the device" if exc.errno == errno.ENOSPC else str(exc)
+    except (
+        RuntimeError
+    ) as exc:  # torch's writer: the disk filled up (or the write failed otherwise)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = f"the write failed, e.g. no space left on the device: {first}"
+    log.warning(
+        f"metarun: could not write the cache {path} ({reason}); set dataset.cache_dir to a "
+        "writable folder with free space to start faster next time"
+    )
+    return False
+
+
 def load_omniglot(cfg) -> Omniglot:
     """Omniglot at cfg.image_size, from the decoded cache when it is valid, else decoded once and cached."""
     size = int(cfg.image_size)
@@ -244,16 +267,12 @@ def load_omniglot(cfg) -> Omniglot:
             "alphabet_names": list(strokes.alphabet_names),
             "character_names": list(strokes.character_names),
         }
-        try:
-            atomic_torch_save(blob, path)
+        if save_cache(
+            blob, path
+        ):  # else a read-only or full place only costs the next run a decode
             log.info(
                 f"metarun: decoded Omniglot at {size}x{size} ({method}) into the cache {path} "
                 f"({path.stat().st_size / 2**20:.1f} MiB; dataset.cache_dir sets where it goes)"
-            )
-        except OSError as exc:  # a read-only place only costs the next run a decode
-            log.warning(
-                f"metarun: could not write the cache {path} ({exc}); set dataset.cache_dir to a writable "
-                "folder to start faster next time"
             )
     return Omniglot(
         blob["images"],

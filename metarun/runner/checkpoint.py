@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import codecs
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -43,9 +45,42 @@ def _another(path: Path) -> str:
     return "an earlier checkpoint of the run (checkpoints/best.pt or checkpoints/top/*.pt)"
 
 
+def _not_a_torch_file(p: Path) -> str | None:
+    """What a file is when torch.save cannot have written it, else None. torch.save writes a zip
+    archive holding data.pkl (legacy files: a pickle, first byte 0x80); a file that is neither (a
+    README, an image) would reach the unpickler and get its "pickled objects"/weights_only text. An
+    empty or truncated zip is left to torch.load, whose error says it is unreadable."""
+    with open(p, "rb") as fh:
+        head = fh.read(512)
+    if not head or head.startswith(b"\x80"):
+        return None
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(p) as zf:
+                names = zf.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        if any(n.rsplit("/", 1)[-1] == "data.pkl" for n in names):
+            return None
+        return "a zip archive without the data.pkl of torch.save"
+    try:  # final=False: the 512 bytes may end inside a character
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        text = b"\x00" not in head
+    except UnicodeDecodeError:
+        text = False
+    return "a text file, not a zip/torch file" if text else "not a zip/torch file"
+
+
 def load_checkpoint(path: str | Path, setting: str = "checkpoint") -> dict:
     """Loads and checks a metarun checkpoint; every failure is a MetarunError naming the file and setting."""
     p = resolve_checkpoint_path(path, setting)
+    what = _not_a_torch_file(p)
+    if what:
+        name = "last.pt" if setting == "resume" else "best.pt"
+        raise MetarunError(
+            f"{setting}={p} is not a checkpoint ({what}): point {setting} at a run dir or its "
+            f"checkpoints/{name}, written by metarun train."
+        )
     try:
         blob = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -70,6 +70,26 @@ def curve_steps(value) -> list[int] | None:
     return sorted(set(steps))
 
 
+def check_curve_reach(curve: list[int] | None, config: dict) -> None:
+    """steps= may not go past the inner steps a checkpoint has weights for: MAML++'s per-step
+    weights (algorithm.bnwb, algorithm.lslr) exist for its update_step training steps only, as its
+    update_step_test check says (algorithms/mamlpp.py). Raises a one-line MetarunError otherwise."""
+    algorithm, trained = config.get("algorithm") or {}, int(config.get("update_step", 0) or 0)
+    per_step = algorithm.get("name") == "mamlpp" and (
+        algorithm.get("bnwb") or algorithm.get("lslr")
+    )
+    if curve and per_step and max(curve) > trained:
+        within = ",".join(str(s) for s in curve if s <= trained) or ",".join(
+            str(s) for s in range(trained + 1)
+        )
+        raise MetarunError(
+            f"steps={','.join(str(s) for s in curve)} goes to {max(curve)} inner steps, but this "
+            "MAML++ checkpoint has per-step weights (algorithm.bnwb / lslr) for its "
+            f"update_step={trained} training steps only: use steps of at most {trained}, e.g. "
+            f"steps={within}."
+        )
+
+
 def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content,
     the checkpoints to score (ensemble), the inner-step counts of the curve or None). Each setting's
@@ -86,6 +106,7 @@ def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
+    check_curve_reach(curve, blob["config"])
     paths = ensemble_paths(
         path, blob, int(cfg.ensemble)
     )  # an impossible ensemble=K, before any work
