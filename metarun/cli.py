@@ -390,13 +390,12 @@ def _prepare_run(command: str, overrides: list[str], parsed: list) -> _Plan:
     continues)."""
     given = {o.key_or_group for o in parsed}
     cfg, hydra_node = _compose(command, overrides)
-    settings = [o for o in overrides if not o.startswith("hydra.")]
+    settings = sweep.settings_of(overrides)
     wanted = Path(hydra_node.run.dir).expanduser().absolute()
     resume = cfg.get("resume") if command == "train" else None
     auto = resume == "auto"
-    if (
-        auto
-    ):  # continue the run in hydra.run.dir when it wrote a checkpoint, else start a fresh one there
+    if auto:
+        # continue the run in hydra.run.dir when it wrote a checkpoint, else start a fresh one there
         from metarun.runner.resume import auto_resume
 
         resume = auto_resume(wanted) if "hydra.run.dir" in given else None
@@ -406,8 +405,7 @@ def _prepare_run(command: str, overrides: list[str], parsed: list) -> _Plan:
     # a resumed run's .hydra/ records how it was started: never rewritten
     keep = ["hydra.output_subdir=null"] if resume else []
     if auto and "hydra.run.dir" in given and (wanted / rundir.MARKER).exists():
-        # a requeued job: the dir is its own (resumed, or started again if it had written no
-        # checkpoint)
+        # a requeued job: the dir is its own (resumed, or started again without a checkpoint)
         return _Plan(keep + [_dir_override("hydra.run.dir", rundir.lock_existing(wanted))])
     own = _resume_run_dir(resume) if resume else None
     if own is not None and ("hydra.run.dir" not in given or wanted == own):
@@ -442,10 +440,8 @@ def _compose_cells(command: str, cells: list, ends: list) -> list[tuple]:
         full = _compose_full(command, [*cell, *ends, f"hydra.job.num={num}", f"hydra.job.id={num}"])
         try:
             subdir = str(OmegaConf.select(full, "hydra.sweep.subdir"))
-        except (
-            OmegaConfBaseException
-        ):  # e.g. ${hydra:...}: known only in the job, whose claim checks it
-            subdir = None
+        except OmegaConfBaseException:
+            subdir = None  # e.g. ${hydra:...}: known only in the job, whose claim checks it
         composed.append((*_split(command, full), subdir))
     return composed
 
@@ -503,10 +499,18 @@ def _record_overrides(hydra_node) -> list[str]:
     return ["hydra.output_subdir=null", f"+hydra.job.env_set.{sweep.OUTPUT_SUBDIR}={subdir}"]
 
 
+def _claim_sweep(sweep_dir: Path, auto: bool, again: bool) -> rundir.Claim | None:
+    """Claims a new sweep dir (returns its Claim), or locks the sweep it continues (again: None)."""
+    if not again:
+        return rundir.claim(sweep_dir, auto=auto, setting="hydra.sweep.dir")
+    rundir.lock_existing(sweep_dir)  # the same sweep again: each cell continues its own run
+    return None
+
+
 def _prepare_sweep(command: str, parsed: list) -> _Plan:
-    """A sweep (-m): composes every cell (an unknown setting in any stops the sweep), checks the
-    basic sweeper's cells' dirs, then claims the sweep dir (or, resume=auto, locks the sweep it
-    continues)."""
+    """A sweep (-m): composes every cell (an unknown setting in any stops the sweep), claims the
+    sweep dir (or, resume=auto, locks the sweep it continues), then checks the basic sweeper's
+    cells' dirs (a refusal undoes the claim)."""
     from hydra.core.override_parser.types import IntervalSweep
 
     given = {o.key_or_group: o for o in parsed}
@@ -533,14 +537,17 @@ def _prepare_sweep(command: str, parsed: list) -> _Plan:
         and str(resume.value()) == "auto"
         and (sweep_dir / rundir.MARKER).exists()
     )
+    claim = _claim_sweep(sweep_dir, "hydra.sweep.dir" not in given, again)
+    sweep_dir = sweep_dir if claim is None else claim.path
     if basic:
-        _check_cells(cells, composed, sweep_dir, swept, again)
-    if again:
-        rundir.lock_existing(sweep_dir)  # the same sweep again: each cell continues its own run
-        sweep.forget(sweep_dir)
-    else:
-        auto = "hydra.sweep.dir" not in given
-        sweep_dir = rundir.claim(sweep_dir, auto=auto, setting="hydra.sweep.dir").path
+        try:
+            _check_cells(cells, composed, sweep_dir, swept, again)
+        except MetarunError:
+            if claim is not None:
+                rundir.remove_unused(claim)
+            raise
+    if claim is None:
+        sweep.forget(sweep_dir)  # the failed-cell summary is of this command's cells
     dir_override = _dir_override("hydra.sweep.dir", sweep_dir)
     return _Plan([dir_override, *_record_overrides(hydra_node)], sweep_dir=sweep_dir, swept=swept)
 

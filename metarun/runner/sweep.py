@@ -1,15 +1,14 @@
-"""A sweep's cells (`metarun -m`): each works in a dir of its own, and the sweep sums up their
-failures.
+"""A sweep's cells (`metarun -m`): each in a dir of its own, and a summary of those that failed.
 
 Hydra runs each cell as a job in `<hydra.sweep.dir>/<hydra.sweep.subdir>`. The cells of Hydra's
 basic sweeper are checked before the first one runs (metarun/cli.py); a sweeper that chooses its
 cells as it goes (Optuna) has cells known only here, in the job. So each cell claims its dir before
-it writes anything, and the `.hydra/` record Hydra would write into any dir before a hook of ours
-runs is written by `write_record` once the dir is the cell's (sweeps run with
-`hydra.output_subdir=null`, the subdir to write in the job's environment, METARUN_OUTPUT_SUBDIR). A
-failed cell's reason goes into its results.json (what `metarun report` reads) unless that file holds
-a finished run's record, and always into the sweep's own `.metarun-cells/<job number>.json`: the
-failed-cell summary of this command's cells.
+it writes anything. Hydra would write the `.hydra/` record into any dir before a hook of ours runs,
+so sweeps run with `hydra.output_subdir=null` (the subdir to use is in the job's environment,
+METARUN_OUTPUT_SUBDIR) and `write_record` writes it once the dir is the cell's. A failed cell's
+reason goes into its results.json (what `metarun report` reads) unless that file holds a finished
+run's record, and always into the sweep's own `.metarun-cells/<job number>.json`, which the
+failed-cell summary reads: this command's cells only.
 """
 
 from __future__ import annotations
@@ -23,12 +22,15 @@ from omegaconf import OmegaConf
 
 from metarun.runner import rundir
 
-CELLS = (
-    ".metarun-cells"  # in the sweep dir: one record per failed or refused cell of the last command
-)
-OUTPUT_SUBDIR = (
-    "METARUN_OUTPUT_SUBDIR"  # the job's environment: where a fresh cell writes its .hydra/
-)
+# In the sweep dir: one record per cell of the last command that failed or was refused.
+CELLS = ".metarun-cells"
+# In a cell's environment (hydra.job.env_set): the subdir a freshly claimed cell writes .hydra/ in.
+OUTPUT_SUBDIR = "METARUN_OUTPUT_SUBDIR"
+
+
+def settings_of(overrides) -> list[str]:
+    """The overrides that set the command's own settings: not Hydra's (hydra.*, hydra/<group>=)."""
+    return [o for o in map(str, overrides) if not o.lstrip("+~").startswith(("hydra.", "hydra/"))]
 
 
 def check_continuation(cfg, run_dir: Path, overrides) -> None:
@@ -40,8 +42,7 @@ def check_continuation(cfg, run_dir: Path, overrides) -> None:
 
     resume = auto_resume(run_dir)
     if resume is not None:  # else the run had written no checkpoint: it starts again in its dir
-        settings = [o for o in overrides if not str(o).startswith("hydra.")]
-        resumed_config(load_checkpoint(resume, "resume"), cfg, settings, resume)
+        resumed_config(load_checkpoint(resume, "resume"), cfg, settings_of(overrides), resume)
 
 
 def claim(cfg, run_dir: Path, overrides) -> bool:
@@ -84,12 +85,11 @@ def _finished(results: Path) -> bool:
 
 
 def _config(cfg):
+    """The cell's resolved config (`metarun report` reads its settings from it), or None."""
     try:
         return OmegaConf.to_container(cfg, resolve=True)
-    except (
-        Exception
-    ):  # e.g. an environment variable the config needs is unset: the overrides still say it
-        return None
+    except Exception:
+        return None  # e.g. an environment variable the config needs is unset: the overrides say it
 
 
 def record_failure(hydra_cfg, run_dir: Path, reason: str, overrides, cfg=None) -> None:
