@@ -136,3 +136,24 @@ def test_readme_test_command_is_what_ci_runs():
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     assert "python -m pytest" in readme and "python -m pytest" in ci
+
+
+# A sweep of values without -m ------------------------------------------------------------------
+
+
+def test_mistyped_setting_with_a_list_of_values_is_an_unknown_setting(tiny_root, tmp_path):
+    from test_robustness import assert_clean_error
+
+    train = tiny_args(tiny_root, tmp_path / "run")
+    assert_clean_error(
+        run_metarun(*train, "itertions=50,100", cwd=tmp_path), "unknown setting 'itertions'"
+    )
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={tmp_path}", "stepz=0,1", cwd=tmp_path),
+        "unknown setting 'stepz'",
+    )
+    # a known setting with several values: a sweep needs -m, a list needs brackets
+    assert_clean_error(
+        run_metarun(*train, "seed=0,1", cwd=tmp_path), "seed=0,1", "-m", "seed=[0,1]"
+    )
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()

@@ -378,7 +378,7 @@ def test_simultaneous_claims_of_one_dir_get_distinct_dirs(tmp_path):
     with pytest.raises(MetarunError, match="already belongs to another run"):
         rundir.claim(target, auto=False)
     # a dir in use is locked against a concurrent resume
-    locked, _ = rundir.claim(tmp_path / "busy", auto=False)
+    locked = rundir.claim(tmp_path / "busy", auto=False).path
     with pytest.raises(MetarunError, match="being run by another metarun process"):
         rundir.lock_existing(tmp_path / "busy")
     os.close(rundir._locks.pop(locked))
