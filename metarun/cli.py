@@ -41,6 +41,7 @@ from omegaconf import OmegaConf, open_dict
 from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner import distributed, rundir, sweep
+from metarun.tasks import family_of_metric
 
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable
 # install), else the copy the wheel carries inside the package (see pyproject.toml).
@@ -181,12 +182,16 @@ def _run_cell(job, cfg, hydra_cfg, run_dir: Path, overrides: list):
 
 @hydra.main(config_path=CONF, config_name="train", version_base="1.3")
 def train_app(cfg) -> float | None:
-    """The train task; returns the run's best validation accuracy (what hydra/sweeper=optuna
-    maximises)."""
+    """The train task; returns the run's best validation score for hydra/sweeper=optuna to maximise:
+    the accuracy, or minus the MSE of a regression run (metarun/tasks.py, TaskFamily.objective)."""
     from metarun.runner.train import train
 
     results = _run(train, cfg)
-    return None if results is None else results.get("best_val_accuracy")
+    if results is None:
+        return None
+    # Optuna's direction stays `maximize`: lower-is-better metrics (MSE) are returned negated.
+    family = family_of_metric(results.get("metric"))
+    return family.objective(results.get(family.key("best_val")))
 
 
 @hydra.main(config_path=CONF, config_name="eval", version_base="1.3")

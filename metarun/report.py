@@ -40,6 +40,7 @@ from pathlib import Path
 
 from metarun import settings
 from metarun.errors import MetarunError
+from metarun.tasks import CLASSIFICATION, TaskFamily, family_of, family_of_metric
 
 # Settings that never make two runs different experiments: the seed (aggregated over), where and how
 # fast it ran (metarun/settings.py: the settings not shown in reports).
@@ -92,6 +93,19 @@ PAPER_OMNIGLOT = [
         {(20, 1): "96.2 ± 0.5", (20, 5): "98.0 ± 0.3"},
     ),
 ]
+
+
+# The pseudo-setting of a result's metric (accuracy, mse: metarun/tasks.py), a row key when a table
+# holds anything but accuracies.
+METRIC = "metric"
+
+
+def _row_text(key: str, value) -> str:
+    """A row's value as the table shows it; the metric says which way is better."""
+    if key == METRIC:
+        family = family_of_metric(value)
+        return f"{family.label} ({'higher' if family.higher_is_better else 'lower'} is better)"
+    return "" if value is None else str(value)
 
 
 # Which test tasks were drawn: another sample of the same run, never another experiment.
@@ -236,6 +250,7 @@ def _train_settings(config: dict) -> dict:
             "dataset.rotate_eval": bool(settings.get("dataset.rotate_eval") or False),
         }
     )
+    settings[METRIC] = _family(settings).metric
     return settings
 
 
@@ -266,7 +281,15 @@ def _eval_settings(record: dict) -> tuple[dict, Path]:
     )
     if record.get("eval_seed") is not None:
         settings["eval_seed"] = record["eval_seed"]
+    settings[METRIC] = record.get("metric") or _family(settings).metric
     return settings, run
+
+
+def _family(settings: dict) -> TaskFamily:
+    """The task family of a result (its `metric`, else its dataset's: metarun/tasks.py)."""
+    if settings.get(METRIC):
+        return family_of_metric(settings[METRIC])
+    return family_of({"dataset": {"name": settings.get("dataset.name")}})
 
 
 def _number(value) -> float | None:
@@ -288,11 +311,12 @@ def train_result(path: Path, data: dict) -> Result:
         settings, run = _train_settings(config), run_dir
     if data.get("status") == "failed":
         return Result(run_dir, settings, failed=str(data.get("reason") or "no reason recorded"))
-    accuracy = _number(data.get("test_accuracy"))
+    test_key = _family(settings).key("test")
+    accuracy = _number(data.get(test_key))
     if accuracy is None:
         status = f'"status": "{data["status"]}"' if data.get("status") else "no status"
         return Result(
-            run_dir, settings, incomplete=f"its results.json has no test_accuracy ({status})"
+            run_dir, settings, incomplete=f"its results.json has no {test_key} ({status})"
         )
     return Result(
         run_dir,
@@ -310,15 +334,16 @@ def eval_results(path: Path, data: dict) -> list[Result]:
     steps (each its own protocol, so a row of its own); none for benchmark=lake (error rates)."""
     if data.get("benchmark"):
         return []
-    headline = _number(data.get("accuracy"))
+    metric = family_of_metric(data.get("metric")).metric  # older eval.json: accuracy
+    headline = _number(data.get(metric))
     if headline is None:
         raise MetarunError(
-            f"{path} has no accuracy: it is not an eval.json of metarun eval; leave its dir out."
+            f"{path} has no {metric}: it is not an eval.json of metarun eval; leave its dir out."
         )
     settings, run = _eval_settings(data)
     scores = {settings["update_step_test"]: (headline, _number(data.get("ci95")) or 0.0)}
     for point in data.get("curve") or []:
-        scores[point.get("steps")] = (float(point["accuracy"]), _number(point.get("ci95")) or 0.0)
+        scores[point.get("steps")] = (float(point[metric]), _number(point.get("ci95")) or 0.0)
     sample = (run, settings["checkpoint"], data.get("iteration"))
     return [
         Result(
@@ -479,10 +504,6 @@ def _algorithm_label(settings: dict, extra_keys: list[str]) -> str:
     return f"{label} ({', '.join(extras)})" if extras else label
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.2f}"
-
-
 def _layout(results: list[Result]) -> tuple[list[str], list[str]]:
     """(row keys, algorithm.* keys that split an algorithm's column): the settings that differ."""
     keys = sorted({k for r in results for k in r.settings})
@@ -490,6 +511,7 @@ def _layout(results: list[Result]) -> tuple[list[str], list[str]]:
         k
         for k in keys
         if k not in IGNORED
+        and k != METRIC
         and k not in SAMPLE_KEYS
         and not k.startswith("hydra")
         and len({json.dumps(r.settings.get(k), sort_keys=True, default=str) for r in results}) > 1
@@ -512,7 +534,15 @@ def _layout(results: list[Result]) -> tuple[list[str], list[str]]:
             for name in {r.settings.get("algorithm.name") for r in results}
         )
     ]
-    row_keys = [k for k in ("way", "shot") if any(k in r.settings for r in results)]
+    # `way` means nothing to regression tasks (one output): only classification rows show it
+    row_keys = [
+        k
+        for k in ("way", "shot")
+        if any(k in r.settings and (k != "way" or _family(r.settings).percent) for r in results)
+    ]
+    # Any score that is not an accuracy: every row says its metric and which way is better.
+    if any(_family(r.settings) is not CLASSIFICATION for r in results):
+        row_keys.append(METRIC)
     row_keys += [k for k in differ if k not in column_keys and k not in row_keys]
     return row_keys, extra_keys
 
@@ -566,16 +596,18 @@ def summarize(group: list[Result]) -> Cell:
         samples.setdefault(r.sample or (r.where,), []).append(r)
     figures = [pool(evals) for evals in samples.values()]
     evals = sum(len(v) for v in samples.values())
+    family = _family(done[0].settings)
+    show, raw = family.fmt, (lambda x: f"{100 * x:.4f}" if family.percent else f"{x:.6f}")
     if len(figures) == 1:
         mean, ci, _ = figures[0]
         counts = [f"{evals} evals of one run"] if evals > 1 else []
-        cell = Cell(f"{_pct(mean)} ± {_pct(ci)}", f"{100 * mean:.4f}", f"{100 * ci:.4f}", runs=1)
+        cell = Cell(f"{show(mean)} ± {show(ci)}", raw(mean), raw(ci), runs=1)
     else:
         mean = sum(f[0] for f in figures) / len(figures)
         sd = math.sqrt(sum((f[0] - mean) ** 2 for f in figures) / (len(figures) - 1))
         counts = [_count_label(list(samples.values()))]
         counts += [f"{evals} evals"] if evals > len(figures) else []
-        cell = Cell(f"{_pct(mean)} ± {_pct(sd)}", f"{100 * mean:.4f}", "", f"{100 * sd:.4f}")
+        cell = Cell(f"{show(mean)} ± {show(sd)}", raw(mean), "", raw(sd))
         cell.runs = len(figures)
     cell.pooled = evals > len(figures)
     counts += tail
@@ -635,9 +667,17 @@ def _group(results: list[Result], row_keys: list[str], extra_keys: list[str]):
     return cells, rows, columns
 
 
-def _legend(any_pooled: bool) -> list[str]:
+def _legend(any_pooled: bool, metrics: set[str] = frozenset({"accuracy"})) -> list[str]:
+    """The lines under the table that say what a cell is; `metrics`: the metrics in the table
+    (anything but accuracy says which way is better)."""
+    what = " or ".join(
+        ("test accuracy (%)" if metrics == {"accuracy"} else "test accuracy (%, higher is better)")
+        if m == "accuracy"
+        else f"test {family_of_metric(m).label} (lower is better)"
+        for m in sorted(metrics)
+    )
     notes = [
-        "Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± "
+        f"Cells: {what}, mean ± 95% CI over one run's test tasks; (N seeds): mean ± "
         "standard deviation over the seeds' runs; (N runs): the same over runs that share a seed."
     ]
     if any_pooled:
@@ -684,11 +724,12 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     table = Table(row_keys + columns + [p[0] for p in papers], [])
     table.csv_rows.append(
         row_keys
-        + ["method", "accuracy", "ci95", "std", "runs", "failed", "incomplete", "dirs", "note"]
+        + ["method", "score" if METRIC in row_keys else "accuracy", "ci95", "std", "runs"]
+        + ["failed", "incomplete", "dirs", "note"]
     )
     any_pooled, failed = False, []
     for row in rows:
-        line = ["" if v is None else str(v) for v in row]
+        line = [_row_text(k, v) for k, v in zip(row_keys, row)]
         for column in columns:
             group = cells[row].get(column, [])
             cell = summarize(group) if group else Cell("")
@@ -709,7 +750,8 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
                 )
         table.rows.append(line)
 
-    table.notes += _legend(any_pooled) + _notes(results, failed, out_dir)
+    metrics = {_family(r.settings).metric for r in placed}
+    table.notes += _legend(any_pooled, metrics or {"accuracy"}) + _notes(results, failed, out_dir)
     table.notes += paper_notes + [f"{name}: {source}." for name, source, _ in papers]
     return table
 
@@ -726,9 +768,16 @@ def csv_text(table: Table) -> str:
     return buf.getvalue()
 
 
-def report(dirs: list[Path], out: Path | None = None, paper: bool = False) -> tuple[str, Path]:
+def report(
+    dirs: list[Path], out: Path | None = None, paper: bool = False, plot: bool = False
+) -> tuple[str, Path]:
     """Builds the table of `dirs`, writes report.md and report.csv into `out` (default: the one dir
-    given, or the dirs' common parent) and returns (the Markdown text, out)."""
+    given, or the dirs' common parent) and returns (the Markdown text, out). plot=True also writes
+    validation.png and inner_steps.png (metarun/plots.py; needs matplotlib)."""
+    if plot:
+        from metarun.plots import pyplot
+
+        pyplot()  # no matplotlib: the one-line error before any work
     results, skipped = collect(dirs)
     if out is None:
         out = dirs[0] if len(dirs) == 1 else Path(os.path.commonpath([d.resolve() for d in dirs]))
@@ -747,7 +796,29 @@ def report(dirs: list[Path], out: Path | None = None, paper: bool = False) -> tu
         raise MetarunError(
             f"cannot write the report into {out} ({exc.strerror}): give a writable --out DIR."
         ) from None
+    if plot:
+        text += "".join(f"picture: {p}\n" for p in report_plots(results, out.resolve()))
     return text, out
+
+
+def report_plots(results: list[Result], out: Path) -> list[Path]:
+    """validation.png (each run's validation metric from its TensorBoard events) and, for evals
+    with `steps=`, inner_steps.png (the metric against the inner steps): the files written."""
+    from metarun.plots import plot_inner_steps, plot_validation
+
+    runs, curves = {}, {}
+    for r in results:
+        label = os.path.relpath(r.where, out)
+        if (r.where / "tensorboard").is_dir():
+            runs[label] = r.where
+        record = r.where / "eval.json"
+        if r.settings.get("file") == "eval.json" and record.is_file():
+            data = _read_json(record)
+            if data.get("curve"):
+                metric = family_of_metric(data.get("metric")).metric
+                curves[label] = (metric, data["curve"])
+    written = [plot_validation(runs, out), plot_inner_steps(curves, out)]
+    return [p for p in written if p is not None]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -782,8 +853,14 @@ def main(argv: list[str]) -> int:
         help="add the published Omniglot figures (MAML, first-order MAML, Meta-SGD, MAML++, "
         "Reptile, ANIL) as extra columns, with their sources",
     )
+    parser.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw validation.png (the runs' validation curves, from TensorBoard) and "
+        "inner_steps.png (evals with steps=): needs pip install 'metarun[plot]'",
+    )
     args = parser.parse_args(argv)
-    text, out = report(args.dirs, args.out, args.paper)
+    text, out = report(args.dirs, args.out, args.paper, args.plot)
     print(text, end="")
     print(f"metarun: wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)
     return 0

@@ -59,6 +59,10 @@ def test_every_preset_and_option_composes_and_fits_the_schema(override):
     """Each experiment preset and group option composes, holds only declared settings (a misspelt
     key in a preset would be a new, unused setting) and passes the checks of `metarun train`."""
     extra = ["algorithm.num_classes=12"] if "pretrain" in override else []
+    # the regression dataset and its learner go together (runner/setup.check_train_settings)
+    extra += {"dataset=sinusoid": ["model=mlp"], "model=mlp": ["dataset=sinusoid"]}.get(
+        override, []
+    )
     cfg = compose_command("train", override, *extra)
     settings.validate(cfg, "train")
     check_train_settings(cfg)

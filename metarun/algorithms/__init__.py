@@ -8,13 +8,14 @@ from metarun.errors import MetarunError
 def registry() -> dict:
     """{name: class}; each class has from_config(cfg, model, engine)."""
     from metarun.algorithms.anil import ANIL
+    from metarun.algorithms.joint import Joint
     from metarun.algorithms.maml import MAML
     from metarun.algorithms.mamlpp import MAMLPlusPlus
     from metarun.algorithms.metasgd import MetaSGD
     from metarun.algorithms.pretrain import Pretrain
     from metarun.algorithms.reptile import Reptile
 
-    return {cls.name: cls for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain)}
+    return {cls.name: cls for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain, Joint)}
 
 
 def algorithm_class(name: str):

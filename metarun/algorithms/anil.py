@@ -22,6 +22,7 @@ class ANIL(GradientMetaLearner):
     """
 
     name = "anil"
+    families = ("classification", "regression")  # metarun/tasks.py
 
     def __init__(
         self,

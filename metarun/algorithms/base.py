@@ -32,11 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from metarun.algorithms.engine import Engine
 from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
+from metarun.tasks import CLASSIFICATION, TaskFamily
 
 INNER_LOSSES = ("sum_over_shot", "mean")
 
@@ -46,7 +46,7 @@ class StepResult:
     meta_loss: (
         torch.Tensor
     )  # scalar, detached: mean query loss (mean cross-entropy) after the last step
-    accuracy: torch.Tensor  # [B] post-adaptation query accuracy per task, detached
+    accuracy: torch.Tensor  # [B] post-adaptation query metric per task (accuracy | MSE), detached
 
 
 def inner_update(weights: dict, grads: dict, lrs) -> dict:
@@ -71,6 +71,9 @@ class GradientMetaLearner:
     """
 
     name = "base"
+    family = CLASSIFICATION  # bind_family sets the run's (metarun/tasks.py)
+    families = ("classification",)  # task families the algorithm can run
+    family_refusal = ""  # why it cannot run the others (one clause)
 
     def __init__(
         self,
@@ -183,7 +186,10 @@ class GradientMetaLearner:
         raises MetarunError for a setting the data cannot satisfy."""
 
     def train_sampler(self, cfg, classes, device):
-        """The training batches: an object with sample(meta_batch), state() and load_state(state)."""
+        """The training batches: an object with sample(meta_batch), state() and load_state(state);
+        a generated task family's split (data/sinusoid.py) makes its own."""
+        if hasattr(classes, "training_sampler"):
+            return classes.training_sampler(cfg, device)
         return EpisodeSampler.training(cfg, classes, device)
 
     def train_unit(self, cfg) -> tuple[int, str]:
@@ -211,20 +217,37 @@ class GradientMetaLearner:
                 weights[k] = w if tasks is None else w.unsqueeze(0).expand(tasks, *w.shape)
         return weights
 
+    # -- task family ------------------------------------------------------------------------------
+    @classmethod
+    def check_family(cls, family: TaskFamily) -> None:
+        """Raises MetarunError (one line) unless the algorithm can run tasks of `family`
+        (`families`; `family_refusal` says why not)."""
+        if family.name not in cls.families:
+            why = cls.family_refusal or "it is written for classification"
+            raise MetarunError(
+                f"algorithm={cls.name} cannot run {family.name} tasks (dataset=sinusoid): {why}; "
+                "use algorithm=maml, metasgd, anil or joint (first_order=true: first-order MAML)."
+            )
+
+    def bind_family(self, family: TaskFamily) -> None:
+        """Runs the algorithm on tasks of `family` (metarun/tasks.py: its losses and metric); raises
+        MetarunError when the algorithm cannot (check_family)."""
+        self.check_family(family)
+        self.family = family
+
     # -- losses -----------------------------------------------------------------------------------------
     def support_loss(self, logits: torch.Tensor, y: torch.Tensor, shot: int) -> torch.Tensor:
-        """Sum over tasks of each task's inner loss. `sum_over_shot` is cbfinn/maml's xent/update_batch_size
-        summed over the support set (= way x mean cross-entropy), which its update_lr values assume."""
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        per_task = ce.sum(1) / shot if self.inner_loss == "sum_over_shot" else ce.mean(1)
-        return per_task.sum()
+        """Sum over tasks of each task's inner loss (the task family's: metarun/tasks.py).
+        Classification's `sum_over_shot` is cbfinn/maml's xent/update_batch_size summed over the
+        support set (= way x mean cross-entropy), which its update_lr values assume; regression's
+        is the mean squared error over the support points (cbfinn/maml's mse)."""
+        return self.family.support_loss(logits, y, shot, self.inner_loss).sum()
 
-    @staticmethod
-    def query_loss(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-task mean cross-entropy and accuracy, [T] each."""
-        ce = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view(y.shape)
-        accuracy = (logits.argmax(-1) == y).to(logits.dtype).mean(1)
-        return ce.mean(1), accuracy.detach()
+    def query_loss(
+        self, logits: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-task query loss (mean cross-entropy | MSE) and metric (accuracy | MSE), [T] each."""
+        return self.family.query_loss(logits, y)
 
     # -- inner loop -------------------------------------------------------------------------------------
     def adapt(
@@ -239,7 +262,7 @@ class GradientMetaLearner:
         """`steps` SGD steps on the support set of each of the T tasks in x [T, N, C, H, W], from copies of
         the adapted weights. Returns the adapted weights {name: [T, ...]} (trajectory=True: a list with
         those after each step)."""
-        tasks, shot = x.shape[0], y.shape[1] // self.model.way
+        tasks, shot = x.shape[0], y.shape[1] // getattr(self.model, "way", 1)
         fast = {
             k: params[k].unsqueeze(0).expand(tasks, *params[k].shape)
             for k in self.adapted_names(params)
@@ -369,7 +392,8 @@ class GradientMetaLearner:
         return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images), dim=1)
 
     def evaluate(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
-        """Post-adaptation query accuracy [T] after `steps` (default update_step_test) steps; keeps no graph."""
+        """Post-adaptation query metric [T] (the family's: accuracy | MSE) after `steps` (default
+        update_step_test) steps; keeps no graph."""
         return self.query_loss(self.query_logits(params, ep, steps), ep.y_query)[1]
 
     # -- checkpoints ------------------------------------------------------------------------------------

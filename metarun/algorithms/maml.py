@@ -39,6 +39,7 @@ class MAML(GradientMetaLearner):
     """
 
     name = "maml"
+    families = ("classification", "regression")  # metarun/tasks.py
 
     @classmethod
     def from_config(cls, cfg, model, engine):

@@ -58,6 +58,9 @@ class MAMLPlusPlus(GradientMetaLearner):
     """
 
     name = "mamlpp"
+    family_refusal = (
+        "its per-step batch-norm weights (bnwb) need a batch-norm learner such as conv4"
+    )
 
     def __init__(
         self,

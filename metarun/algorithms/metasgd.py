@@ -24,6 +24,7 @@ class MetaSGD(GradientMetaLearner):
     """
 
     name = "metasgd"
+    families = ("classification", "regression")  # metarun/tasks.py
     PREFIX = "alpha."
 
     def __init__(

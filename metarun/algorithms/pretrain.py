@@ -104,6 +104,10 @@ class Pretrain(GradientMetaLearner):
     """
 
     name = "pretrain"
+    family_refusal = (
+        "it trains a classifier over the training classes; the regression baseline is "
+        "algorithm=joint"
+    )
 
     def __init__(
         self,

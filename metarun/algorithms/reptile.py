@@ -103,6 +103,9 @@ class Reptile(GradientMetaLearner):
     """
 
     name = "reptile"
+    family_refusal = (
+        "its inner loop draws mini-batches of labelled images per class and minimises cross-entropy"
+    )
 
     def __init__(
         self,

@@ -48,17 +48,29 @@ def _fc100(cfg):
     return load_fc100(cfg)
 
 
+def _sinusoid(cfg):
+    from metarun.data.sinusoid import load_sinusoid
+
+    return load_sinusoid(cfg)
+
+
 LOADERS = {
     "omniglot": load_omniglot_splits,
     "folder": _folder,
     "miniimagenet": _miniimagenet,
     "cifar_fs": _cifar_fs,
     "fc100": _fc100,
+    "sinusoid": _sinusoid,
 }
+
+# The task family of each dataset that is not classification (metarun/tasks.py).
+FAMILIES = {"sinusoid": "regression"}
 
 
 def load_dataset(cfg) -> tuple[dict[str, ClassImages], str]:
-    """({split: ClassImages} for train, val, test; where the data came from) of the config's dataset group."""
+    """({split: ClassImages} for train, val, test; where the data came from) of the config's dataset
+    group. A generated task family's splits (data/sinusoid.py) are task distributions with their own
+    training_sampler and fixed_tasks instead of images."""
     if cfg.name not in LOADERS:
         raise MetarunError(f"unknown dataset={cfg.name!r}: use one of {', '.join(LOADERS)}.")
     return LOADERS[cfg.name](cfg)

@@ -144,7 +144,12 @@ class ModuleLearner:
 
 
 def build_learner(cfg):
-    """conv4 (models/conv4.py) unless cfg.model has a `_target_`, which builds any nn.Module."""
+    """conv4 (models/conv4.py) or mlp (models/mlp.py, model=mlp) unless cfg.model has a `_target_`,
+    which builds any nn.Module."""
+    if "_target_" not in cfg.model and cfg.model.get("name") == "mlp":
+        from metarun.models.mlp import build_model as build_mlp
+
+        return build_mlp(cfg)
     if "_target_" not in cfg.model:
         from metarun.models.conv4 import build_model
 

@@ -15,6 +15,7 @@ from metarun.errors import MetarunError
 from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
 from metarun.runner.evaluate import describe, evaluate_curve, evaluate_tasks
 from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
+from metarun.tasks import family_of
 
 log = logging.getLogger("metarun")
 
@@ -90,6 +91,22 @@ def check_curve_reach(curve: list[int] | None, config: dict) -> None:
         )
 
 
+def curve_table(family, cfg, curve: list[int], scores: list, steps: int) -> str:
+    """The printed table of `steps=`: the metric (accuracy in %, MSE plain) and its 95% CI after
+    each number of inner steps."""
+    unit = "%" if family.percent else ""
+    table = [f"{'inner steps':>11}  {family.label:>8}  95% CI"]
+    table += [
+        f"{s:>11}  {family.fmt(m):>7}{unit}  ± {family.fmt(c)}{unit}"
+        + ("  (update_step_test)" if s == steps else "")
+        for s, (m, c) in zip(curve, scores)
+    ]
+    return (
+        f"{cfg.split} {family.label} after each number of inner steps ({int(cfg.tasks)} tasks):\n"
+        + "\n".join(table)
+    )
+
+
 def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content,
     the checkpoints to score (ensemble), the inner-step counts of the curve or None). Each setting's
@@ -106,6 +123,10 @@ def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
     blob = load_checkpoint(path, "checkpoint")
+    if cfg.get("plot"):
+        from metarun.plots import check_plot
+
+        check_plot(family_of(blob["config"]), cfg)
     check_curve_reach(curve, blob["config"])
     paths = ensemble_paths(
         path, blob, int(cfg.ensemble)
@@ -195,7 +216,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         )
         mean, ci = scores[computed.index(steps)]
         scores = [scores[computed.index(s)] for s in curve]
-    line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
+    family = algorithm.family  # accuracy | MSE (metarun/tasks.py)
+    line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split, family)
     if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (train.top_path)
         line += (
             f", ensemble of the {len(paths)} best checkpoints (iterations "
@@ -207,7 +229,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         "split": cfg.split,
         "tasks": int(cfg.tasks),
         "update_step_test": steps,
-        "accuracy": mean,
+        "metric": family.metric,
+        family.metric: mean,
         "ci95": ci,
         "way": int(train_cfg.way),
         "shot": int(train_cfg.shot),
@@ -221,16 +244,14 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     }
     if curve is not None:
         result["curve"] = [
-            {"steps": s, "accuracy": m, "ci95": c} for s, (m, c) in zip(curve, scores)
+            {"steps": s, family.metric: m, "ci95": c} for s, (m, c) in zip(curve, scores)
         ]
-        table = [f"{'inner steps':>11}  {'accuracy':>8}  95% CI"]
-        table += [
-            f"{s:>11}  {100 * m:7.2f}%  ± {100 * c:.2f}%{'  (update_step_test)' if s == steps else ''}"
-            for s, (m, c) in zip(curve, scores)
-        ]
-        log.info(
-            f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
-            + "\n".join(table)
+        log.info(curve_table(family, cfg, curve, scores, steps))
+    if cfg.get("plot"):
+        from metarun.plots import plot_eval_tasks
+
+        result["plot"] = str(
+            plot_eval_tasks(algorithm, params[0], splits[cfg.split], train_cfg, device, run_dir)
         )
     (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
     where = (

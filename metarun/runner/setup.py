@@ -14,6 +14,7 @@ from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
 from metarun.models.learner import build_learner
+from metarun.tasks import family_of
 
 
 def resolve_device(name: str) -> torch.device:
@@ -42,7 +43,15 @@ def resolve_device(name: str) -> torch.device:
 def check_train_settings(cfg) -> None:
     """The settings that need no data, checked before anything is loaded: each one's type and range
     as metarun/settings.py declares them (way >= 2, positive step sizes ...), and the algorithm's
-    name. Raises MetarunError (one line naming the setting)."""
+    name, and that a generated task family has a learner for it. Raises MetarunError (one line
+    naming the setting)."""
+    family, model = family_of(cfg), cfg.get("model") or {}
+    if family.name == "regression" and "_target_" not in model and model.get("name") != "mlp":
+        raise MetarunError(
+            f"dataset={cfg.dataset.name} is regression and needs a learner with one output per "
+            f"point: add model=mlp (model={model.get('name')} classifies images), or use "
+            "experiment=sinusoid_10shot."
+        )
     settings.validate(cfg, "train")
     algorithm_class(str(cfg.algorithm.name))
 
@@ -50,6 +59,8 @@ def check_train_settings(cfg) -> None:
 def load_splits(cfg, device) -> dict:
     """{split name: ClassImages} of the configured dataset, with the episode shape checked on each split."""
     splits, where = load_dataset(cfg.dataset)
+    if hasattr(splits["train"], "fixed_tasks"):  # generated tasks (data/sinusoid.py): no images
+        return {"splits": splits, "source": where}
     # Omniglot's split protocols hold different class counts; other datasets have fixed splits
     more = (
         "another dataset.split"
@@ -66,6 +77,13 @@ def load_splits(cfg, device) -> dict:
             f"leave model.in_channels=${{dataset.channels}} or set it to {have}."
         )
     return {"splits": splits, "source": where}
+
+
+def describe_splits(splits: dict) -> str:
+    """` (train 1100 classes, val 100 classes, test 423 classes)`; empty for generated tasks."""
+    if not all(hasattr(v, "num_classes") for v in splits.values()):
+        return ""
+    return f" ({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())})"
 
 
 def train_sampler(cfg, classes, device) -> EpisodeSampler:
@@ -163,8 +181,9 @@ def configure_execution(cfg, device, saved: dict | None = None) -> dict:
 def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
     """(learner, algorithm) of cfg.algorithm.name; `execution` from configure_execution (None: the config's
     impl resolved with torch's current thread count, nothing applied)."""
-    model = build_learner(cfg)
     cls = algorithm_class(str(cfg.algorithm.name))
+    cls.check_family(family_of(cfg))  # before the algorithm's own checks: the first reason
+    model = build_learner(cfg)
     if execution is None:
         engine = Engine(
             str(cfg.algorithm.impl),
@@ -181,4 +200,6 @@ def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
             device,
             autocast=str(cfg.get("autocast", "none")),
         )
-    return model, cls.from_config(cfg, model, engine)
+    algorithm = cls.from_config(cfg, model, engine)
+    algorithm.bind_family(family_of(cfg))  # its losses and metric (metarun/tasks.py)
+    return model, algorithm

@@ -34,9 +34,11 @@ from metarun.runner.setup import (
     build_algorithm,
     check_train_settings,
     configure_execution,
+    describe_splits,
     load_splits,
     resolve_device,
 )
+from metarun.tasks import CLASSIFICATION, TaskFamily
 
 log = logging.getLogger("metarun")
 
@@ -80,10 +82,12 @@ def top_path(ckpt_dir: Path, iteration: int) -> Path:
     return ckpt_dir / "top" / f"iteration-{iteration}.pt"
 
 
-def rank_top(top: list, val: float, iteration: int, keep: int) -> tuple[list, list]:
-    """The K best validations (higher accuracy first, the earlier on ties) after adding this one, and the
-    entries that fell out."""
-    ranked = sorted(top + [[val, iteration]], key=lambda e: (-e[0], e[1]))
+def rank_top(
+    top: list, val: float, iteration: int, keep: int, family: TaskFamily = CLASSIFICATION
+) -> tuple[list, list]:
+    """The K best validations (the best first by the task family's metric: higher accuracy, lower
+    MSE; the earlier on ties) after adding this one, and the entries that fell out."""
+    ranked = sorted(top + [[val, iteration]], key=lambda e: (family.rank_key(e[0]), e[1]))
     return ranked[:keep], ranked[keep:]
 
 
@@ -176,9 +180,11 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         f", {distributed.world_size()} torchrun processes" if distributed.world_size() > 1 else ""
     )
     log.info(
-        f"metarun: {cfg.way}-way {cfg.shot}-shot {cfg.query}-query on {device} ({algorithm.describe()}, "
-        f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), {data['source']} "
-        f"({', '.join(f'{k} {v.num_classes} classes' for k, v in splits.items())}); run dir {run_dir}"
+        f"metarun: {algorithm.family.shape(cfg)} {cfg.query}-query on {device} "
+        f"({algorithm.describe()}, "
+        f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), "
+        f"{data['source']}"
+        f"{describe_splits(splits)}; run dir {run_dir}"
     )
 
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
@@ -187,7 +193,9 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     sampler = algorithm.train_sampler(
         cfg, splits["train"], device
     )  # episodes, or the algorithm's own batches
-    start, best_val, best_iteration, train_seconds, wall_before, history = 0, -1.0, 0, 0.0, 0.0, []
+    family = algorithm.family  # its metric: which validation is best (metarun/tasks.py)
+    start, best_val, best_iteration = 0, family.worst, 0
+    train_seconds, wall_before, history = 0.0, 0.0, []
     top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
     if resumed is not None:
         saved = checkpoint_params(resumed, params, resume, "resume")
@@ -217,7 +225,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
             if best_file.is_file():
                 shutil.copyfile(best_file, ckpt_dir / "best.pt")
             else:  # its best checkpoint is unknown: the branch's next validation writes one
-                best_val, best_iteration = -1.0, 0
+                best_val, best_iteration = family.worst, 0
             for entry in top:  # the kept best checkpoints go with it (eval ensemble=K)
                 source = top_path(resume_file.parent, int(entry[1]))
                 if source.is_file():
@@ -358,13 +366,14 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 speed = window_items / elapsed if elapsed > 0 else float("nan")
                 accuracy = result.accuracy.mean().item()
                 writer.add_scalar("train/meta_loss", loss, done)
-                writer.add_scalar("train/accuracy", accuracy, done)
+                writer.add_scalar(f"train/{family.metric}", accuracy, done)
                 writer.add_scalar(f"speed/{unit}_per_s", speed, done)
                 writer.add_scalar("lr/meta_lr", optimizer.param_groups[0]["lr"], done)
                 for tag, value in algorithm.scalars(params).items():
                     writer.add_scalar(tag, value, done)
                 bar.set_postfix(
-                    loss=f"{loss:.3f}", acc=f"{accuracy:.3f}", **{f"{unit}_s": f"{speed:.1f}"}
+                    loss=f"{loss:.3f}",
+                    **{family.metric[:3]: f"{accuracy:.3f}", f"{unit}_s": f"{speed:.1f}"},
                 )
                 window_start, window_items = time.perf_counter(), 0
             if validating and main:
@@ -387,18 +396,18 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
                 val, ci = evaluate_tasks(
                     algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks)
                 )
-                writer.add_scalar("val/accuracy", val, done)
+                writer.add_scalar(f"val/{family.metric}", val, done)
                 writer.add_scalar("val/ci95", ci, done)
                 for tag, values in algorithm.histograms(params).items():
                     writer.add_histogram(tag, values, done)
                 log.info(
                     f"iteration {done}: "
-                    + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation")
+                    + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation", family)
                 )
-                top, dropped = rank_top(top, val, done, int(cfg.keep_best))
+                top, dropped = rank_top(top, val, done, int(cfg.keep_best), family)
                 if any(e[1] == done for e in top):
                     save_checkpoint(top_path(ckpt_dir, done), state(done))
-                if val > best_val:
+                if family.better(val, best_val):
                     best_val, best_iteration = val, done
                     save_checkpoint(ckpt_dir / "best.pt", state(done))
                 save_checkpoint(ckpt_dir / "last.pt", state(done))
@@ -438,7 +447,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     if not main:  # rank 0 tests the best checkpoint and writes the results
         writer.close()
         distributed.finish()
-        return {"status": "completed", "best_val_accuracy": None}
+        return {"status": "completed", family.key("best_val"): None}
     distributed.finish()
 
     best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
@@ -448,7 +457,7 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks)
     )
     log.info(
-        describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot)
+        describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot, "test", family)
         + f" with the best checkpoint "
         f"(iteration {best_iteration})"
     )
@@ -462,9 +471,10 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
         "stopped_by": "time_limit" if out_of_time else "iterations",
         "config": config,
         "resolved": resolved,
-        "best_val_accuracy": best_val,
+        "metric": family.metric,
+        family.key("best_val"): best_val,
         "best_iteration": best_iteration,
-        "test_accuracy": test,
+        family.key("test"): test,
         "test_ci95": test_ci,
         "test_tasks": int(cfg.test_tasks),
         "train_seconds": train_seconds,
@@ -482,8 +492,8 @@ def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
     writer.add_hparams(
         {"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
         {
-            "hparam/best_val_accuracy": best_val,
-            "hparam/test_accuracy": test,
+            f"hparam/{family.key('best_val')}": best_val,
+            f"hparam/{family.key('test')}": test,
             f"hparam/{unit}_per_s": speed,
         },
         run_name=".",
