@@ -15,14 +15,18 @@ def test_help_lists_commands_and_groups(tmp_path):
     top = run_metarun("--help", cwd=tmp_path, check=True)
     assert "train" in top.stdout and "eval" in top.stdout
     out = run_metarun("train", "--help", cwd=tmp_path, check=True).stdout
-    for group in (
-        "algorithm: anil, maml, mamlpp, metasgd, pretrain, reptile",
-        "dataset: cifar_fs, fc100, folder, miniimagenet, omniglot",
-        "model: conv4, resnet12",
-        "omniglot_20way_1shot",
-        "miniimagenet_5way_1shot",
+    groups = {
+        line.split(":", 1)[0].strip(): line.split(":", 1)[1].split("[")[0]
+        for line in out.splitlines()
+        if line.strip().split(":", 1)[0] in ("algorithm", "dataset", "model")
+    }
+    for group, options in (
+        ("algorithm", ("anil", "maml", "mamlpp", "metasgd", "pretrain", "reptile", "joint")),
+        ("dataset", ("cifar_fs", "fc100", "folder", "miniimagenet", "omniglot", "sinusoid")),
+        ("model", ("conv4", "resnet12", "mlp")),
     ):
-        assert group in out
+        assert set(options) <= {o.strip() for o in groups[group].split(",")}, groups
+    assert "omniglot_20way_1shot" in out and "miniimagenet_5way_1shot" in out
     job = run_metarun(
         "train", "+experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True
     ).stdout
