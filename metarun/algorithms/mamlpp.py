@@ -163,6 +163,7 @@ class MAMLPlusPlus(GradientMetaLearner):
             iterations=cfg.iterations,
             inner_loss=a.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:

@@ -66,6 +66,7 @@ class MetaSGD(GradientMetaLearner):
             alpha_seed=int(cfg.seed),
             inner_loss=a.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def extra_params(self, dtype, device) -> dict:
