@@ -7,8 +7,10 @@ first_order, and any algorithm.* setting that differs within one algorithm); `fi
 eval.json) is a row setting when both kinds are given, so a run and a later eval of it stay apart. A cell is "mean ± 95% CI" (%) of
 one run's test accuracy; several seeds of one cell are "mean ± std (N seeds)" over the seeds (sample std); a
 cell whose runs all failed ("status": "failed" in results.json) reads "failed" and its reason is listed under
-the table. `--paper` adds the published Omniglot figures (PAPER_OMNIGLOT) as extra columns, each with its
-source. The table is printed and written as report.md and report.csv (one line per cell, numbers in %).
+the table. `--paper` adds the published Omniglot or miniImageNet figures (PAPER) as extra columns,
+each with its source; a figure measured under one protocol (Reptile's with and without transduction)
+shows only in rows that hold a run of that protocol. The table is printed and written as report.md
+and report.csv (one line per cell, numbers in %).
 """
 
 from __future__ import annotations
@@ -50,7 +52,11 @@ ALGORITHM_NAMES = {
 }
 
 # Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that could not be
-# confirmed from a second source is left out rather than guessed.
+# confirmed from a second source is left out rather than guessed. An optional fourth item is the
+# protocol the figure was measured with: settings a run must have for the figure to stand beside it.
+REPTILE = "Nichol, Achiam & Schulman 2018 (arXiv:1803.02999v3)"
+NON_TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": False}
+TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": True}
 PAPER_OMNIGLOT = [
     (
         "MAML (paper)",
@@ -75,13 +81,27 @@ PAPER_OMNIGLOT = [
     ),
     (
         "Reptile (paper)",
-        "Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's",
+        f"{REPTILE}, Table 2, Reptile: each query image classified alone (beside Reptile runs with "
+        "algorithm.transductive=false only)",
+        {
+            (5, 1): "95.39 ± 0.09",
+            (5, 5): "98.90 ± 0.10",
+            (20, 1): "88.14 ± 0.15",
+            (20, 5): "96.65 ± 0.33",
+        },
+        NON_TRANSDUCTIVE,
+    ),
+    (
+        "Reptile + transduction (paper)",
+        f"{REPTILE}, Table 2, Reptile + Transduction: the query set in one batch, as MAML's "
+        "(beside Reptile runs with algorithm.transductive=true only)",
         {
             (5, 1): "97.68 ± 0.04",
             (5, 5): "99.48 ± 0.06",
             (20, 1): "89.43 ± 0.14",
             (20, 5): "97.12 ± 0.32",
         },
+        TRANSDUCTIVE,
     ),
     (
         "ANIL (paper)",
@@ -89,6 +109,32 @@ PAPER_OMNIGLOT = [
         {(20, 1): "96.2 ± 0.5", (20, 5): "98.0 ± 0.3"},
     ),
 ]
+# Published miniImageNet 5-way test accuracies (%).
+PAPER_MINIIMAGENET = [
+    (
+        "MAML (paper)",
+        "Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)",
+        {(5, 1): "48.70 ± 1.84", (5, 5): "63.11 ± 0.92"},
+    ),
+    (
+        "first-order MAML (paper)",
+        "Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)",
+        {(5, 1): "48.07 ± 1.75", (5, 5): "63.15 ± 0.91"},
+    ),
+    (
+        "Reptile (paper)",
+        f"{REPTILE}, Table 1, Reptile (beside algorithm.transductive=false runs)",
+        {(5, 1): "47.07 ± 0.26", (5, 5): "62.74 ± 0.37"},
+        NON_TRANSDUCTIVE,
+    ),
+    (
+        "Reptile + transduction (paper)",
+        f"{REPTILE}, Table 1, Reptile + Transduction (beside algorithm.transductive=true runs)",
+        {(5, 1): "49.97 ± 0.32", (5, 5): "65.99 ± 0.58"},
+        TRANSDUCTIVE,
+    ),
+]
+PAPER = {"omniglot": PAPER_OMNIGLOT, "miniimagenet": PAPER_MINIIMAGENET}
 
 
 @dataclass
@@ -248,6 +294,15 @@ def _algorithm_label(settings: dict, extra_keys: list[str]) -> str:
     return f"{label} ({', '.join(extras)})" if extras else label
 
 
+def _measured_as(row_cells: dict, protocol: dict | None) -> bool:
+    """Whether a row holds a run of the protocol a published figure was measured with (None: any
+    row)."""
+    if not protocol:
+        return True
+    runs = [r for group in row_cells.values() for r in group]
+    return any(all(r.settings.get(k) == v for k, v in protocol.items()) for r in runs)
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
@@ -293,8 +348,13 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     papers = []
     if paper:
         names = {r.settings.get("dataset.name", "omniglot") for r in results}
-        if names == {"omniglot"} and row_keys[:2] == ["way", "shot"]:
-            papers = [p for p in PAPER_OMNIGLOT if any((row[0], row[1]) in p[2] for row in rows)]
+        if len(names) == 1 and row_keys[:2] == ["way", "shot"]:
+            entries = [(*p[:3], p[3] if len(p) > 3 else None) for p in PAPER.get(names.pop(), [])]
+            papers = [
+                p
+                for p in entries
+                if any((r[0], r[1]) in p[2] and _measured_as(cells[r], p[3]) for r in rows)
+            ]
 
     table = Table(row_keys + columns + [p[0] for p in papers], [])
     table.csv_rows.append(
@@ -348,8 +408,8 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
                     reasons,
                 ]
             )
-        for name, source, figures in papers:
-            figure = figures.get((row[0], row[1]), "")
+        for name, source, figures, protocol in papers:
+            figure = figures.get((row[0], row[1]), "") if _measured_as(cells[row], protocol) else ""
             line.append(figure)
             if figure:
                 mean, _, ci = figure.partition(" ± ")
@@ -363,7 +423,7 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
         "standard deviation over the seeds' runs; (N runs): the same over runs that share a seed."
     )
     table.notes += [f"failed: {os.path.relpath(r.where, out_dir)}: {r.failed}" for r in failures]
-    table.notes += [f"{name}: {source}." for name, source, _ in papers]
+    table.notes += [f"{name}: {source}." for name, source, _, _ in papers]
     return table
 
 
@@ -431,8 +491,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--paper",
         action="store_true",
-        help="add the published Omniglot figures (MAML, first-order MAML, Meta-SGD, MAML++, "
-        "Reptile, ANIL) as extra columns, with their sources",
+        help="add the published Omniglot or miniImageNet figures (MAML, first-order MAML, "
+        "Meta-SGD, MAML++, Reptile with and without transduction, ANIL) as extra columns, with "
+        "their sources",
     )
     args = parser.parse_args(argv)
     text, out = report(args.dirs, args.out, args.paper)

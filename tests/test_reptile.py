@@ -1,6 +1,6 @@
-"""Reptile's inner Adam state (algorithm.inner_state): `shared` as openai/supervised-reptile (one Adam for
-the whole run, tasks in order, its state kept in every checkpoint), `per_task` (a fresh Adam per task) as
-metarun's earlier runs; and the outer step's schedule when a run is extended."""
+"""Reptile's inner Adam state (algorithm.inner_state): `shared` as openai/supervised-reptile (one
+Adam for the whole run, tasks in order, its state kept in every checkpoint), `per_task` (a fresh
+Adam per task) as metarun's earlier runs; and the outer step's schedule when a run is extended."""
 
 import json
 import math
@@ -40,9 +40,10 @@ def linear_reptile(inner_state, impl="batched", **kw):
 
 
 def hand_shared_reptile(phi, state, x, y, order, lr, eps):
-    """Their train_step by hand for the linear learner: the tasks one after another, each from phi, through
-    ONE TensorFlow Adam (beta1=0) whose moments and step count carry over from task to task; then
-    phi + eps * (mean W - phi). state: {"m": [W, b], "v": [W, b], "t": int}, updated in place."""
+    """Their train_step by hand for the linear learner: the tasks one after another, each from phi,
+    through ONE TensorFlow Adam (beta1=0) whose moments and step count carry over from task to task;
+    then phi + eps * (mean W - phi). state: {"m": [W, b], "v": [W, b], "t": int}, updated in
+    place."""
     adapted = []
     for t in range(x.shape[0]):
         W, b = phi["fc.weight"].clone(), phi["fc.bias"].clone()
@@ -131,8 +132,8 @@ def test_per_task_is_the_earlier_reptile_and_has_no_adam_state():
 
 
 def test_shared_evaluation_starts_every_task_from_the_runs_adam_state_and_keeps_it():
-    """Their evaluate exports the full state (Adam's included) and restores it after each task: every
-    task fine-tunes from the same state, and scoring changes nothing."""
+    """Their evaluate exports the full state (Adam's included) and restores it after each task:
+    every task fine-tunes from the same state, and scoring changes nothing."""
     model = Conv4(3, filters=4, image_size=16)
     algo = Reptile(model, 0.01, 2, 3, impl="batched", eval_inner_batch=0, inner_state="shared")
     params = algo.init_meta_params(torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -181,7 +182,8 @@ def load(path):
 
 def test_shared_state_resumes_bit_for_bit_and_eval_reproduces_the_test(tiny_root, tmp_path):
     # the annealing's length given, so that the 3-iteration first part is the same run cut short
-    extra = [*REPTILE, "algorithm.inner_state=shared", "algorithm.meta_step_iterations=6", "threads=2"]
+    extra = [*REPTILE, "algorithm.inner_state=shared", "algorithm.meta_step_iterations=6"]
+    extra.append("threads=2")  # the engine's parallel impl: shared runs its tasks in order anyway
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_metarun(*tiny_args(tiny_root, whole, *extra), cwd=tmp_path, check=True)
     run_metarun(*tiny_args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)

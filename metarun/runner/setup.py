@@ -14,6 +14,7 @@ from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
 from metarun.models.learner import build_learner
+from metarun.runner.evaluate import eval_query
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +60,14 @@ def check_train_settings(cfg) -> None:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise MetarunError(f"{key}={value} must be a positive integer.")
     check_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
+    schedule = cfg.get("schedule_iterations")
+    if schedule is not None and (
+        not isinstance(schedule, int) or isinstance(schedule, bool) or schedule <= 0
+    ):
+        raise MetarunError(
+            f"schedule_iterations={schedule} must be a positive number of iterations, or null "
+            "(the run's iterations)."
+        )
     for key in ("update_lr", "meta_lr"):
         value = cfg[key]
         if (
@@ -107,7 +116,9 @@ def load_splits(cfg, device) -> dict:
         else "a dataset with more classes per split"
     )
     for name, classes in splits.items():
-        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query), more)
+        # validation and test tasks draw query_test images per class (null: query)
+        query = int(cfg.query) if name == "train" else eval_query(cfg)
+        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), query, more)
     have = splits["train"].channels
     channels = int(cfg.model.get("in_channels", have))
     if channels != have:
