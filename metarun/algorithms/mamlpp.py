@@ -93,6 +93,7 @@ class MAMLPlusPlus(GradientMetaLearner):
         iterations_per_epoch=500,
         iterations=50000,
         fit_schedule=False,
+        run_iterations=None,
         **kw,
     ):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
@@ -112,6 +113,7 @@ class MAMLPlusPlus(GradientMetaLearner):
                 "(their code: 500)."
             )
         self.fit_note = self.fit_epoch() if fit_schedule else None
+        self.past_note = self.past_schedule_note(run_iterations)
         self.total_epochs = math.ceil(self.iterations / self.iterations_per_epoch)
         self.cosine_epochs = self.total_epochs if cosine_epochs is None else int(cosine_epochs)
         if self.cosine_annealing and self.cosine_epochs <= 0:
@@ -184,6 +186,7 @@ class MAMLPlusPlus(GradientMetaLearner):
             iterations=cfg.get("schedule_iterations") or cfg.iterations,
             # absent from a config that predates it: such a run's schedule fitted unchanged
             fit_schedule=a.get("fit_schedule", False),
+            run_iterations=cfg.iterations,
             inner_loss=a.inner_loss,
             engine=engine,
             meta_grad_clip=cfg.get("meta_grad_clip"),
@@ -291,10 +294,29 @@ class MAMLPlusPlus(GradientMetaLearner):
             "counts over the run (algorithm.fit_schedule=false refuses instead)."
         )
 
+    def past_schedule_note(self, run_iterations) -> str | None:
+        """The warning for a run longer than its schedules (a resume that raised iterations keeps
+        them on the length it started with), or None."""
+        if run_iterations is None or int(run_iterations) <= self.iterations:
+            return None
+        held = [
+            f"the meta learning rate stays at min_meta_lr={self.min_meta_lr}"
+            if self.cosine_annealing
+            else "",
+            "MSL and derivative-order annealing stay finished" if self.msl else "",
+        ]
+        return (
+            f"metarun: warning: iterations={run_iterations} runs past the {self.iterations} "
+            "iterations its schedules were set for (schedule_iterations): after them "
+            f"{' and '.join(h for h in held if h) or 'nothing changes'}."
+        )
+
     def begin_iteration(self, iteration: int, optimizer) -> None:
-        if self.fit_note and optimizer is not None:  # once, when training starts
-            log.warning(self.fit_note)
-            self.fit_note = None
+        if optimizer is not None:  # once, when training starts
+            for note in (self.fit_note, self.past_note):
+                if note:
+                    log.warning(note)
+            self.fit_note = self.past_note = None
         self.epoch = int(iteration) // self.iterations_per_epoch
         if self.cosine_annealing and optimizer is not None:
             for group in optimizer.param_groups:

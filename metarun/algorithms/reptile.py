@@ -31,6 +31,7 @@ Another difference from their code (README): conv4 averages its last feature map
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from metarun.algorithms.base import GradientMetaLearner, StepResult
 from metarun.algorithms.engine import Engine
 from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
+
+log = logging.getLogger("metarun")
 
 INNER_OPTIMIZERS = ("adam", "sgd")
 INNER_STATES = ("per_task", "shared")
@@ -156,6 +159,7 @@ class Reptile(GradientMetaLearner):
         transductive=False,
         eval_seed=0,
         inner_state="per_task",
+        run_iterations=None,
         **kw,
     ):
         super().__init__(
@@ -203,6 +207,7 @@ class Reptile(GradientMetaLearner):
         self.current_meta_step = self.meta_step
         self.inner_state = check_inner_state(inner_state, inner_optimizer)
         self._in_order = None
+        self.past_note = self.past_schedule_note(run_iterations)
 
     @classmethod
     def from_config(cls, cfg, model, engine):
@@ -228,6 +233,7 @@ class Reptile(GradientMetaLearner):
             transductive=a.transductive,
             # a checkpoint saved before the setting existed: a fresh Adam per task, as it trained
             inner_state=a.get("inner_state", "per_task"),
+            run_iterations=cfg.iterations,
             engine=engine,
             meta_grad_clip=cfg.get("meta_grad_clip"),
         )
@@ -317,7 +323,24 @@ class Reptile(GradientMetaLearner):
         frac = min(int(iteration) / self.iterations, 1.0)
         return frac * self.meta_step_final + (1 - frac) * self.meta_step
 
+    def past_schedule_note(self, run_iterations) -> str | None:
+        """The warning for a run longer than the outer step's annealing, or None."""
+        if run_iterations is None or int(run_iterations) <= self.iterations:
+            return None
+        idle = (
+            ": those iterations leave the weights as they are" if self.meta_step_final == 0 else ""
+        )
+        return (
+            f"metarun: warning: iterations={run_iterations} runs past the {self.iterations} "
+            "iterations the outer step anneals over (algorithm.meta_step_iterations, else "
+            f"schedule_iterations): after them it stays at meta_step_final={self.meta_step_final}"
+            f"{idle}."
+        )
+
     def begin_iteration(self, iteration: int, optimizer) -> None:
+        if self.past_note and optimizer is not None:  # once, when training starts
+            log.warning(self.past_note)
+            self.past_note = None
         self.current_meta_step = self.meta_step_at(iteration)
         if optimizer is not None:
             for group in optimizer.param_groups:

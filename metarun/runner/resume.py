@@ -9,14 +9,11 @@ value other than the run's own is a MetarunError naming it; repeating the run's 
 
 from __future__ import annotations
 
-import logging
 import time
 
 from omegaconf import DictConfig, OmegaConf
 
 from metarun.errors import MetarunError
-
-log = logging.getLogger("metarun")
 
 # Settings that may change when a run is continued: nothing in the saved weights, Adam state or sampler
 # state depends on them, and each is read afresh from the resumed config (the loop's length and cadence,
@@ -124,20 +121,16 @@ def resumed_config(blob: dict, requested: DictConfig, overrides, resume) -> tupl
 def pin_schedule(config: DictConfig, changes: dict) -> None:
     """A resume that changes `iterations` keeps the run's schedules on the length it started with: a
     null schedule_iterations becomes the saved run's iterations, recorded as a change (checkpoint,
-    results.json) and said in one warning. The schedules then continue where they were and hold
-    their end values past that length (MAML++'s cosine meta learning rate at min_meta_lr, MSL over,
-    second order; Reptile's outer step at meta_step_final) rather than restart, or jump to where a
-    run of the new length would be. An explicit schedule_iterations is kept as it is."""
+    results.json; the algorithms with schedules say what holds). The schedules then continue where
+    they were and hold their end values past that length (MAML++'s cosine meta learning rate at
+    min_meta_lr, MSL over, second order; Reptile's outer step at meta_step_final) rather than
+    restart, or jump to where a run of the new length would be. An explicit schedule_iterations is
+    kept as it is."""
     if "iterations" not in changes or config.get("schedule_iterations") is not None:
         return
     started = int(changes["iterations"][0])
     OmegaConf.update(config, "schedule_iterations", started, force_add=True)
     changes["schedule_iterations"] = [None, started]
-    log.warning(
-        f"metarun: warning: iterations {started} -> {config.iterations}: the run's schedules (if "
-        f"any) keep the length it started with (schedule_iterations={started}) and hold their end "
-        "values after it, with no jump."
-    )
 
 
 def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dict:
