@@ -119,7 +119,8 @@ class GradientMetaLearner:
         return self.engine.workers
 
     def describe(self) -> str:
-        return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order"
+        clip = f", meta-gradient clipped to ±{self.meta_grad_clip:g}" if self.meta_grad_clip else ""
+        return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order{clip}"
 
     # -- meta-parameters --------------------------------------------------------------------------------
     def init_meta_params(
