@@ -18,9 +18,10 @@ seeds ("(N evals of one run)").
 A run dir without results.json (a run stopped by a signal, or still running) or with one that has no
 test accuracy is an incomplete run: counted in its cell ("(2 seeds, 1 incomplete)", or "incomplete")
 and listed under the table with how far it got. A cell whose runs all failed ("status": "failed")
-reads "failed" and its reason is listed under the table. `--paper` adds the published Omniglot
-figures (PAPER_OMNIGLOT) as extra columns, each with its source, in the rows on the papers' protocol
-(PAPER_PROTOCOL); the table is printed and written as report.md and report.csv (one line per cell,
+reads "failed" and its reason is listed under the table. `--paper` adds the published Omniglot or
+miniImageNet figures (PAPER) as extra columns, each with its source, in the rows on the papers'
+protocol (PAPER_PROTOCOL); a figure measured under one protocol of an algorithm (Reptile's with and
+without transduction) shows only beside runs of that protocol. The table is printed and written as report.md and report.csv (one line per cell,
 numbers in %).
 """
 
@@ -54,7 +55,11 @@ ALGORITHM_NAMES = {
 }
 
 # Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that could not be
-# confirmed from a second source is left out rather than guessed.
+# confirmed from a second source is left out rather than guessed. An optional fourth item is the
+# protocol the figure was measured with: settings a run must have for the figure to stand beside it.
+REPTILE = "Nichol, Achiam & Schulman 2018 (arXiv:1803.02999v3)"
+NON_TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": False}
+TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": True}
 PAPER_OMNIGLOT = [
     (
         "MAML (paper)",
@@ -79,13 +84,27 @@ PAPER_OMNIGLOT = [
     ),
     (
         "Reptile (paper)",
-        "Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's",
+        f"{REPTILE}, Table 2, Reptile: each query image classified alone (beside Reptile runs with "
+        "algorithm.transductive=false only)",
+        {
+            (5, 1): "95.39 ± 0.09",
+            (5, 5): "98.90 ± 0.10",
+            (20, 1): "88.14 ± 0.15",
+            (20, 5): "96.65 ± 0.33",
+        },
+        NON_TRANSDUCTIVE,
+    ),
+    (
+        "Reptile + transduction (paper)",
+        f"{REPTILE}, Table 2, Reptile + Transduction: the query set in one batch, as MAML's "
+        "(beside Reptile runs with algorithm.transductive=true only)",
         {
             (5, 1): "97.68 ± 0.04",
             (5, 5): "99.48 ± 0.06",
             (20, 1): "89.43 ± 0.14",
             (20, 5): "97.12 ± 0.32",
         },
+        TRANSDUCTIVE,
     ),
     (
         "ANIL (paper)",
@@ -93,6 +112,32 @@ PAPER_OMNIGLOT = [
         {(20, 1): "96.2 ± 0.5", (20, 5): "98.0 ± 0.3"},
     ),
 ]
+# Published miniImageNet 5-way test accuracies (%).
+PAPER_MINIIMAGENET = [
+    (
+        "MAML (paper)",
+        "Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)",
+        {(5, 1): "48.70 ± 1.84", (5, 5): "63.11 ± 0.92"},
+    ),
+    (
+        "first-order MAML (paper)",
+        "Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)",
+        {(5, 1): "48.07 ± 1.75", (5, 5): "63.15 ± 0.91"},
+    ),
+    (
+        "Reptile (paper)",
+        f"{REPTILE}, Table 1, Reptile (beside algorithm.transductive=false runs)",
+        {(5, 1): "47.07 ± 0.26", (5, 5): "62.74 ± 0.37"},
+        NON_TRANSDUCTIVE,
+    ),
+    (
+        "Reptile + transduction (paper)",
+        f"{REPTILE}, Table 1, Reptile + Transduction (beside algorithm.transductive=true runs)",
+        {(5, 1): "49.97 ± 0.32", (5, 5): "65.99 ± 0.58"},
+        TRANSDUCTIVE,
+    ),
+]
+PAPER = {"omniglot": PAPER_OMNIGLOT, "miniimagenet": PAPER_MINIIMAGENET}
 
 
 # The pseudo-setting of a result's metric (accuracy, mse: metarun/tasks.py), a row key when a table
@@ -110,13 +155,16 @@ def _row_text(key: str, value) -> str:
 
 # Which test tasks were drawn: another sample of the same run, never another experiment.
 SAMPLE_KEYS = {"eval_seed"}
-# What every published Omniglot figure (PAPER_OMNIGLOT) shares: a row that differs in any of these
-# gets no paper figure beside it. A setting an older run's config lacks counts as the papers'.
+# What every published figure of a dataset (PAPER) shares: a row that differs in any of these gets
+# no paper figure beside it. A setting an older run's config lacks counts as the papers'.
 PAPER_PROTOCOL = {
-    "dataset.name": "omniglot",
-    "dataset.split": "maml",
-    "dataset.image_size": 28,
-    "split": "test",
+    "omniglot": {
+        "dataset.name": "omniglot",
+        "dataset.split": "maml",
+        "dataset.image_size": 28,
+        "split": "test",
+    },
+    "miniimagenet": {"dataset.name": "miniimagenet", "dataset.image_size": 84, "split": "test"},
 }
 
 
@@ -615,30 +663,66 @@ def summarize(group: list[Result]) -> Cell:
     return cell
 
 
-def off_protocol(settings: dict) -> list[str]:
+def off_protocol(settings: dict, protocol: dict) -> list[str]:
     """The settings in which a result differs from the published figures' protocol."""
     return [
         f"{k}={settings[k]}"
-        for k, paper in PAPER_PROTOCOL.items()
+        for k, paper in protocol.items()
         if settings.get(k) is not None and settings[k] != paper
     ]
 
 
+def _measured_as(row_cells: dict, protocol: dict | None) -> bool:
+    """Whether a row holds a run of the protocol a published figure was measured with (None: any
+    row), e.g. Reptile's figures with and without transduction."""
+    if not protocol:
+        return True
+    runs = [r for group in row_cells.values() for r in group]
+    return any(all(r.settings.get(k) == v for k, v in protocol.items()) for r in runs)
+
+
+def _paper_entries(cells: dict, rows: list[tuple]) -> tuple[list, dict]:
+    """(PAPER entries of the table's dataset as (name, source, figures, run protocol), the papers'
+    shared protocol); none when the table holds several datasets."""
+    names = {
+        r.settings.get("dataset.name", "omniglot")
+        for row in rows
+        for group in cells[row].values()
+        for r in group
+    }
+    if len(names) != 1:
+        return [], {}
+    name = names.pop()
+    entries = [(*p[:3], p[3] if len(p) > 3 else None) for p in PAPER.get(name, [])]
+    return entries, PAPER_PROTOCOL.get(name, {})
+
+
 def _papers(cells: dict, rows: list[tuple], row_keys: list[str]) -> tuple[list, dict, list[str]]:
-    """The paper columns (PAPER_OMNIGLOT entries with a figure for a row on the papers' protocol),
-    each row's protocol differences (a row that has any gets no paper figure), notes saying so."""
-    if row_keys[:2] != ["way", "shot"]:
+    """The paper columns (PAPER entries with a figure for a row on the papers' protocol, measured
+    as that row's runs were), each row's protocol differences (a row that has any gets no paper
+    figure), notes saying so."""
+    entries, shared = _paper_entries(cells, rows) if row_keys[:2] == ["way", "shot"] else ([], {})
+    if not entries:
         return [], {}, []
     differs = {
         row: sorted(
-            {d for group in cells[row].values() for r in group for d in off_protocol(r.settings)}
+            {
+                d
+                for group in cells[row].values()
+                for r in group
+                for d in off_protocol(r.settings, shared)
+            }
         )
         for row in rows
     }
     on = [row for row in rows if not differs[row]]
-    papers = [p for p in PAPER_OMNIGLOT if any((row[0], row[1]) in p[2] for row in on)]
+    papers = [
+        p
+        for p in entries
+        if any((row[0], row[1]) in p[2] and _measured_as(cells[row], p[3]) for row in on)
+    ]
     off = sorted({d for row in rows for d in differs[row]})
-    protocol = ", ".join(f"{k}={v}" for k, v in PAPER_PROTOCOL.items())
+    protocol = ", ".join(f"{k}={v}" for k, v in shared.items())
     if not off:
         notes = []
     elif papers:
@@ -740,8 +824,9 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
                 table.csv_rows.append(
                     _cell_csv(line[: len(row_keys)], column, cell, group, out_dir)
                 )
-        for name, source, figures in papers:
-            figure = "" if differs[row] else figures.get((row[0], row[1]), "")
+        for name, source, figures, protocol in papers:
+            on = not differs[row] and _measured_as(cells[row], protocol)
+            figure = figures.get((row[0], row[1]), "") if on else ""
             line.append(figure)
             if figure:
                 mean, _, ci = figure.partition(" ± ")
@@ -752,7 +837,7 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
 
     metrics = {_family(r.settings).metric for r in placed}
     table.notes += _legend(any_pooled, metrics or {"accuracy"}) + _notes(results, failed, out_dir)
-    table.notes += paper_notes + [f"{name}: {source}." for name, source, _ in papers]
+    table.notes += paper_notes + [f"{name}: {source}." for name, source, _, _ in papers]
     return table
 
 
@@ -850,8 +935,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--paper",
         action="store_true",
-        help="add the published Omniglot figures (MAML, first-order MAML, Meta-SGD, MAML++, "
-        "Reptile, ANIL) as extra columns, with their sources",
+        help="add the published Omniglot or miniImageNet figures (MAML, first-order MAML, "
+        "Meta-SGD, MAML++, Reptile with and without transduction, ANIL) as extra columns, with "
+        "their sources",
     )
     parser.add_argument(
         "--plot",

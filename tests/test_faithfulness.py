@@ -66,6 +66,7 @@ MAMLPP_PAPER = {
     "val_tasks": 600,
     "test_tasks": 600,
     "algorithm.iterations_per_epoch": 500,
+    "algorithm.fit_schedule": False,
     "algorithm.msl": True,
     "algorithm.msl_epochs": 10,
     "algorithm.first_order_epochs": 0,
@@ -143,6 +144,9 @@ DEFAULTS = {
     "dataset.rotate_eval": False,
     "dataset.split_sizes": [1100, 100],
     "query": 1,
+    "query_test": None,
+    "meta_grad_clip": None,
+    "schedule_iterations": None,
 }
 
 
@@ -556,3 +560,250 @@ def test_reptile_refuses_frozen_batch_norm():
     with pytest.raises(MetarunError, match="algorithm=reptile .* model.adapt_bn=true"):
         Reptile(Conv4(3, filters=4, image_size=16, adapt_bn=False), 0.001, 2, 2)
     Reptile(Conv4(3, filters=4, image_size=16), 0.001, 2, 2)  # the default is fine
+
+
+# -- 6. The other presets against the authors' code ------------------------------------------------
+# cbfinn/maml's MiniImagenet cells (main.py usage lines L16-20 and L245-249, maml.py L147-148 and
+# L185-221, utils.py L39-58); the 5-shot meta-batch is the paper's 2 (Appendix A.1), its usage line
+# says 4.
+MINIIMAGENET = {
+    "algorithm.name": "maml",
+    "algorithm.inner_loss": "sum_over_shot",
+    "dataset.name": "miniimagenet",
+    "dataset.image_size": 84,
+    "way": 5,
+    "query": 15,
+    "update_lr": 0.01,
+    "update_step": 5,
+    "update_step_test": 10,
+    "meta_lr": 0.001,
+    "meta_grad_clip": 10,
+    "iterations": 60000,
+    "first_order": False,
+    "test_tasks": 600,
+    "model.filters": 32,
+    "model.downsample": "maxpool",
+    "model.bn_scale": False,
+    "model.adapt_bn": False,
+    "model.head_init": "xavier",
+    "model.activation": "relu",
+    "model.bn_eps": 1e-3,
+}
+# openai/supervised-reptile's README commands, models.py L10 (Adam, beta1=0; TF's beta2 and epsilon)
+# and L30 (one inner Adam for the run); the commands without --transductive.
+REPTILE_CODE = {
+    "algorithm.name": "reptile",
+    "algorithm.inner_optimizer": "adam",
+    "algorithm.adam_beta1": 0.0,
+    "algorithm.adam_beta2": 0.999,
+    "algorithm.adam_eps": 1e-8,
+    "algorithm.inner_state": "shared",
+    "algorithm.train_shots": 10,
+    "algorithm.meta_step": 1.0,
+    "algorithm.meta_step_final": 0.0,
+    "algorithm.transductive": False,
+    "shot": 1,
+    "query": 1,
+    "meta_batch": 5,
+    "update_step_test": 50,
+    "dataset.rotate": True,
+}
+# Li et al. 2017: a mean task loss (Sec. 3.1), alpha ~ U[0.005, 0.1], one inner step.
+METASGD_PAPER = {
+    "algorithm.name": "metasgd",
+    "algorithm.inner_loss": "mean",
+    "algorithm.alpha_init_low": 0.005,
+    "algorithm.alpha_init_high": 0.1,
+    "update_step": 1,
+    "update_step_test": 1,
+}
+OTHER_PRESETS = {
+    "miniimagenet_5way_1shot": {**MINIIMAGENET, "shot": 1, "query_test": 1, "meta_batch": 4},
+    "miniimagenet_5way_5shot": {**MINIIMAGENET, "shot": 5, "query_test": 5, "meta_batch": 2},
+    "reptile_omniglot_5way_1shot": {
+        **REPTILE_CODE,
+        "way": 5,
+        "update_lr": 0.001,
+        "update_step": 5,
+        "iterations": 100000,
+        "algorithm.inner_batch": 10,
+        "algorithm.eval_inner_batch": 5,
+    },
+    "reptile_omniglot_20way_1shot": {
+        **REPTILE_CODE,
+        "way": 20,
+        "update_lr": 0.0005,
+        "update_step": 10,
+        "iterations": 200000,
+        "algorithm.inner_batch": 20,
+        "algorithm.eval_inner_batch": 10,
+    },
+    "metasgd_omniglot_5way_1shot": {**METASGD_PAPER, "way": 5, "meta_batch": 32},
+    "metasgd_omniglot_20way_1shot": {**METASGD_PAPER, "way": 20, "meta_batch": 16},
+    # the json's algorithm settings on metarun's defaults for the rest, short runs fitted
+    "mamlpp_omniglot_5way_1shot": {
+        **{k: v for k, v in MAMLPP_PAPER.items() if not k.startswith(("model.", "dataset."))},
+        "algorithm.fit_schedule": True,
+        "val_tasks": 300,
+        "model.activation": "relu",
+        "model.bn_eps": 1e-3,
+        "dataset.split_sizes": [1100, 100],
+        "dataset.resize": "lanczos",
+    },
+}
+
+
+@pytest.mark.parametrize("preset", sorted(OTHER_PRESETS))
+def test_other_preset_composes_to_the_authors_values(preset):
+    cfg = compose(f"experiment={preset}")
+    got = {k: OmegaConf.select(cfg, k) for k in OTHER_PRESETS[preset]}
+    got = {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in got.items()}
+    assert got == OTHER_PRESETS[preset]
+
+
+def test_meta_gradient_clipping_is_exact():
+    """meta_grad_clip=c: the optimizer steps on each meta-gradient element clipped to [-c, c]
+    (cbfinn/maml's tf.clip_by_value), elements inside the range unchanged; the Adam step is the one
+    on the clipped gradient."""
+    from metarun.algorithms.base import meta_train_step
+
+    model = Conv4(3, filters=4, image_size=16, bn_scale=False, adapt_bn=False)
+    ep = random_episodes(tasks=2, way=3, shot=1, query=2, seed=5)
+    params = model.init_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+    unclipped = MAML(model, 0.4, 1, 1, impl="batched")
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    unclipped.accumulate_meta_gradient(leaves, ep)
+    grads = {k: v.grad.clone() for k, v in leaves.items()}
+    bound = (
+        grads["fc.weight"].abs().median().item()
+    )  # about half of the head's elements are clipped
+    clipped = {k: g.clamp(-bound, bound) for k, g in grads.items()}
+    assert any(not torch.equal(clipped[k], grads[k]) for k in grads)
+    maml = MAML(model, 0.4, 1, 1, impl="batched", meta_grad_clip=bound)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    optimizer = maml.make_optimizer(list(leaves.values()), 1e-3)
+    meta_train_step(maml, leaves, optimizer, ep)
+    assert all(torch.equal(leaves[k].grad, clipped[k]) for k in leaves)
+    # the same Adam step, by hand on the clipped gradient
+    manual = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    adam = torch.optim.Adam(list(manual.values()), lr=1e-3)
+    for k, v in manual.items():
+        v.grad = clipped[k].clone()
+    adam.step()
+    assert all(torch.equal(leaves[k].detach(), manual[k].detach()) for k in leaves)
+
+
+def test_bad_meta_grad_clip_is_refused():
+    from metarun.errors import MetarunError
+
+    for value in (0, -1.0, float("inf"), True):
+        with pytest.raises(MetarunError, match="meta_grad_clip="):
+            MAML(Conv4(3, filters=4, image_size=16), 0.4, 1, 1, meta_grad_clip=value)
+
+
+def maxpool_reference_forward(p, x):
+    """cbfinn/maml's MiniImagenet network for one task, written out: 3x3 conv (padding 1) -> batch
+    norm with an offset only (batch statistics, eps 1e-3) -> ReLU -> 2x2 max-pool, four times;
+    flatten."""
+    h = x
+    for i in range(4):
+        h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], padding=1)
+        mean = h.mean(dim=(0, 2, 3), keepdim=True)
+        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        h = F.max_pool2d(
+            F.relu((h - mean) / torch.sqrt(var + 1e-3) + p[f"bn{i}.bias"].view(1, -1, 1, 1)), 2
+        )
+    return h.flatten(1) @ p["fc.weight"].t() + p["fc.bias"]
+
+
+@pytest.mark.parametrize("impl", ["batched", "parallel"])
+def test_miniimagenet_learner_meta_gradient_equals_reference(impl):
+    """The miniImageNet preset's learner (max-pooling, batch-norm offset only and not adapted, a
+    flattened last map) against a per-task reference of cbfinn/maml's network, second order,
+    float64."""
+    way, steps, lr = 3, 2, 0.01
+    model = Conv4(
+        way,
+        in_channels=3,
+        filters=4,
+        image_size=20,
+        downsample="maxpool",
+        bn_scale=False,
+        adapt_bn=False,
+    )
+    maml = MAML(model, lr, steps, steps, impl=impl, workers=2 if impl == "parallel" else 0)
+    params = model.init_params(torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert "bn0.weight" not in params and params["fc.weight"].shape == (way, 4 * 1 * 1)
+    g = torch.Generator().manual_seed(4)
+    x_s, x_q = (
+        torch.rand(3, n, 3, 20, 20, generator=g, dtype=torch.float64) for n in (way, 2 * way)
+    )
+    y_s, y_q = torch.arange(way).expand(3, way), torch.arange(way).repeat(2).expand(3, 2 * way)
+    ep = type(random_episodes(tasks=1, way=way, shot=1, query=1))(
+        x_s, y_s.clone(), x_q, y_q.clone()
+    )
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    maml.accumulate_meta_gradient(leaves, ep)
+    got = {k: v.grad for k, v in leaves.items()}
+    ref = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    losses = []
+    for t in range(3):
+        fast = dict(ref)
+        for _ in range(steps):
+            loss = F.cross_entropy(maxpool_reference_forward(fast, x_s[t]), y_s[t], reduction="sum")
+            adapt = [k for k in fast if not k.startswith("bn")]
+            grads = torch.autograd.grad(loss, [fast[k] for k in adapt], create_graph=True)
+            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads, strict=True)}}
+        losses.append(F.cross_entropy(maxpool_reference_forward(fast, x_q[t]), y_q[t]))
+    expected = dict(
+        zip(ref, torch.autograd.grad(torch.stack(losses).mean(), list(ref.values())), strict=True)
+    )
+    assert relative_error(got, expected) < 1e-10
+    assert all(got[k].abs().sum() > 0 for k in model.bn_names())
+
+
+def test_query_test_sizes_the_scored_tasks_only():
+    """query_test: the validation and test tasks' query images per class (cbfinn/maml: 15 in
+    training, K at test on miniImageNet); null is the training query, as before the setting
+    existed."""
+    from test_data import labelled_classes
+
+    from metarun.errors import MetarunError
+    from metarun.runner.evaluate import eval_query, evaluate_tasks
+
+    scored = []
+
+    class Recorder:  # stands in for an algorithm: records the episodes it is asked to score
+        def evaluate(self, params, ep, steps):
+            scored.append(ep)
+            return torch.ones(ep.x_query.shape[0])
+
+    base = {"way": 4, "shot": 1, "query": 3, "eval_seed": 7, "eval_chunk": 6, "dataset": {}}
+    for query_test, per_class in ((None, 3), (1, 1)):
+        scored.clear()
+        cfg = OmegaConf.create({**base, "query_test": query_test})
+        evaluate_tasks(Recorder(), {}, labelled_classes(), "test", cfg, "cpu", tasks=6)
+        assert {tuple(ep.y_query.shape) for ep in scored} == {(6, 4 * per_class)}
+    assert eval_query(OmegaConf.create(base)) == 3  # a config from before the setting
+    with pytest.raises(MetarunError, match="query_test=0"):
+        eval_query(OmegaConf.create({**base, "query_test": 0}))
+
+
+def test_query_test_in_a_run_and_its_eval(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    run_metarun(*tiny_args(tiny_root, run, "query=2", "query_test=1"), cwd=tmp_path, check=True)
+    run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=4",
+        f"data_root={tiny_root}",
+        "device=cpu",
+        f"hydra.run.dir={tmp_path / 'eval'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["query"] == 1
+    too_many = run_metarun(*tiny_args(tiny_root, tmp_path / "r2", "query_test=25"), cwd=tmp_path)
+    from test_robustness import assert_clean_error
+
+    assert_clean_error(too_many, "shot+query=1+25")

@@ -83,7 +83,12 @@ def test_bare_resume_continues_the_run_as_configured(run):
     # and recorded: a history in the checkpoint and in results.json
     history = blob["history"]
     assert [h["start_iteration"] for h in history] == [0, 3]
-    assert history[1]["changes"] == {"iterations": [3, 6], "eval_every": [3, 1]}
+    # a longer run keeps its schedules on the length it started with (pinned, recorded)
+    assert history[1]["changes"] == {
+        "iterations": [3, 6],
+        "eval_every": [3, 1],
+        "schedule_iterations": [None, 3],
+    }
     results = json.loads((run / "results.json").read_text())
     assert results["history"] == history and results["config"]["iterations"] == 6
     # 9. a resume never rewrites the run's own record of how it was started

@@ -94,10 +94,10 @@ def make_sweep(root: Path) -> Path:
 
 
 EXPECTED_MD = """\
-| way | shot | MAML | first-order MAML | MAML (paper) | first-order MAML (paper) | Meta-SGD (paper) | MAML++ (paper) | Reptile (paper) | ANIL (paper) |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| 5 | 1 | 95.00 ± 2.00 (3 seeds) | 90.12 ± 1.23 | 98.7 ± 0.4 | 98.3 ± 0.5 | 99.5 | 99.47 | 97.68 ± 0.04 |  |
-| 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 89.43 ± 0.14 | 96.2 ± 0.5 |
+| way | shot | MAML | first-order MAML | MAML (paper) | first-order MAML (paper) | Meta-SGD (paper) | MAML++ (paper) | ANIL (paper) |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| 5 | 1 | 95.00 ± 2.00 (3 seeds) | 90.12 ± 1.23 | 98.7 ± 0.4 | 98.3 ± 0.5 | 99.5 | 99.47 |  |
+| 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 96.2 ± 0.5 |
 
 Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 failed: 6: CUDA out of memory
@@ -106,7 +106,6 @@ MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400).
 first-order MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400).
 Meta-SGD (paper): Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points.
 MAML++ (paper): Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree.
-Reptile (paper): Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's.
 ANIL (paper): Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157).
 """
 
@@ -118,14 +117,12 @@ way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
 5,1,first-order MAML (paper),98.3,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
 5,1,Meta-SGD (paper),99.5,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
 5,1,MAML++ (paper),99.47,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
-5,1,Reptile (paper),97.68,0.04,,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
 20,1,MAML,85.1200,1.0100,,1,1,0,4;6,CUDA out of memory
 20,1,first-order MAML,,,,0,1,0,5,the meta-loss became nan at iteration 3
 20,1,MAML (paper),95.8,0.3,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
 20,1,first-order MAML (paper),89.4,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
 20,1,Meta-SGD (paper),95.9,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
 20,1,MAML++ (paper),97.65,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
-20,1,Reptile (paper),89.43,0.14,,,,,,"Nichol, Achiam & Schulman 2018 (arXiv:1803.02999), with transduction as MAML's"
 20,1,ANIL (paper),96.2,0.5,,,,,,"Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)"
 """
 
@@ -513,3 +510,52 @@ def test_paper_columns_blank_in_rows_of_another_protocol(tmp_path, capsys):
     lines = table_lines(capsys.readouterr().out)
     assert lines[2].startswith("| 5 | 1 | test | 96.00 ± 1.00 | 98.7 ± 0.4 |")
     assert lines[3].startswith("| 5 | 1 | val | 97.00 ± 1.00 |  |")
+def table_rows(text: str) -> list[dict]:
+    """The Markdown table of a report as {column: cell} per row."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(header, (c.strip() for c in line.strip("|").split("|")), strict=True))
+        for line in lines[2:]
+    ]
+
+
+def reptile(way: int, transductive: bool, n: int, dataset: str = "omniglot") -> dict:
+    cfg = config(way, 1, 0, algorithm={"name": "reptile", "transductive": transductive}, n=n)
+    if dataset == "miniimagenet":  # the papers' miniImageNet protocol: 84x84 images, no split
+        cfg["dataset"] = {"name": dataset, "root": f"/data/{n}", "image_size": 84}
+    return cfg
+
+
+def test_reptile_paper_figure_matches_each_rows_transduction(tmp_path, capsys):
+    """Nichol et al. report Reptile with and without transduction: a row shows the figure of its own
+    runs' protocol (algorithm.transductive), never the other one."""
+    runs = tmp_path / "runs"
+    write_run(runs / "a", reptile(5, False, 0), 0.9, 0.01)
+    write_run(runs / "b", reptile(20, True, 1), 0.8, 0.01)
+    assert main(["report", str(runs), "--paper"]) == 0
+    out = capsys.readouterr().out
+    rows = {r["way"]: r for r in table_rows(out)}
+    assert rows["5"]["Reptile (paper)"] == "95.39 ± 0.09"
+    assert rows["5"]["Reptile + transduction (paper)"] == ""
+    assert rows["20"]["Reptile (paper)"] == ""
+    assert rows["20"]["Reptile + transduction (paper)"] == "89.43 ± 0.14"
+    assert "Table 2, Reptile + Transduction" in out and "arXiv:1803.02999v3" in out
+    # only non-transductive runs: no transductive column at all
+    only = tmp_path / "only"
+    write_run(only / "a", reptile(5, False, 0), 0.9, 0.01)
+    main(["report", str(only), "--paper"])
+    header = table_rows(capsys.readouterr().out)[0]
+    assert "Reptile (paper)" in header and "Reptile + transduction (paper)" not in header
+
+
+def test_miniimagenet_paper_figures(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_run(runs / "a", reptile(5, False, 0, "miniimagenet"), 0.45, 0.01)
+    maml = config(5, 1, 0, n=1)
+    maml["dataset"] = {"name": "miniimagenet", "root": "/data/1", "image_size": 84}
+    write_run(runs / "b", maml, 0.4, 0.02)
+    assert main(["report", str(runs), "--paper"]) == 0
+    (row,) = table_rows(capsys.readouterr().out)
+    assert row["MAML (paper)"] == "48.70 ± 1.84" and row["Reptile (paper)"] == "47.07 ± 0.26"
+    assert "Reptile + transduction (paper)" not in row

@@ -23,12 +23,14 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
 - `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
   the baseline: mini-batches of labelled images); its state() is checkpointed;
 - `train_unit`: what one training iteration processes, for the logged speed (default meta_batch tasks);
-- `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted weights);
+- `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted
+  weights), whose every step first clips the gradient elementwise with `meta_grad_clip` (`clipped`);
 - `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -88,6 +90,7 @@ class GradientMetaLearner:
         device="cpu",
         workers: int = 0,
         engine: Engine | None = None,
+        meta_grad_clip: float | None = None,
     ):
         if inner_loss not in INNER_LOSSES:
             raise MetarunError(
@@ -107,6 +110,7 @@ class GradientMetaLearner:
             int(update_step_test),
         )
         self.first_order, self.inner_loss = bool(first_order), inner_loss
+        self.meta_grad_clip = check_meta_grad_clip(meta_grad_clip)
         self.engine = engine if engine is not None else Engine(impl, workers, task_chunk, device)
 
     @property
@@ -118,7 +122,8 @@ class GradientMetaLearner:
         return self.engine.workers
 
     def describe(self) -> str:
-        return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order"
+        clip = f", meta-gradient clipped to ±{self.meta_grad_clip:g}" if self.meta_grad_clip else ""
+        return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order{clip}"
 
     # -- meta-parameters --------------------------------------------------------------------------------
     def init_meta_params(
@@ -199,7 +204,26 @@ class GradientMetaLearner:
 
     def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
         """The outer-loop optimizer over the meta-parameters (MAML: Adam, Finn et al. 2017)."""
-        return torch.optim.Adam(params, lr=float(meta_lr))
+        return self.clipped(torch.optim.Adam(params, lr=float(meta_lr)))
+
+    def clipped(self, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """`optimizer`, whose every step first clips each gradient element to [-meta_grad_clip,
+        meta_grad_clip], as cbfinn/maml's `tf.clip_by_value(grad, -10, 10)` for miniImageNet
+        (maml.py L147-148). A step pre-hook, so the clipped gradient is the one every caller steps
+        on: the single-process step and torchrun's all-reduced mean alike. Unchanged without
+        meta_grad_clip."""
+        if self.meta_grad_clip is None:
+            return optimizer
+        bound = self.meta_grad_clip
+
+        def clip(opt, args, kwargs):
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.clamp_(-bound, bound)
+
+        optimizer.register_step_pre_hook(clip)
+        return optimizer
 
     def bench_batch(self, ep: Episodes, generator: torch.Generator):
         """A training batch of this algorithm's kind made from random episodes (scripts/bench.py)."""
@@ -400,6 +424,19 @@ class GradientMetaLearner:
     def state_dict(self) -> dict:
         """The algorithm's resolved execution (a resumed run keeps it); everything learned is in params."""
         return {"name": self.name, "impl": self.impl, "workers": self.workers}
+
+
+def check_meta_grad_clip(value) -> float | None:
+    """The `meta_grad_clip` setting as a float, or None; MetarunError unless positive and finite."""
+    if value is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
+        raise MetarunError(
+            f"meta_grad_clip={value} must be a positive number (cbfinn/maml's miniImageNet: 10) "
+            "or null (no clipping)."
+        )
+    return float(value)
 
 
 def meta_train_step(

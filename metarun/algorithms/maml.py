@@ -51,4 +51,5 @@ class MAML(GradientMetaLearner):
             cfg.first_order,
             inner_loss=cfg.algorithm.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )

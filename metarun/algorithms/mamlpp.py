@@ -18,14 +18,23 @@ AntreasAntoniou/HowToTrainYourMAMLPytorch, few_shot_learning_system.py), every f
   learning rates `lslr.<weight name>` [update_step], initialised to update_lr.
 - `cosine_annealing`: the meta learning rate follows cosine annealing over `cosine_epochs` (default: the
   run's epochs) to `min_meta_lr` (their CosineAnnealingLR(T_max=total_epochs) stepped with the epoch each
-  iteration).
+  iteration), and stays at min_meta_lr after it (torch's closed form would rise again).
 - `inner_bn`: whether batch-norm weights adapt in the inner loop (MAML: yes; their code: no).
 An epoch is `iterations_per_epoch` iterations (their total_iter_per_epoch, 500).
 With every switch off (and inner_bn=true) this is MAML, bit for bit.
+
+The run's length for the schedules is `iterations` here: the runner passes schedule_iterations,
+which a resume that raises the run's iterations pins to the length the run started with, so an
+extended run continues every schedule where it was and holds its end values (cosine at min_meta_lr,
+MSL over, second order) instead of restarting it. `fit_schedule=True` fits a run too short for
+msl_epochs / first_order_epochs by shortening the epoch (iterations_per_epoch) until the run holds
+them, every epoch-based schedule keeping its epoch count; `fit_note` says what changed (logged once
+by begin_iteration).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -33,6 +42,8 @@ import torch
 
 from metarun.algorithms.base import GradientMetaLearner
 from metarun.errors import MetarunError
+
+log = logging.getLogger("metarun")
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
@@ -53,8 +64,9 @@ class MAMLPlusPlus(GradientMetaLearner):
 
     Args (beyond GradientMetaLearner's): msl, msl_epochs, first_order_epochs, bnwb, bnrs, lslr,
     cosine_annealing, min_meta_lr, meta_lr (the optimizer's base rate, for CA), inner_bn,
-    iterations_per_epoch, iterations (the run's length, to check epochs against and for CA's T_max).
-    Raises MetarunError for settings that cannot work (msl_epochs longer than the run, ...).
+    iterations_per_epoch, iterations (the schedules' length in iterations, to check epochs against
+    and for CA's T_max), fit_schedule (shorten the epoch when the run is too short for them).
+    Raises MetarunError for settings that cannot work (msl_epochs longer than an unfitted run, ...).
     """
 
     name = "mamlpp"
@@ -83,6 +95,8 @@ class MAMLPlusPlus(GradientMetaLearner):
         inner_bn=False,
         iterations_per_epoch=500,
         iterations=50000,
+        fit_schedule=False,
+        run_iterations=None,
         **kw,
     ):
         super().__init__(model, update_lr, update_step, update_step_test, first_order, **kw)
@@ -101,6 +115,8 @@ class MAMLPlusPlus(GradientMetaLearner):
                 f"algorithm.iterations_per_epoch={iterations_per_epoch} must be a positive integer "
                 "(their code: 500)."
             )
+        self.fit_note = self.fit_epoch() if fit_schedule else None
+        self.past_note = self.past_schedule_note(run_iterations)
         self.total_epochs = math.ceil(self.iterations / self.iterations_per_epoch)
         self.cosine_epochs = self.total_epochs if cosine_epochs is None else int(cosine_epochs)
         if self.cosine_annealing and self.cosine_epochs <= 0:
@@ -114,16 +130,23 @@ class MAMLPlusPlus(GradientMetaLearner):
                 "normalises with batch statistics, so they never change an output; metarun uses batch "
                 "statistics and keeps none: set algorithm.bnrs=false."
             )
+        # fitted already: even one iteration per epoch is too long for the epoch counts
+        fix = (
+            "raise iterations"
+            if fit_schedule
+            else "raise iterations, or algorithm.fit_schedule=true"
+        )
         if self.msl and not 0 < self.msl_epochs <= self.total_epochs:
             raise MetarunError(
                 f"algorithm.msl_epochs={msl_epochs} must be between 1 and the run's "
                 f"{self.total_epochs} epochs (iterations={self.iterations} / "
-                f"algorithm.iterations_per_epoch={self.iterations_per_epoch}): lower it or raise iterations."
+                f"algorithm.iterations_per_epoch={self.iterations_per_epoch}): lower it, {fix}."
             )
         if not 0 <= self.first_order_epochs <= self.total_epochs:
             raise MetarunError(
                 f"algorithm.first_order_epochs={first_order_epochs} must be between 0 and the run's "
-                f"{self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch)."
+                f"{self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch): lower "
+                f"it, {fix}."
             )
         if self.cosine_annealing and not 0 < self.min_meta_lr <= self.meta_lr:
             raise MetarunError(
@@ -163,9 +186,13 @@ class MAMLPlusPlus(GradientMetaLearner):
             cosine_epochs=a.get("cosine_epochs"),
             inner_bn=a.inner_bn,
             iterations_per_epoch=a.iterations_per_epoch,
-            iterations=cfg.iterations,
+            iterations=cfg.get("schedule_iterations") or cfg.iterations,
+            # absent from a config that predates it: such a run's schedule fitted unchanged
+            fit_schedule=a.get("fit_schedule", False),
+            run_iterations=cfg.iterations,
             inner_loss=a.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:
@@ -242,7 +269,8 @@ class MAMLPlusPlus(GradientMetaLearner):
 
     def meta_lr_at(self, epoch: int) -> float:
         """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = cosine_epochs, by default the
-        run's epochs as their total_epochs)."""
+        run's epochs as their total_epochs), held at min_meta_lr from epoch T_max on."""
+        epoch = min(int(epoch), self.cosine_epochs)
         return (
             self.min_meta_lr
             + (self.meta_lr - self.min_meta_lr)
@@ -250,7 +278,48 @@ class MAMLPlusPlus(GradientMetaLearner):
             / 2
         )
 
+    def fit_epoch(self) -> str | None:
+        """Shortens the epoch (iterations_per_epoch) so that the schedules' `iterations` hold the
+        epochs msl_epochs and first_order_epochs need; returns the warning saying so, or None when
+        they fit already (or cannot: one iteration per epoch is too long; the checks refuse it)."""
+        need = max(self.msl_epochs if self.msl else 0, self.first_order_epochs)
+        total = math.ceil(self.iterations / self.iterations_per_epoch)
+        epoch = self.iterations // need if need > 0 else 0
+        if need <= total or epoch < 1:
+            return None
+        old, self.iterations_per_epoch = self.iterations_per_epoch, epoch
+        return (
+            f"metarun: warning: {self.iterations} iterations hold {total} epoch(s) of "
+            f"algorithm.iterations_per_epoch={old}, fewer than the {need} that "
+            f"algorithm.msl_epochs={self.msl_epochs} / first_order_epochs="
+            f"{self.first_order_epochs} need: the epoch is shortened to {epoch} iterations, so "
+            "MSL, derivative-order annealing and the cosine meta learning rate keep their epoch "
+            "counts over the run (algorithm.fit_schedule=false refuses instead)."
+        )
+
+    def past_schedule_note(self, run_iterations) -> str | None:
+        """The warning for a run longer than its schedules (a resume that raised iterations keeps
+        them on the length it started with), or None."""
+        if run_iterations is None or int(run_iterations) <= self.iterations:
+            return None
+        held = [
+            f"the meta learning rate stays at min_meta_lr={self.min_meta_lr}"
+            if self.cosine_annealing
+            else "",
+            "MSL and derivative-order annealing stay finished" if self.msl else "",
+        ]
+        return (
+            f"metarun: warning: iterations={run_iterations} runs past the {self.iterations} "
+            "iterations its schedules were set for (schedule_iterations): after them "
+            f"{' and '.join(h for h in held if h) or 'nothing changes'}."
+        )
+
     def begin_iteration(self, iteration: int, optimizer) -> None:
+        if optimizer is not None:  # once, when training starts
+            for note in (self.fit_note, self.past_note):
+                if note:
+                    log.warning(note)
+            self.fit_note = self.past_note = None
         self.epoch = int(iteration) // self.iterations_per_epoch
         if self.cosine_annealing and optimizer is not None:
             for group in optimizer.param_groups:

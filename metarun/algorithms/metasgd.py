@@ -5,6 +5,11 @@ meta-learned together with the initialisation theta (the same meta-gradient, the
 initialises alpha uniformly at random in [0.005, 0.1] (Sec. 4.1) and adapts in one step; learn2learn's
 MetaSGD initialises it to a constant lr (set alpha_init_low = alpha_init_high for that). The alphas are
 meta-parameters named `alpha.<weight name>`.
+
+The paper's task loss is the average over the task's training examples (Sec. 3.1), which is
+`inner_loss=mean` (conf/algorithm/metasgd.yaml and its presets). `inner_loss=sum_over_shot`
+(cbfinn/maml's MAML loss) is way times that mean, so the same alpha takes way-times-larger steps:
+its [0.005, 0.1] acts as [0.005 * way, 0.1 * way] on the paper's scale.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class MetaSGD(GradientMetaLearner):
             alpha_seed=int(cfg.seed),
             inner_loss=a.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def extra_params(self, dtype, device) -> dict:

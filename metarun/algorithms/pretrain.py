@@ -202,6 +202,7 @@ class Pretrain(GradientMetaLearner):
             eval_seed=cfg.eval_seed,
             seed=cfg.seed,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:

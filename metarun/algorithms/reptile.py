@@ -14,24 +14,56 @@ mini-batches of `eval_inner_batch` support images (0: the whole support set), th
 classified all at once (`transductive=true`: batch norm uses the query batch's statistics) or one at a
 time with the support set in the same batch (`transductive=false`, the paper's non-transductive setting).
 
-Differences from their code (README): the inner Adam's moments start at zero for every task (theirs are
-TensorFlow slots shared by every task and iteration of a run); conv4 averages its last feature map (theirs
-flattens it).
+The inner Adam's state (`inner_state`): theirs is built once (models.py L30:
+`optimizer(...).minimize` in the model's constructor), so its TensorFlow slots (moments) and beta
+powers carry over from task to task and iteration to iteration; only the model's variables are
+exported and restored around each task (reptile.py L62-74), while evaluation saves and restores the
+full state, Adam's included, around each task (reptile.py L114-122). `inner_state=shared` does the
+same: one inner Adam for the whole run, a meta-batch's tasks one after another in order; its moments
+and step count are meta-parameters (`inner_adam.m.<weight>`, `inner_adam.v.<weight>`,
+`inner_adam.step`) that no gradient moves, so every checkpoint holds them (resume is bit for bit;
+`metarun eval` starts each task from the checkpoint's state and discards what the task changed).
+`per_task` (metarun's earlier behaviour, and that of a run whose checkpoint predates the setting)
+starts a fresh Adam for every task, so tasks can run in parallel.
+
+Another difference from their code (README): conv4 averages its last feature map (theirs flattens).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from metarun.algorithms.base import GradientMetaLearner, StepResult
+from metarun.algorithms.engine import Engine
 from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
 
+log = logging.getLogger("metarun")
+
 INNER_OPTIMIZERS = ("adam", "sgd")
+INNER_STATES = ("per_task", "shared")
+ADAM = "inner_adam."  # the prefix of the shared inner Adam's state among the meta-parameters
+
+
+@dataclass
+class InnerAdam:
+    """The inner Adam's state: first and second moments {weight name: [T, ...]}, the steps taken."""
+
+    m: dict
+    v: dict
+    step: int
+
+    @classmethod
+    def fresh(cls, weights: dict) -> InnerAdam:
+        """A new Adam for each task: zero moments shaped as `weights`, no step taken."""
+        zeros = {k: torch.zeros_like(w) for k, w in weights.items()}
+        return cls(zeros, {k: torch.zeros_like(w) for k, w in weights.items()}, 0)
 
 
 @dataclass
@@ -98,8 +130,10 @@ class Reptile(GradientMetaLearner):
     steps in training): train_shots (images per class of a training task; None: shot), inner_batch (images
     per inner step), inner_optimizer (adam | sgd), adam_beta1 / adam_beta2 / adam_eps (their Adam: 0, 0.999,
     1e-8), meta_step / meta_step_final (the outer step size, annealed linearly), iterations (the run's
-    length, or algorithm.meta_step_iterations: the annealing's length), eval_inner_batch (0: the whole support set), transductive, way, shot.
-    Raises MetarunError for an impossible setting.
+    length, or algorithm.meta_step_iterations: the annealing's length, after which eps stays at
+    meta_step_final), eval_inner_batch (0: the whole support set), transductive, shot, inner_state
+    (per_task | shared: one inner Adam for the run, tasks in order, as their code).
+    Raises MetarunError for an impossible setting (inner_state=shared with SGD or under torchrun).
     """
 
     name = "reptile"
@@ -127,6 +161,8 @@ class Reptile(GradientMetaLearner):
         eval_inner_batch=0,
         transductive=False,
         eval_seed=0,
+        inner_state="per_task",
+        run_iterations=None,
         **kw,
     ):
         super().__init__(
@@ -172,6 +208,9 @@ class Reptile(GradientMetaLearner):
         self.iterations, self.eval_inner_batch = max(int(iterations), 1), int(eval_inner_batch)
         self.transductive, self.eval_seed = bool(transductive), int(eval_seed)
         self.current_meta_step = self.meta_step
+        self.inner_state = check_inner_state(inner_state, inner_optimizer)
+        self._in_order = None
+        self.past_note = self.past_schedule_note(run_iterations)
 
     @classmethod
     def from_config(cls, cfg, model, engine):
@@ -192,19 +231,64 @@ class Reptile(GradientMetaLearner):
             meta_step_final=a.meta_step_final,
             iterations=a.meta_step_iterations
             if a.get("meta_step_iterations") is not None
-            else cfg.iterations,
+            else cfg.get("schedule_iterations") or cfg.iterations,
             eval_inner_batch=a.eval_inner_batch,
             transductive=a.transductive,
+            # a checkpoint saved before the setting existed: a fresh Adam per task, as it trained
+            inner_state=a.get("inner_state", "per_task"),
+            run_iterations=cfg.iterations,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:
+        how = (
+            "tasks in order through one shared inner adam"
+            if self.inner_state == "shared"
+            else f"a fresh inner {self.inner_optimizer} per task"
+        )
         return (
-            f"{self.impl} reptile, inner {self.inner_optimizer} {self.update_step} steps of {self.inner_batch} "
-            f"images from {self.train_shots} per class, {'' if self.transductive else 'non-'}transductive evaluation"
+            f"{self.impl} reptile, {how}, {self.update_step} steps of {self.inner_batch} images "
+            f"from {self.train_shots} per class, "
+            f"{'' if self.transductive else 'non-'}transductive evaluation"
         )
 
-    # -- the runner's hooks -----------------------------------------------------------------------------
+    # -- the shared inner Adam's state, kept among the meta-parameters ---------------------------
+    def extra_params(self, dtype, device) -> dict:
+        """inner_state=shared: the inner Adam's moments (zeros, each weight's shape) and its step
+        count (a float64 scalar: exact to 2**53 steps); no gradient reaches them, so the outer step
+        leaves them as the inner loop wrote them."""
+        if self.inner_state != "shared":
+            return {}
+        shapes = self.model.init_params(torch.Generator(), dtype=dtype, device=device)
+        extra = {
+            f"{ADAM}{part}.{k}": torch.zeros_like(w) for part in "mv" for k, w in shapes.items()
+        }
+        extra[ADAM + "step"] = torch.zeros((), dtype=torch.float64, device=device)
+        return extra
+
+    def shared_adam(self, params: dict, tasks: int) -> InnerAdam:
+        """The shared state in `params` as `tasks` identical copies [tasks, ...] (read-only
+        views)."""
+        names = self.learner_names()
+
+        def copies(part):
+            return {
+                k: params[f"{ADAM}{part}.{k}"].detach().unsqueeze(0).expand(tasks, *params[k].shape)
+                for k in names
+            }
+
+        return InnerAdam(copies("m"), copies("v"), int(params[ADAM + "step"].item()))
+
+    def store_shared_adam(self, params: dict, state: InnerAdam) -> None:
+        """Writes one task's state after its inner loop ([1, ...] moments) back into `params`."""
+        with torch.no_grad():
+            for part, moments in (("m", state.m), ("v", state.v)):
+                for k, value in moments.items():
+                    params[f"{ADAM}{part}.{k}"].copy_(value[0])
+            params[ADAM + "step"].fill_(state.step)
+
+    # -- the runner's hooks ------------------------------------------------------------------------
     def bind_data(self, splits: dict) -> None:
         per_class = splits["train"].per_class
         if self.train_shots > per_class or per_class < 2:
@@ -226,8 +310,9 @@ class Reptile(GradientMetaLearner):
         )
 
     def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
-        # phi <- phi - eps * (phi - mean W): SGD at learning rate eps on that difference (meta_lr is unused)
-        return torch.optim.SGD(params, lr=self.meta_step)
+        # phi <- phi - eps * (phi - mean W): SGD at learning rate eps on that difference (meta_lr is
+        # unused); the shared inner Adam's state gets no gradient, which SGD skips
+        return self.clipped(torch.optim.SGD(params, lr=self.meta_step))
 
     def bench_batch(self, ep: Episodes, generator: torch.Generator) -> ReptileBatch:
         return to_batch(
@@ -235,11 +320,30 @@ class Reptile(GradientMetaLearner):
         )
 
     def meta_step_at(self, iteration: int) -> float:
-        """Their linear annealing: frac_done * meta_step_final + (1 - frac_done) * meta_step."""
-        frac = int(iteration) / self.iterations
+        """Their linear annealing (train.py L54-55): frac_done * meta_step_final + (1 - frac_done) *
+        meta_step, frac_done = iteration / the annealing's length, held at 1 after it (a run
+        extended past its schedule continues at meta_step_final instead of extrapolating)."""
+        frac = min(int(iteration) / self.iterations, 1.0)
         return frac * self.meta_step_final + (1 - frac) * self.meta_step
 
+    def past_schedule_note(self, run_iterations) -> str | None:
+        """The warning for a run longer than the outer step's annealing, or None."""
+        if run_iterations is None or int(run_iterations) <= self.iterations:
+            return None
+        idle = (
+            ": those iterations leave the weights as they are" if self.meta_step_final == 0 else ""
+        )
+        return (
+            f"metarun: warning: iterations={run_iterations} runs past the {self.iterations} "
+            "iterations the outer step anneals over (algorithm.meta_step_iterations, else "
+            f"schedule_iterations): after them it stays at meta_step_final={self.meta_step_final}"
+            f"{idle}."
+        )
+
     def begin_iteration(self, iteration: int, optimizer) -> None:
+        if self.past_note and optimizer is not None:  # once, when training starts
+            log.warning(self.past_note)
+            self.past_note = None
         self.current_meta_step = self.meta_step_at(iteration)
         if optimizer is not None:
             for group in optimizer.param_groups:
@@ -248,17 +352,26 @@ class Reptile(GradientMetaLearner):
     def scalars(self, params: dict) -> dict:
         return {"lr/update_lr": self.update_lr, "reptile/meta_step": self.current_meta_step}
 
-    # -- the inner loop ---------------------------------------------------------------------------------
-    def train_tasks(self, params: dict, x: torch.Tensor, y: torch.Tensor, order: torch.Tensor):
-        """Each task's own inner optimizer from phi, step s on images order[:, s] of x [T, n, C, H, W].
-        Returns (adapted weights {name: [T, ...]}, last step's loss [T], last step's accuracy [T])."""
+    # -- the inner loop ----------------------------------------------------------------------------
+    def train_tasks(
+        self,
+        params: dict,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        order: torch.Tensor,
+        adam: InnerAdam | None = None,
+    ):
+        """The inner optimizer from phi on each of T tasks, step s on images order[:, s] of x
+        [T, n, C, H, W]; Adam starts from `adam` (moments [T, ...]; None: a fresh one per task).
+        Returns (adapted weights {name: [T, ...]}, last step's loss [T], last step's accuracy [T],
+        the Adam state after)."""
         tasks, steps = x.shape[0], order.shape[1]
         fast = {
             k: params[k].detach().unsqueeze(0).expand(tasks, *params[k].shape).clone()
             for k in self.learner_names()
         }
-        m = {k: torch.zeros_like(v) for k, v in fast.items()}
-        v2 = {k: torch.zeros_like(v) for k, v in fast.items()}
+        adam = InnerAdam.fresh(fast) if adam is None else adam
+        m, v2, t = dict(adam.m), dict(adam.v), adam.step
         rows = torch.arange(tasks, device=x.device).unsqueeze(1)
         b1, b2 = self.betas
         for s in range(steps):
@@ -272,54 +385,70 @@ class Reptile(GradientMetaLearner):
                     .view(yb.shape)
                     .mean(1)
                 )
-                grads = torch.autograd.grad(
-                    ce.sum(), list(leaves.values())
-                )  # tasks are independent: sum = each
+                # tasks are independent: the gradient of the sum is each task's own
+                grads = torch.autograd.grad(ce.sum(), list(leaves.values()))
             loss, accuracy = ce.detach(), (logits.detach().argmax(-1) == yb).to(x.dtype).mean(1)
             with torch.no_grad():
                 if self.inner_optimizer == "sgd":
                     fast = {
                         k: w.detach() - self.update_lr * g
-                        for (k, w), g in zip(leaves.items(), grads)
+                        for (k, w), g in zip(leaves.items(), grads, strict=True)
                     }
                     continue
-                t = (
-                    s + 1
-                )  # TensorFlow's AdamOptimizer (their DEFAULT_OPTIMIZER), epsilon after bias correction
+                # TensorFlow's AdamOptimizer (their DEFAULT_OPTIMIZER): epsilon after the bias
+                # correction, t counts every step this Adam took
+                t += 1
                 lr_t = self.update_lr * math.sqrt(1 - b2**t) / (1 - b1**t)
                 new = {}
-                for (k, w), g in zip(leaves.items(), grads):
+                for (k, w), g in zip(leaves.items(), grads, strict=True):
                     m[k] = b1 * m[k] + (1 - b1) * g
                     v2[k] = b2 * v2[k] + (1 - b2) * g * g
                     new[k] = w.detach() - lr_t * m[k] / (v2[k].sqrt() + self.adam_eps)
                 fast = new
-        return {k: w.detach() for k, w in fast.items()}, loss, accuracy
+        return {k: w.detach() for k, w in fast.items()}, loss, accuracy, InnerAdam(m, v2, t)
 
-    # -- meta-training ----------------------------------------------------------------------------------
+    # -- meta-training -----------------------------------------------------------------------------
     def accumulate_meta_gradient(self, params: dict, batch: ReptileBatch) -> StepResult:
-        """Adds (phi - mean over tasks of W) to each meta-parameter's .grad (the optimizer's SGD step at eps
-        then is Reptile's outer update); returns the last inner step's mean loss and accuracies."""
+        """Adds (phi - mean over tasks of W) to each meta-parameter's .grad (the optimizer's SGD
+        step at eps then is Reptile's outer update); returns the last inner step's mean loss and
+        accuracies. inner_state=shared: the tasks one after another, in order, each starting from
+        the Adam state the previous one left (their train_step); the engine's parallel execution
+        would reorder them."""
         meta_batch = batch.x.shape[0]
         names = self.learner_names()
         leaves = [params[k] for k in names]
+        shared = self.inner_state == "shared"
 
         def chunk(part):
-            adapted, loss, accuracy = self.train_tasks(
-                params, batch.x[part], batch.y[part], batch.order[part]
+            adam = self.shared_adam(params, 1) if shared else None
+            adapted, loss, accuracy, after = self.train_tasks(
+                params, batch.x[part], batch.y[part], batch.order[part], adam
             )
+            if shared:
+                self.store_shared_adam(params, after)
             grads = [(params[k].detach() - adapted[k]).sum(0) / meta_batch for k in names]
             return grads, (loss, accuracy)
 
-        extras = self.engine.accumulate(chunk, leaves, meta_batch, batch.x.shape[1])
+        engine = self.in_order_engine() if shared else self.engine
+        extras = engine.accumulate(chunk, leaves, meta_batch, batch.x.shape[1])
         return StepResult(
             torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
         )
 
-    # -- evaluation -------------------------------------------------------------------------------------
+    def in_order_engine(self) -> Engine:
+        """One task per chunk, one thread, in task order, on the run's device and autocast."""
+        if self._in_order is None:
+            self._in_order = Engine(
+                "loop", 1, 0, self.engine.device, autocast=self.engine.autocast, timed_auto=False
+            )
+        return self._in_order
+
+    # -- evaluation --------------------------------------------------------------------------------
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
-        """Fine-tunes on each task's support set (update_step_test steps of the inner optimizer on batches of
-        eval_inner_batch), then classifies the query set: [T, way*query, way]. Deterministic (a fixed seed
-        for the mini-batch order)."""
+        """Fine-tunes on each task's support set (update_step_test steps of the inner optimizer on
+        batches of eval_inner_batch; inner_state=shared: Adam starts from the run's shared state),
+        then classifies the query set: [T, way*query, way]. Deterministic (a fixed seed for the
+        mini-batch order)."""
         steps = self.update_step_test if steps is None else int(steps)
         shots, queries = ep.x_support.shape[1], ep.x_query.shape[1]
         batch = (
@@ -336,7 +465,10 @@ class Reptile(GradientMetaLearner):
             else:
                 g = torch.Generator().manual_seed(self.eval_seed + part.start)
                 order = mini_batch_order(tasks, shots, steps, batch, g, x.device)
-            fast, _, _ = self.train_tasks(params, x, y, order)
+            # inner_state=shared: each task from the run's Adam state, which it leaves unchanged
+            # (their evaluate restores the full state after every task)
+            adam = self.shared_adam(params, tasks) if self.inner_state == "shared" else None
+            fast, _, _, _ = self.train_tasks(params, x, y, order, adam)
             with torch.no_grad():
                 if self.transductive:
                     return self.model.forward(fast, ep.x_query[part])
@@ -354,3 +486,26 @@ class Reptile(GradientMetaLearner):
 
         images = shots + queries if self.transductive else queries * (shots + 1)
         return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images))
+
+
+def check_inner_state(inner_state: str, inner_optimizer: str) -> str:
+    """The `algorithm.inner_state` setting, checked: shared needs Adam (SGD keeps no state) and one
+    process (the tasks run in order through one Adam, which torchrun's processes cannot share)."""
+    if inner_state not in INNER_STATES:
+        raise MetarunError(
+            f"unknown algorithm.inner_state={inner_state!r}: use per_task (a fresh inner Adam per "
+            "task) or shared (one inner Adam for the whole run, as openai/supervised-reptile)."
+        )
+    if inner_state == "shared" and inner_optimizer != "adam":
+        raise MetarunError(
+            f"algorithm.inner_state=shared carries the inner Adam's moments across tasks, but "
+            f"inner_optimizer={inner_optimizer} keeps none: use algorithm.inner_state=per_task."
+        )
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's processes
+    if inner_state == "shared" and world > 1:
+        raise MetarunError(
+            f"algorithm.inner_state=shared runs the tasks in order through one inner Adam, which "
+            f"torchrun's {world} processes cannot share: run it in one process, or use "
+            "algorithm.inner_state=per_task."
+        )
+    return inner_state

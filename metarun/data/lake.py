@@ -1,7 +1,7 @@
 """Lake et al.'s original 20-way one-shot classification benchmark (`all_runs.zip`), read as tensors.
 
 Source: B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, "Human-level concept learning through probabilistic
-program induction", Science 350 (2015), Fig. 3 / "One-shot classification"; files and layout from
+program induction", Science 350 (2015), "One-shot classification" and Fig. 6A; files and layout from
 github.com/brendenlake/omniglot (python/one-shot-classification/all_runs.zip). 20 runs; each has 20
 training images (one per class, `runNN/training/classNN.png`), 20 test images (`runNN/test/itemNN.png`) and
 `runNN/class_labels.txt`, whose lines pair a test image with its class: `runNN/test/item01.png
@@ -31,7 +31,8 @@ ARCHIVE = "all_runs"
 DOWNLOAD_URL = (
     "https://github.com/brendenlake/omniglot/raw/master/python/one-shot-classification/all_runs.zip"
 )
-# Error rates published in Lake et al. (2015), Fig. 3B (20-way one-shot classification, these 20 runs).
+# Error rates published in Lake et al. (2015), Fig. 6A and its text (20-way one-shot classification,
+# these 20 runs).
 PUBLISHED_ERROR = {"people": 0.045, "Bayesian Program Learning": 0.033, "Siamese ConvNet": 0.080}
 _MEMBER = re.compile(
     r"(?:^|/)(?P<run>run\d+)/(?P<kind>training|test)/(?P<name>(?:class|item)\d+\.png)$"

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from metarun.data.episodes import fixed_tasks
+from metarun.errors import MetarunError
 from metarun.tasks import CLASSIFICATION
 
 
@@ -21,9 +22,27 @@ def accuracy_with_ci(accuracies: torch.Tensor) -> tuple[float, float]:
     return acc.mean().item(), 1.96 * std / math.sqrt(n)
 
 
+def eval_query(cfg) -> int:
+    """Query images per class of the fixed evaluation tasks (validation, test, `metarun eval`):
+    `query_test`, or `query` when it is null or absent (a config from before the setting).
+    cbfinn/maml draws 15 per class in training but K at test on miniImageNet (main.py L245-249),
+    which also changes the batch that batch norm normalises the query images over.
+    Raises MetarunError unless it is a positive integer or null."""
+    value = cfg.get("query_test")
+    if value is None:
+        return int(cfg.query)
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise MetarunError(
+            f"query_test={value} must be a positive number of query images per class of the "
+            "validation and test tasks, or null (the training query)."
+        )
+    return value
+
+
 def _fixed_tasks(classes, split: str, cfg, device, tasks: int, seed: int | None):
-    """The fixed tasks of a split; dataset.rotate_eval (absent in older configs: no rotation)
-    rotates them. A generated task family's split (data/sinusoid.py) draws its own."""
+    """The fixed tasks of a split, with eval_query(cfg) query images per class; dataset.rotate_eval
+    (absent in older configs: no rotation) rotates them. A generated task family's split
+    (data/sinusoid.py) draws its own."""
     seed = int(cfg.eval_seed if seed is None else seed)
     if hasattr(classes, "fixed_tasks"):
         return classes.fixed_tasks(cfg, device, tasks, seed, int(cfg.eval_chunk))
@@ -32,7 +51,7 @@ def _fixed_tasks(classes, split: str, cfg, device, tasks: int, seed: int | None)
         split,
         int(cfg.way),
         int(cfg.shot),
-        int(cfg.query),
+        eval_query(cfg),
         device,
         tasks,
         seed=seed,

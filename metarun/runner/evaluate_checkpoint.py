@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
-from metarun.runner.evaluate import describe, evaluate_curve, evaluate_tasks
+from metarun.runner.evaluate import describe, eval_query, evaluate_curve, evaluate_tasks
 from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
 from metarun.tasks import family_of
 
@@ -234,7 +234,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         "ci95": ci,
         "way": int(train_cfg.way),
         "shot": int(train_cfg.shot),
-        "query": int(train_cfg.query),
+        "query": eval_query(train_cfg),
         "eval_seed": int(train_cfg.eval_seed),
         "rotate_eval": bool(train_cfg.dataset.get("rotate_eval", False)),
         "device": str(device),

@@ -94,7 +94,23 @@ def resumed_config(blob: dict, requested: DictConfig, overrides, resume) -> tupl
             f"iterations={config.iterations} is below the iteration {int(blob['iteration'])} that "
             f"resume={resume} reached: give iterations>={int(blob['iteration'])}."
         )
+    pin_schedule(config, changes)
     return config, changes
+
+
+def pin_schedule(config: DictConfig, changes: dict) -> None:
+    """A resume that changes `iterations` keeps the run's schedules on the length it started with: a
+    null schedule_iterations becomes the saved run's iterations, recorded as a change (checkpoint,
+    results.json; the algorithms with schedules say what holds). The schedules then continue where
+    they were and hold their end values past that length (MAML++'s cosine meta learning rate at
+    min_meta_lr, MSL over, second order; Reptile's outer step at meta_step_final) rather than
+    restart, or jump to where a run of the new length would be. An explicit schedule_iterations is
+    kept as it is."""
+    if "iterations" not in changes or config.get("schedule_iterations") is not None:
+        return
+    started = int(changes["iterations"][0])
+    OmegaConf.update(config, "schedule_iterations", started, force_add=True)
+    changes["schedule_iterations"] = [None, started]
 
 
 def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dict:

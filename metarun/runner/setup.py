@@ -14,6 +14,7 @@ from metarun.data.episodes import EpisodeSampler, check_episode_shape
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
 from metarun.models.learner import build_learner
+from metarun.runner.evaluate import eval_query
 from metarun.tasks import family_of
 
 
@@ -68,7 +69,9 @@ def load_splits(cfg, device) -> dict:
         else "a dataset with more classes per split"
     )
     for name, classes in splits.items():
-        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), int(cfg.query), more)
+        # validation and test tasks draw query_test images per class (null: query)
+        query = int(cfg.query) if name == "train" else eval_query(cfg)
+        check_episode_shape(classes, name, int(cfg.way), int(cfg.shot), query, more)
     have = splits["train"].channels
     channels = int(cfg.model.get("in_channels", have))
     if channels != have:
