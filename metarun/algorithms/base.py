@@ -21,7 +21,8 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
 - `bind_data`: sees the loaded splits before the meta-parameters are made (the pre-training baseline sizes
   its classifier by the training classes; Reptile checks train_shots);
 - `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
-  the baseline: mini-batches of labelled images); its state() is checkpointed;
+  the baseline: mini-batches of labelled images), a TrainingBatch; its state() is checkpointed;
+- `data_parallel`: None when a batch's shares can be computed apart (torchrun), else why not;
 - `train_unit`: what one training iteration processes, for the logged speed (default meta_batch tasks);
 - `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted weights);
 - `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
@@ -30,6 +31,7 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,21 @@ from metarun.data.episodes import Episodes, EpisodeSampler
 from metarun.errors import MetarunError
 
 INNER_LOSSES = ("sum_over_shot", "mean")
+
+
+class TrainingBatch(Protocol):
+    """What a training sampler's `sample()` returns and `accumulate_meta_gradient` takes: Episodes
+    (data/episodes.py), Reptile's ReptileBatch, the baseline's ImageBatch, and any future one.
+
+    A batch is a sequence of items (tasks; the baseline's images) whose meta-gradient is the mean
+    of the items' own: `shard(part)` is the batch of items `part` alone, so each torchrun process
+    computes the gradient of its share (runner/distributed.py uses only this interface)."""
+
+    def __len__(self) -> int:
+        """The number of items the batch splits into."""
+
+    def shard(self, part: slice) -> TrainingBatch:
+        """The batch of the items in `part` (a contiguous slice of range(len(self)))."""
 
 
 @dataclass
@@ -71,6 +88,9 @@ class GradientMetaLearner:
     """
 
     name = "base"
+    # Why a training batch cannot be split over torchrun processes without changing the gradient
+    # (None: each item's gradient is its own, so shares are computed apart and summed).
+    data_parallel: str | None = None
 
     def __init__(
         self,

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from metarun.data.classes import ClassImages, check_splits
-from metarun.data.omniglot import atomic_torch_save
 from metarun.errors import MetarunError
+from metarun.io import atomic_torch_save
 
 log = logging.getLogger("metarun")
 
