@@ -16,6 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from metarun.errors import MetarunError
 from metarun.runner import distributed, rundir
+from metarun.runner.files import RunFiles
 
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable install),
 # else the copy the wheel carries inside the package (see pyproject.toml).
@@ -57,7 +58,7 @@ def _record_failure(run_dir: Path, reason: str, overrides: list[str], cfg) -> No
         Exception
     ):  # e.g. an environment variable the config needs is unset: the overrides still say it
         config = None
-    (run_dir / "results.json").write_text(
+    RunFiles(run_dir).results.write_text(
         json.dumps(
             {"status": "failed", "reason": reason, "overrides": overrides, "config": config},
             indent=2,
@@ -291,15 +292,20 @@ def _check(command: str, cfg, overrides: list[str]) -> None:
         cfg, _ = resumed_config(load_checkpoint(cfg.resume, "resume"), cfg, overrides, cfg.resume)
     check_train_settings(cfg)
     resolve_device(cfg.device)
+    from metarun.algorithms import algorithm_class
+
+    distributed.check_splittable(algorithm_class(str(cfg.algorithm.name)))  # torchrun only
 
 
 def _resume_run_dir(resume: str) -> Path | None:
-    """The run dir of `resume=PATH` (a run dir, or a checkpoint in its checkpoints/), or None."""
+    """The run dir of `resume=PATH` (a run dir, or a checkpoint in its checkpoints/ or
+    checkpoints/top/), or None."""
     path = Path(resume).expanduser()
     if path.is_dir():
         return path.absolute()
-    if path.parent.name == "checkpoints":
-        return path.parent.parent.absolute()
+    folder = path.parent.parent if path.parent.name == RunFiles.TOP else path.parent
+    if folder.name == RunFiles.CHECKPOINTS:
+        return RunFiles.of_checkpoint(path).run_dir.absolute()
     return None
 
 
@@ -386,7 +392,7 @@ def _prepare(command: str, overrides: list[str], multirun: bool) -> list[str]:
 def _failed_cells(sweep_dir: Path, swept: set) -> list[str]:
     """'<cell> [<its swept settings>]: <reason>' of each cell whose results.json says it failed."""
     failed = []
-    for results in sorted(sweep_dir.rglob("results.json")):
+    for results in sorted(sweep_dir.rglob(RunFiles.RESULTS)):
         try:
             record = json.loads(results.read_text())
         except (OSError, ValueError):

@@ -35,7 +35,9 @@ def write_failure(exc: BaseException) -> OSError | None:
         seen = seen.__cause__ or seen.__context__
     text = str(exc)
     if isinstance(exc, RuntimeError) and any(t in text for t in TORCH_WRITE_FAILURES):
-        return OSError(errno.EIO, f"the write failed ({text.splitlines()[0]})")
+        # fewer bytes reached the file than were written: in practice a full disk or quota
+        reason = f"the write failed, most likely no space left on device ({text.splitlines()[0]})"
+        return OSError(errno.EIO, reason)
     return None
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from metarun.errors import MetarunError
+from metarun.runner.files import RunFiles
 
 # Settings that never make two runs different experiments: the seed (aggregated over), where and how fast it ran.
 IGNORED = {
@@ -137,12 +138,12 @@ def _read_json(path: Path) -> dict:
 
 def _run_config(run_dir: Path) -> dict | None:
     """A run's resolved settings: results.json's config, else Hydra's .hydra/config.yaml."""
-    results = run_dir / "results.json"
+    results = RunFiles(run_dir).results
     if results.is_file():
         config = _read_json(results).get("config")
         if isinstance(config, dict):
             return config
-    hydra = run_dir / ".hydra" / "config.yaml"
+    hydra = RunFiles(run_dir).hydra / "config.yaml"
     if hydra.is_file():
         from omegaconf import OmegaConf
 
@@ -159,7 +160,7 @@ def _run_config(run_dir: Path) -> dict | None:
 def load_result(path: Path) -> Result | None:
     """A Result from a results.json or an eval.json; None for files the table does not show (benchmark=lake)."""
     data, run_dir = _read_json(path), path.parent
-    if path.name == "results.json":
+    if path.name == RunFiles.RESULTS:
         config = (
             data.get("config") if isinstance(data.get("config"), dict) else _run_config(run_dir)
         )
@@ -182,7 +183,7 @@ def load_result(path: Path) -> Result | None:
     if data.get("benchmark"):
         return None
     ckpt = Path(str(data.get("checkpoint", "")))
-    config = _run_config(ckpt.parent.parent) if ckpt.parent.name == "checkpoints" else None
+    config = _run_config(ckpt.parent.parent) if ckpt.parent.name == RunFiles.CHECKPOINTS else None
     settings = (
         _flatten(config) if config else {k: data[k] for k in ("way", "shot", "query") if k in data}
     )
@@ -210,7 +211,7 @@ def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
             )
         files = sorted(
             p
-            for name in ("results.json", "eval.json")
+            for name in (RunFiles.RESULTS, RunFiles.EVAL)
             for p in d.rglob(name)
             if not any(part.startswith(".") for part in p.relative_to(d).parts)
         )

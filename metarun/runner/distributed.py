@@ -17,6 +17,7 @@ gloo side for the CPU objects exchanged before training (the run dir, a user err
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -115,8 +116,16 @@ def all_reduce(flat: torch.Tensor) -> None:
     try:
         dist.all_reduce(flat)
     except (RuntimeError, ConnectionError) as exc:  # gloo/nccl: DistBackendError is a RuntimeError
-        text = str(exc).strip().splitlines()
-        raise ProcessLost(text[-1] if text else type(exc).__name__) from exc
+        raise ProcessLost(_backend_text(exc)) from exc
+
+
+def _backend_text(exc: Exception) -> str:
+    """The gist of a backend's error: gloo's "[.../pair.cc:545] Read error [127.0.0.1]:38612:
+    Connection reset by peer. This is typically caused by ..." -> "Read error ...: Connection reset
+    by peer"."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1] if lines else "")
+    return text.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 def broadcast_params(params: dict) -> None:

@@ -11,31 +11,37 @@ import torch
 from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
-from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
+from metarun.io import atomic_write_text
+from metarun.runner.checkpoint import (
+    checkpoint_params,
+    load_checkpoint,
+    load_state,
+    resolve_checkpoint_path,
+)
 from metarun.runner.evaluate import describe, evaluate_curve, evaluate_tasks
+from metarun.runner.files import RunFiles
 from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
+from metarun.runner.state import TrainState
 
 log = logging.getLogger("metarun")
 
 
-def ensemble_paths(path: Path, blob: dict, k: int) -> list[Path]:
-    """The checkpoint itself (k=1), or the k best validation checkpoints its run kept (checkpoints/top/,
-    listed best first in the run's latest checkpoint)."""
+def ensemble_paths(path: Path, state: TrainState, k: int) -> list[Path]:
+    """The checkpoint itself (k=1), or the k best validation checkpoints its run kept
+    (checkpoints/top/, listed best first in the run's latest checkpoint)."""
     if k == 1:
         return [path]
     if k < 1:
         raise MetarunError(f"ensemble={k} must be a positive number of checkpoints.")
-    ckpt_dir = path.parent.parent if path.parent.name == "top" else path.parent
-    last = ckpt_dir / "last.pt"
-    top = (load_checkpoint(last, "checkpoint") if last.is_file() else blob).get("top", [])
+    files = RunFiles.of_checkpoint(path)
+    top = load_state(files.last).top if files.last.is_file() else state.top
     if k > len(top):
         raise MetarunError(
-            f"ensemble={k} is more than the {len(top)} best checkpoints the run in {ckpt_dir.parent} "
-            f"kept (train keep_best={blob['config'].get('keep_best', 1)}): use ensemble<={max(len(top), 1)}."
+            f"ensemble={k} is more than the {len(top)} best checkpoints the run in "
+            f"{files.run_dir} kept (train keep_best={state.config.get('keep_best', 1)}): use "
+            f"ensemble<={max(len(top), 1)}."
         )
-    from metarun.runner.train import top_path
-
-    paths = [top_path(ckpt_dir, int(e[1])) for e in top[:k]]
+    paths = [files.top(iteration) for _, iteration in top[:k]]
     for p in paths:
         if not p.is_file():
             raise MetarunError(
@@ -69,9 +75,9 @@ def curve_steps(value) -> list[int] | None:
     return sorted(set(steps))
 
 
-def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
-    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content, the
-    checkpoints to score (ensemble), the inner-step counts of the curve or None)."""
+def check_eval_settings(cfg) -> tuple[Path, TrainState, list[Path], list[int] | None]:
+    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its state,
+    the checkpoints to score (ensemble), the inner-step counts of the curve or None)."""
     if isinstance(cfg.tasks, bool) or not isinstance(cfg.tasks, int) or cfg.tasks <= 0:
         raise MetarunError(f"tasks={cfg.tasks} must be a positive number of evaluation tasks.")
     if cfg.split not in ("train", "val", "test"):
@@ -103,23 +109,61 @@ def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     curve = curve_steps(cfg.get("steps"))
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
-    blob = load_checkpoint(path, "checkpoint")
-    paths = ensemble_paths(
-        path, blob, int(cfg.ensemble)
-    )  # an impossible ensemble=K, before any work
-    return path, blob, paths, curve
+    state = load_state(path, "checkpoint")
+    paths = ensemble_paths(path, state, int(cfg.ensemble))  # an impossible ensemble=K, before work
+    return path, state, paths, curve
 
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
-    """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's record."""
-    path, blob, paths, curve = check_eval_settings(cfg)
+    """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's
+    record (benchmark=lake: runner/lake_benchmark.py's)."""
+    path, state, paths, curve = check_eval_settings(cfg)
     device = resolve_device(cfg.device)
-    if Path(cfg.checkpoint).expanduser().is_dir() and path.name != "best.pt":
+    if Path(cfg.checkpoint).expanduser().is_dir() and path.name != RunFiles.BEST:
         log.warning(
-            f"metarun: warning: {cfg.checkpoint} has no checkpoints/best.pt (the run stopped before its "
-            f"first validation): scoring {path.name} (iteration {int(blob['iteration'])}) instead."
+            f"metarun: warning: {cfg.checkpoint} has no {RunFiles.CHECKPOINTS}/{RunFiles.BEST} "
+            f"(the run stopped before its first validation): scoring {path.name} (iteration "
+            f"{state.iteration}) instead."
         )
-    train_cfg = OmegaConf.create(blob["config"])
+    train_cfg, steps = eval_config(cfg, state)
+    saved = state.algorithm if device.type == "cpu" else None  # the run's CPU execution, kept
+    _, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    lake = cfg.get("benchmark") == "lake"
+    if lake:  # its archive and checkpoint checks come before any data is decoded
+        from metarun.data import sources
+        from metarun.data.lake import find_all_runs
+        from metarun.runner.lake_benchmark import check_lake_checkpoint
+
+        check_lake_checkpoint(cfg, train_cfg, path)
+        find_all_runs(sources.source_root(train_cfg.dataset.root))
+    splits = load_splits(train_cfg, device)["splits"]
+    algorithm.bind_data(splits)
+    members = load_members(paths, path, state, algorithm, device)
+    if lake:
+        from metarun.runner.lake_benchmark import lake_benchmark
+
+        return lake_benchmark(
+            cfg, train_cfg, state, path, algorithm, members[0], device, steps, run_dir
+        )
+    scores = score(cfg, train_cfg, algorithm, members, splits[cfg.split], device, steps, curve)
+    result = eval_record(cfg, train_cfg, path, state, paths, algorithm, device, steps, scores)
+    if curve is not None:
+        log_curve(cfg, curve, scores[1], steps)
+    files = RunFiles(run_dir)
+    atomic_write_text(files.eval_record, json.dumps(result, indent=2))
+    where = (
+        f"{paths[0].parent.absolute()}"
+        if len(paths) > 1
+        else f"{path.absolute()} (iteration {state.iteration})"
+    )
+    log.info(f"{result['summary']}: {where} on {device}; wrote {files.eval_record}")
+    return result
+
+
+def eval_config(cfg, state: TrainState) -> tuple:
+    """(the training config with eval's settings applied: data root, eval_seed, rotate_eval,
+    eval_chunk, update_step_test; the number of inner steps scored)."""
+    train_cfg = OmegaConf.create(state.config)
     if cfg.data_root or (os.environ.get("METARUN_DATA") and train_cfg.dataset.name == "omniglot"):
         train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
     if cfg.eval_seed is not None:
@@ -131,80 +175,47 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
             )
         train_cfg.dataset.rotate_eval = cfg.rotate_eval
     train_cfg.eval_chunk = int(cfg.eval_chunk)
-    steps = (
-        int(cfg.update_step_test)
-        if cfg.update_step_test is not None
-        else int(train_cfg.update_step_test)
-    )
+    given = cfg.update_step_test
+    steps = int(given) if given is not None else int(train_cfg.update_step_test)
     if steps <= 0:
         raise MetarunError(f"update_step_test={steps} must be a positive number of inner steps.")
     train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
-    saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
-    model, algorithm = build_algorithm(
-        train_cfg, device, configure_execution(train_cfg, device, saved)
-    )
-    if (
-        cfg.get("benchmark") == "lake"
-    ):  # its archive and checkpoint checks come before any data is decoded
-        from metarun.data import sources
-        from metarun.data.lake import find_all_runs
-        from metarun.runner.lake_benchmark import check_lake_checkpoint
+    return train_cfg, steps
 
-        check_lake_checkpoint(cfg, train_cfg, path)
-        find_all_runs(sources.source_root(train_cfg.dataset.root))
-    splits = load_splits(train_cfg, device)["splits"]
-    algorithm.bind_data(splits)
+
+def load_members(paths: list[Path], path: Path, state: TrainState, algorithm, device) -> list:
+    """The meta-parameters of each checkpoint scored (one, or the ensemble's), on `device`."""
     expected = algorithm.init_meta_params(torch.Generator())
-    params = []
+    members = []
     for member in paths:
-        member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
-        params.append(
-            {
-                k: v.to(device)
-                for k, v in checkpoint_params(member_blob, expected, member, "checkpoint").items()
-            }
-        )
-    if cfg.get("benchmark") == "lake":
-        from metarun.runner.lake_benchmark import lake_benchmark
+        blob = {"params": state.params} if member == path else load_checkpoint(member)
+        saved = checkpoint_params(blob, expected, member, "checkpoint")
+        members.append({k: v.to(device) for k, v in saved.items()})
+    return members
 
-        return lake_benchmark(
-            cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir
-        )
-    members = params if len(params) > 1 else params[0]
+
+def score(cfg, train_cfg, algorithm, members, classes, device, steps, curve) -> tuple:
+    """((accuracy, 95% CI) after `steps` inner steps, [(accuracy, CI) per count of `curve`] or
+    None); the headline comes from the curve's inner loop when a curve is asked for."""
+    params = members if len(members) > 1 else members[0]
+    args = (algorithm, params, classes, cfg.split, train_cfg, device, int(cfg.tasks))
     if curve is None:
-        mean, ci = evaluate_tasks(
-            algorithm,
-            members,
-            splits[cfg.split],
-            cfg.split,
-            train_cfg,
-            device,
-            int(cfg.tasks),
-            steps,
-        )
-    else:  # the headline (update_step_test) comes from the same inner loop
-        computed = sorted(set(curve) | {steps})
-        scores = evaluate_curve(
-            algorithm,
-            members,
-            splits[cfg.split],
-            cfg.split,
-            train_cfg,
-            device,
-            int(cfg.tasks),
-            computed,
-        )
-        mean, ci = scores[computed.index(steps)]
-        scores = [scores[computed.index(s)] for s in curve]
+        return evaluate_tasks(*args, steps), None
+    computed = sorted(set(curve) | {steps})
+    scores = evaluate_curve(*args, computed)
+    return scores[computed.index(steps)], [scores[computed.index(s)] for s in curve]
+
+
+def eval_record(cfg, train_cfg, path, state, paths, algorithm, device, steps, scores) -> dict:
+    """eval.json's record: what was scored, how, and the result (with `curve` when asked)."""
+    (mean, ci), curve_scores = scores
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split)
-    if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (train.top_path)
-        line += (
-            f", ensemble of the {len(paths)} best checkpoints (iterations "
-            f"{', '.join(p.stem.rpartition('-')[2] for p in paths)})"
-        )
+    if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (RunFiles.top)
+        iterations = ", ".join(p.stem.rpartition("-")[2] for p in paths)
+        line += f", ensemble of the {len(paths)} best checkpoints (iterations {iterations})"
     result = {
         "checkpoint": str(path.absolute()),
-        "iteration": int(blob["iteration"]),
+        "iteration": state.iteration,
         "split": cfg.split,
         "tasks": int(cfg.tasks),
         "update_step_test": steps,
@@ -220,24 +231,22 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         "summary": line,
         "ensemble": [str(p.absolute()) for p in paths],
     }
-    if curve is not None:
+    if curve_scores is not None:
+        curve = curve_steps(cfg.get("steps"))
         result["curve"] = [
-            {"steps": s, "accuracy": m, "ci95": c} for s, (m, c) in zip(curve, scores)
+            {"steps": s, "accuracy": m, "ci95": c}
+            for s, (m, c) in zip(curve, curve_scores, strict=True)
         ]
-        table = [f"{'inner steps':>11}  {'accuracy':>8}  95% CI"]
-        table += [
-            f"{s:>11}  {100 * m:7.2f}%  ± {100 * c:.2f}%{'  (update_step_test)' if s == steps else ''}"
-            for s, (m, c) in zip(curve, scores)
-        ]
-        log.info(
-            f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
-            + "\n".join(table)
-        )
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    where = (
-        f"{paths[0].parent.absolute()}"
-        if len(paths) > 1
-        else f"{path.absolute()} (iteration {int(blob['iteration'])})"
-    )
-    log.info(f"{line}: {where} on {device}; wrote {run_dir / 'eval.json'}")
     return result
+
+
+def log_curve(cfg, curve: list[int], scores: list, steps: int) -> None:
+    """The accuracy after each number of inner steps, as a table."""
+    table = [f"{'inner steps':>11}  {'accuracy':>8}  95% CI"]
+    for s, (m, c) in zip(curve, scores, strict=True):
+        mark = "  (update_step_test)" if s == steps else ""
+        table.append(f"{s:>11}  {100 * m:7.2f}%  ± {100 * c:.2f}%{mark}")
+    log.info(
+        f"{cfg.split} accuracy after each number of inner steps ({int(cfg.tasks)} tasks):\n"
+        + "\n".join(table)
+    )

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 from metarun.errors import MetarunError
+from metarun.runner.files import RunFiles
 
-MARKER = ".metarun-run"
+MARKER = RunFiles.MARKER
 _locks: dict[Path, int] = {}  # run dir -> open fd of its locked marker, held until the process ends
 
 
@@ -61,7 +62,7 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path,
         created = _top_missing(candidate)
         try:
             candidate.mkdir(parents=True, exist_ok=True)
-            if (candidate / "checkpoints").exists():
+            if RunFiles(candidate).checkpoints.exists():
                 raise FileExistsError
             fd = os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
@@ -71,7 +72,7 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> tuple[Path,
                 continue
             hint = (
                 f"continue that run with resume={path}, or "
-                if (path / "checkpoints" / "last.pt").is_file()
+                if RunFiles(path).last.is_file()
                 else ""
             )
             raise MetarunError(
@@ -109,8 +110,8 @@ def remove_unused(path: Path, created: Path | None) -> None:
     """After a fresh run was rejected: removes what it left (every folder its claim created, e.g.
     outputs/train/<time>, or outputs/ itself), unless the run had written a checkpoint (then nothing is
     removed: finished work is never deleted)."""
-    path = Path(path)
-    if any((path / "checkpoints").glob("*.pt")):
+    path, files = Path(path), RunFiles(path)
+    if files.has_checkpoints():
         return
     if created is not None:
         shutil.rmtree(path, ignore_errors=True)
@@ -123,10 +124,10 @@ def remove_unused(path: Path, created: Path | None) -> None:
             except OSError:
                 break
         return
-    for name in (".hydra", "tensorboard", "checkpoints"):
-        shutil.rmtree(path / name, ignore_errors=True)
-    for name in (MARKER, "resolved.yaml", *[p.name for p in path.glob("metarun-*.log")]):
+    for folder in (files.hydra, files.tensorboard, files.checkpoints):
+        shutil.rmtree(folder, ignore_errors=True)
+    for file in (files.marker, files.resolved, *files.logs()):
         try:
-            (path / name).unlink()
+            file.unlink()
         except OSError:
             pass

@@ -23,7 +23,7 @@ VERSION = 2
 FORMAT = f"{FORMAT_PREFIX}{VERSION}"
 VERSIONS = (1, 2)  # the versions from_dict reads
 REQUIRED_KEYS = ("iteration", "params", "config")  # what `metarun eval` needs
-TRAINING_KEYS = ("optimizer", "sampler", "best_val", "best_iteration", "train_seconds")
+TRAINING_KEYS = ("optimizer", "best_val", "best_iteration", "train_seconds")
 
 
 def format_version(blob) -> int | None:
@@ -49,8 +49,8 @@ class TrainState:
         optimizer: the outer optimizer's `state_dict()` (Adam's moments and step counts; SGD's
             for Reptile); {} in a checkpoint that cannot be resumed.
         sampler: the training sampler's `state()`, {"seed": int, "draws": int}: the draws so far,
-            so a resumed run draws what it would have drawn. None when unknown; an older
-            checkpoint may hold a device-specific generator state (then redrawn deterministically).
+            so a resumed run draws what it would have drawn. None in checkpoints of an older
+            metarun (a device-specific `sampler_rng`): a resume then redraws deterministically.
         best_val: the best validation accuracy so far (float in [0, 1]; -1.0 before the first).
         best_iteration: the iteration of best_val (int; 0 before the first validation).
         top: the kept best validations, best first: [[accuracy (float), iteration (int)], ...],
