@@ -201,7 +201,9 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
     run = runs[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt", "top"]
     # TensorBoard events of one process (rank 0): the file names end in <pid>.<n>
-    assert len({f.name.split(".")[-2] for f in (run / "tensorboard").iterdir()}) == 1
+    # (and tensorboard/hparams/, the run's HParams record)
+    events = (run / "tensorboard").rglob("events.out.tfevents.*")
+    assert len({f.name.split(".")[-2] for f in events}) == 1
     log = (run / "metarun-train.log").read_text()
     assert log.count("iteration 3: validation accuracy") == 1 and log.count("test accuracy") == 1
     assert proc.stdout.count("test accuracy") == 1

@@ -34,9 +34,11 @@ def finish(run, state: TrainState, ended: str, hparam_keys) -> dict:
     try:
         atomic_write_text(run.files.results, json.dumps(results, indent=2))
     except OSError as exc:
+        reason = describe_write_failure(exc)
+        fix = "Free some space" if "no space" in reason else "Make it writable"
         raise MetarunError(
-            f"could not write {run.files.results}: {describe_write_failure(exc)}; the run's "
-            f"checkpoints are kept. Free some space, then {run.resume_hint()} (it tests again)."
+            f"could not write {run.files.results}: {reason}; the run's checkpoints are kept. "
+            f"{fix}, then {run.resume_hint()} (it tests again)."
         ) from None
     log.info(
         f"metarun: run dir {run.files.run_dir} ({RunFiles.RESULTS}, {RunFiles.CHECKPOINTS}/, "

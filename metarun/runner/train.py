@@ -151,10 +151,10 @@ class Run:
         try:
             save_checkpoint(path, self.capture(state))
         except CheckpointWriteError as exc:
+            fix = "Free some space" if "no space" in exc.reason else "Make it writable"
             raise MetarunError(
                 f"could not write the checkpoint {exc.path}: {exc.reason}; training stopped at "
-                f"iteration {state.iteration} and {self.kept()}. Free some space, then "
-                f"{self.resume_hint()}"
+                f"iteration {state.iteration} and {self.kept()}. {fix}, then {self.resume_hint()}"
             ) from None
         if path == self.files.last:
             self.saved_iteration = state.iteration
@@ -354,6 +354,8 @@ class Loop:
                 out_of_time and run.main,
             )  # fmt: skip
         except distributed.ProcessLost as exc:
+            if run.stop.requested and not run.main:  # rank 0 stopped on the same signal
+                raise Stopped(run.stop.signum, f"training, at iteration {done - 1}") from None
             raise self.lost(exc, done) from None
         read = (
             self.check_every_step
