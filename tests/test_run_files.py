@@ -2,7 +2,6 @@
 (metarun/io.py) that checkpoints and data caches share."""
 
 import ast
-from pathlib import Path
 
 from conftest import REPO
 
