@@ -41,6 +41,7 @@ from omegaconf import OmegaConf, open_dict
 from metarun import settings
 from metarun.errors import MetarunError
 from metarun.runner import distributed, rundir, sweep
+from metarun.runner.files import RunFiles
 from metarun.tasks import family_of_metric
 
 # Absolute, so that it works from any folder once installed: the source tree's conf/ (editable
@@ -365,15 +366,20 @@ def _check(command: str, cfg, overrides: list[str]) -> None:
         cfg, _ = resumed_config(load_checkpoint(cfg.resume, "resume"), cfg, overrides, cfg.resume)
     check_train_settings(cfg)
     resolve_device(cfg.device)
+    from metarun.algorithms import algorithm_class
+
+    distributed.check_splittable(algorithm_class(str(cfg.algorithm.name)))  # torchrun only
 
 
 def _resume_run_dir(resume: str) -> Path | None:
-    """The run dir of `resume=PATH` (a run dir, or a checkpoint in its checkpoints/), or None."""
+    """The run dir of `resume=PATH` (a run dir, or a checkpoint in its checkpoints/ or
+    checkpoints/top/), or None."""
     path = Path(resume).expanduser()
     if path.is_dir():
         return path.absolute()
-    if path.parent.name == "checkpoints":
-        return path.parent.parent.absolute()
+    folder = path.parent.parent if path.parent.name == RunFiles.TOP else path.parent
+    if folder.name == RunFiles.CHECKPOINTS:
+        return RunFiles.of_checkpoint(path).run_dir.absolute()
     return None
 
 
@@ -473,7 +479,7 @@ def _check_cells(cells: list, composed: list, sweep_dir: Path, swept, again: boo
                 "or the swept settings."
             )
         seen[cell_dir] = cell
-        taken = (cell_dir / rundir.MARKER).exists() or (cell_dir / "checkpoints").exists()
+        taken = (cell_dir / rundir.MARKER).exists() or (cell_dir / RunFiles.CHECKPOINTS).exists()
         if taken and not (again and cfg.get("resume") == "auto"):
             raise MetarunError(
                 f"the sweep cell dir {cell_dir} already belongs to another run: choose a new "

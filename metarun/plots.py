@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from metarun.errors import MetarunError
+from metarun.runner.files import RunFiles
 
 PLOT_TASKS = 4
 PLOT_STEPS = (0, 1, 10)  # the paper's Figure 2: pre-update, 1 and 10 gradient steps
@@ -96,7 +97,7 @@ def validation_series(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    folder = Path(run_dir) / "tensorboard"
+    folder = Path(run_dir) / RunFiles.TENSORBOARD
     if not folder.is_dir():
         return {}
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0})

@@ -41,6 +41,7 @@ from pathlib import Path
 
 from metarun import settings
 from metarun.errors import MetarunError
+from metarun.runner.files import RunFiles
 from metarun.tasks import CLASSIFICATION, TaskFamily, family_of, family_of_metric
 
 # Settings that never make two runs different experiments: the seed (aggregated over), where and how
@@ -235,12 +236,12 @@ def _read_json(path: Path) -> dict:
 
 def _run_config(run_dir: Path) -> dict | None:
     """A run's resolved settings: results.json's config, else Hydra's .hydra/config.yaml."""
-    results = run_dir / "results.json"
+    results = RunFiles(run_dir).results
     if results.is_file():
         config = _read_json(results).get("config")
         if isinstance(config, dict):
             return config
-    hydra = run_dir / ".hydra" / "config.yaml"
+    hydra = RunFiles(run_dir).hydra / "config.yaml"
     if hydra.is_file():
         from omegaconf import OmegaConf
 
@@ -264,11 +265,11 @@ def _checkpoint_file(value) -> Path:
     resolves it."""
     path = Path(str(value or "")).expanduser()
     if path.is_dir():
-        best = path / "checkpoints" / "best.pt"
+        best = path / RunFiles.CHECKPOINTS / RunFiles.BEST
         return (
             best
-            if best.is_file() or not (path / "checkpoints" / "last.pt").is_file()
-            else best.with_name("last.pt")
+            if best.is_file() or not (path / RunFiles.CHECKPOINTS / RunFiles.LAST).is_file()
+            else best.with_name(RunFiles.LAST)
         )
     return path
 
@@ -276,9 +277,9 @@ def _checkpoint_file(value) -> Path:
 def _checkpoint_run(ckpt: Path) -> Path:
     """The run dir of a checkpoint (<run>/checkpoints/X.pt, <run>/checkpoints/top/X.pt), else the
     file itself."""
-    if ckpt.parent.name == "top" and ckpt.parent.parent.name == "checkpoints":
+    if ckpt.parent.name == "top" and ckpt.parent.parent.name == RunFiles.CHECKPOINTS:
         return ckpt.parent.parent.parent
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt
+    return ckpt.parent.parent if ckpt.parent.name == RunFiles.CHECKPOINTS else ckpt
 
 
 def _checkpoint_name(ckpt: Path) -> str:
@@ -292,8 +293,8 @@ def _train_settings(config: dict) -> dict:
     settings.update(
         {
             "split": "test",
-            "file": "results.json",
-            "checkpoint": "best.pt",
+            "file": RunFiles.RESULTS,
+            "checkpoint": RunFiles.BEST,
             "ensemble": 1,
             "dataset.rotate_eval": bool(settings.get("dataset.rotate_eval") or False),
         }
@@ -318,7 +319,7 @@ def _eval_settings(record: dict) -> tuple[dict, Path]:
     settings.update(
         {
             "split": record.get("split") or "test",
-            "file": "eval.json",
+            "file": RunFiles.EVAL,
             "checkpoint": _checkpoint_name(ckpt),
             "ensemble": len(ensemble) if isinstance(ensemble, list) else int(ensemble or 1),
             "dataset.rotate_eval": bool(
@@ -373,7 +374,7 @@ def train_result(path: Path, data: dict) -> Result:
         _number(data.get("test_ci95")) or 0.0,
         tasks=data.get("test_tasks") or config.get("test_tasks"),
         eval_seed=config.get("eval_seed"),
-        sample=(run, "best.pt", data.get("best_iteration")),
+        sample=(run, RunFiles.BEST, data.get("best_iteration")),
     )
 
 
@@ -410,7 +411,7 @@ def eval_results(path: Path, data: dict) -> list[Result]:
 def load_results(path: Path) -> list[Result]:
     """The Results of one results.json (`metarun train`) or eval.json (`metarun eval`)."""
     data = _read_json(path)
-    return [train_result(path, data)] if path.name == "results.json" else eval_results(path, data)
+    return [train_result(path, data)] if path.name == RunFiles.RESULTS else eval_results(path, data)
 
 
 def _running(run_dir: Path) -> bool:
@@ -430,7 +431,7 @@ def _running(run_dir: Path) -> bool:
 def _progress(run_dir: Path, config: dict) -> str:
     """How far an unfinished training run got, from its last.pt, and how to continue it."""
     state = "still running" if _running(run_dir) else "stopped"
-    last = run_dir / "checkpoints" / "last.pt"
+    last = run_dir / RunFiles.CHECKPOINTS / RunFiles.LAST
     if not last.is_file():
         return f"no results.json and no checkpoint ({state} before its first checkpoint)"
     try:
@@ -453,7 +454,7 @@ def _launch_dir(run_dir: Path) -> Path:
     try:
         from omegaconf import OmegaConf
 
-        hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml")
+        hydra = OmegaConf.load(run_dir / RunFiles.HYDRA / "hydra.yaml")
         return Path(str(hydra.hydra.runtime.cwd))
     except Exception:  # no or another hydra.yaml: the report's own folder is the best guess
         return Path.cwd()
@@ -487,14 +488,14 @@ def run_dirs_without_results(base: Path) -> list[Path]:
     from metarun.runner.rundir import MARKER
 
     found = {p.parent for p in base.rglob(MARKER)}
-    found |= {p.parent.parent for p in base.rglob("config.yaml") if p.parent.name == ".hydra"}
+    found |= {p.parent.parent for p in base.rglob("config.yaml") if p.parent.name == RunFiles.HYDRA}
     return sorted(
         d
         for d in found
         if _outside_hidden(base, d)
         and not (d / "multirun.yaml").is_file()
-        and not (d / "results.json").is_file()
-        and not (d / "eval.json").is_file()
+        and not (d / RunFiles.RESULTS).is_file()
+        and not (d / RunFiles.EVAL).is_file()
     )
 
 
@@ -509,7 +510,7 @@ def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
             )
         files = sorted(
             p
-            for name in ("results.json", "eval.json")
+            for name in (RunFiles.RESULTS, RunFiles.EVAL)
             for p in d.rglob(name)
             if _outside_hidden(d, p)
         )
@@ -525,7 +526,7 @@ def collect(dirs: list[Path]) -> tuple[list[Result], list[Path]]:
         for run_dir in unfinished:
             result = incomplete_result(run_dir)
             if result is None:
-                skipped.append(run_dir / ".hydra" / "config.yaml")
+                skipped.append(run_dir / RunFiles.HYDRA / "config.yaml")
             else:
                 results.append(result)
     return results, skipped
@@ -894,10 +895,10 @@ def report_plots(results: list[Result], out: Path) -> list[Path]:
     runs, curves = {}, {}
     for r in results:
         label = os.path.relpath(r.where, out)
-        if (r.where / "tensorboard").is_dir():
+        if (r.where / RunFiles.TENSORBOARD).is_dir():
             runs[label] = r.where
-        record = r.where / "eval.json"
-        if r.settings.get("file") == "eval.json" and record.is_file():
+        record = r.where / RunFiles.EVAL
+        if r.settings.get("file") == RunFiles.EVAL and record.is_file():
             data = _read_json(record)
             if data.get("curve"):
                 metric = family_of_metric(data.get("metric")).metric

@@ -510,6 +510,8 @@ def test_paper_columns_blank_in_rows_of_another_protocol(tmp_path, capsys):
     lines = table_lines(capsys.readouterr().out)
     assert lines[2].startswith("| 5 | 1 | test | 96.00 ± 1.00 | 98.7 ± 0.4 |")
     assert lines[3].startswith("| 5 | 1 | val | 97.00 ± 1.00 |  |")
+
+
 def table_rows(text: str) -> list[dict]:
     """The Markdown table of a report as {column: cell} per row."""
     lines = [line for line in text.splitlines() if line.startswith("|")]

@@ -3,10 +3,12 @@ and `resume=auto`, Hydra's Optuna sweeper and its `hparams_search` config, Hydra
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,58 +50,145 @@ def torchrun(*args, cwd, timeout=300):
     )
 
 
-# 1. Data parallelism over the meta-batch -------------------------------------------------------------
+# 1. Data parallelism over the meta-batch ----------------------------------------------------------
 
 GRADIENT_WORKER = """
 import sys, torch
 sys.path.insert(0, sys.argv[2])
-from metarun.algorithms.maml import MAML
-from metarun.models.conv4 import Conv4
+from test_scaleout import algorithm_and_batch
 from metarun.runner import distributed
-from test_maml import random_episodes
 
 distributed.init()
-model = Conv4(3, filters=6, image_size=16)
-maml = MAML(model, 0.4, 2, 2, False, impl="batched")
-# rank 1 starts from other weights: the broadcast must replace them with rank 0's
-params = maml.init_meta_params(torch.Generator().manual_seed(distributed.rank()), dtype=torch.float64)
-params = {k: v.requires_grad_(True) for k, v in params.items()}
-distributed.broadcast_params(params)
-optimizer = torch.optim.SGD(params.values(), lr=0.0)   # the step leaves the weights, .grad keeps the gradient
-ep = random_episodes(5, 3, 1, 2)                       # 5 tasks: shares of 2 and 3
-# rank 1 is asked to stop, rank 0's time runs out: every rank must learn both from the same all-reduce
-result, stop = distributed.train_step(maml, params, optimizer, ep, distributed.rank() == 1, distributed.rank() == 0)
-torch.save({"grads": {k: v.grad for k, v in params.items()}, "loss": result.meta_loss,
-            "accuracy": result.accuracy, "stop": stop}, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
+out = {}
+for name in sys.argv[3].split(","):
+    algo, batch = algorithm_and_batch(name)
+    # rank 1 starts from other weights: the broadcast must replace them with rank 0's
+    seed = distributed.rank()
+    params = algo.init_meta_params(torch.Generator().manual_seed(seed), dtype=torch.float64)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    distributed.broadcast_params(params)
+    # lr 0: the step leaves the weights, .grad keeps the gradient
+    optimizer = torch.optim.SGD(params.values(), lr=0.0)
+    algo.begin_iteration(0, None)
+    # rank 1 is asked to stop, rank 0's time runs out: every rank must learn both from the same
+    # all-reduce
+    result, stop = distributed.train_step(
+        algo, params, optimizer, batch, distributed.rank() == 1, distributed.rank() == 0
+    )
+    out[name] = {"grads": {k: v.grad for k, v in params.items()}, "loss": result.meta_loss,
+                 "accuracy": result.accuracy, "stop": stop}
+torch.save(out, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
 distributed.finish()
 """
 
+# Every algorithm whose meta-batch torchrun splits; pretrain's is refused (see below).
+SPLIT = ("maml", "anil", "metasgd", "mamlpp", "reptile")
+
+
+def algorithm_and_batch(name: str):
+    """A float64 algorithm on a small conv4 and its training batch of 5 tasks (shares: 2, 3)."""
+    from test_maml import random_episodes
+
+    from metarun.algorithms.anil import ANIL
+    from metarun.algorithms.maml import MAML
+    from metarun.algorithms.mamlpp import MAMLPlusPlus
+    from metarun.algorithms.metasgd import MetaSGD
+    from metarun.algorithms.reptile import Reptile
+    from metarun.models.conv4 import Conv4
+
+    model = Conv4(3, filters=6, image_size=16)
+    make = {
+        "maml": lambda: MAML(model, 0.4, 2, 2, False, impl="batched"),
+        "anil": lambda: ANIL(model, 0.4, 2, 2, False, impl="batched"),
+        "metasgd": lambda: MetaSGD(model, 0.4, 2, 2, False, impl="batched"),
+        # multi-step loss, per-step batch norm, learned per-step rates: all on
+        "mamlpp": lambda: MAMLPlusPlus(
+            model, 0.4, 2, 2, impl="batched", msl_epochs=1, iterations_per_epoch=10, iterations=10
+        ),
+        # inner SGD: Adam's g / sqrt(v) turns the float noise of a weight with no true gradient
+        # (a bias before batch norm) into 1e-10 differences, whatever computes the tasks
+        "reptile": lambda: Reptile(
+            model, 0.1, 2, 2, train_shots=3, inner_batch=2, inner_optimizer="sgd", impl="batched"
+        ),
+    }
+    algo = make[name]()
+    ep = random_episodes(5, 3, 2, 1)
+    return algo, algo.bench_batch(ep, torch.Generator().manual_seed(1))
+
+
+def test_every_batch_type_gives_a_share_of_its_items():
+    from test_maml import random_episodes
+
+    from metarun.algorithms.pretrain import ImageBatch
+    from metarun.algorithms.reptile import to_batch
+
+    ep = random_episodes(5, 3, 1, 2)
+    reptile = to_batch(ep, True, 2, 2, torch.Generator().manual_seed(0), "cpu")
+    images = ImageBatch(torch.rand(7, 1, 4, 4), torch.arange(7))
+    for batch in (ep, reptile, images):
+        share = batch.shard(slice(1, 3))
+        assert type(share) is type(batch) and len(batch) in (5, 7) and len(share) == 2
+        for field in vars(batch):
+            assert torch.equal(getattr(share, field), getattr(batch, field)[1:3]), field
+
 
 def test_two_process_meta_gradient_equals_the_single_process_one(tmp_path):
+    """For every algorithm torchrun runs: the 2-process gradient (gloo, float64) is the
+    1-process one; for MAML also the independent per-task reference's."""
     from test_maml import random_episodes, reference_gradient
-
-    from metarun.algorithms.maml import MAML
-    from metarun.models.conv4 import Conv4
 
     script = tmp_path / "worker.py"
     script.write_text(GRADIENT_WORKER)
-    proc = torchrun(str(script), str(tmp_path), str(REPO / "tests"), cwd=tmp_path)
+    proc = torchrun(str(script), str(tmp_path), str(REPO / "tests"), ",".join(SPLIT), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    model = Conv4(3, filters=6, image_size=16)
-    maml = MAML(model, 0.4, 2, 2, False, impl="batched")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for name in SPLIT:
+        algo, batch = algorithm_and_batch(name)
+        params = algo.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        algo.begin_iteration(0, None)
+        single = algo.accumulate_meta_gradient(leaves, batch)
+        for rank, out in enumerate(ranks):
+            got = out[name]
+            for k in params:
+                assert torch.allclose(got["grads"][k], leaves[k].grad, rtol=0, atol=1e-10), (
+                    name,
+                    rank,
+                    k,
+                )
+            assert abs(got["loss"].item() - single.meta_loss.item()) < 1e-10, name
+            assert abs(got["accuracy"].item() - single.accuracy.mean().item()) < 1e-10, name
+            assert got["stop"].tolist() == [1.0, 1.0]  # (a stop was asked, time ran out), each rank
+    maml, _ = algorithm_and_batch("maml")
     params = maml.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
-    ep = random_episodes(5, 3, 1, 2)
-    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-    single = maml.accumulate_meta_gradient(leaves, ep)
-    reference = reference_gradient(params, ep, 3, 0.4, 2, False, "stride")
-    for rank in (0, 1):
-        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
-        for k in params:
-            assert torch.allclose(out["grads"][k], leaves[k].grad, rtol=0, atol=1e-10), (rank, k)
-            assert torch.allclose(out["grads"][k], reference[k], rtol=0, atol=1e-10), (rank, k)
-        assert abs(out["loss"].item() - single.meta_loss.item()) < 1e-10
-        assert abs(out["accuracy"].item() - single.accuracy.mean().item()) < 1e-10
-        assert out["stop"].tolist() == [1.0, 1.0]  # (a stop was asked, time ran out), on both ranks
+    reference = reference_gradient(params, random_episodes(5, 3, 2, 1), 3, 0.4, 2, False, "stride")
+    for k in params:
+        assert torch.allclose(ranks[0]["maml"]["grads"][k], reference[k], rtol=0, atol=1e-10), k
+
+
+def test_torchrun_trains_reptile_and_refuses_pretrain_in_one_line(tiny_root, tmp_path):
+    reptile = [
+        "algorithm=reptile",
+        "algorithm.train_shots=3",
+        "algorithm.inner_batch=4",
+        "update_lr=0.01",
+    ]
+    run = tmp_path / "reptile"
+    proc = torchrun(
+        "-m", "metarun.cli", *tiny_args(tiny_root, run, "meta_batch=3", *reptile), cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((run / "results.json").read_text())
+    assert results["status"] == "completed" and results["history"][-1]["processes"] == 2
+    run = tmp_path / "pretrain"
+    proc = torchrun(
+        "-m", "metarun.cli", *tiny_args(tiny_root, run, "algorithm=pretrain"), cwd=tmp_path
+    )
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("metarun: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert "algorithm=pretrain cannot run under torchrun" in errors[0]
+    assert "batch-norm batch" in errors[0] and "without torchrun" in errors[0]
+    assert not run.exists()
 
 
 def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_path):
@@ -112,7 +201,9 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
     run = runs[0]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.pt", "last.pt", "top"]
     # TensorBoard events of one process (rank 0): the file names end in <pid>.<n>
-    assert len({f.name.split(".")[-2] for f in (run / "tensorboard").iterdir()}) == 1
+    # (and tensorboard/hparams/, the run's HParams record)
+    events = (run / "tensorboard").rglob("events.out.tfevents.*")
+    assert len({f.name.split(".")[-2] for f in events}) == 1
     log = (run / "metarun-train.log").read_text()
     assert log.count("iteration 3: validation accuracy") == 1 and log.count("test accuracy") == 1
     assert proc.stdout.count("test accuracy") == 1
@@ -152,7 +243,54 @@ def test_time_limit_under_torchrun_stops_every_rank_at_the_same_iteration(tiny_r
     )
 
 
-# 2. Preemption: SIGUSR2 and resume=auto --------------------------------------------------------------
+def rank_pid(tag: str, rank: int) -> int | None:
+    """The pid of the torchrun worker of this rank among the processes started with env tag."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            env = (Path("/proc") / pid / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"METARUN_TEST_TAG={tag}".encode() in env and f"RANK={rank}".encode() in env:
+            return int(pid)
+    return None
+
+
+def test_a_dead_torchrun_process_is_one_line_from_rank_0(tiny_root, tmp_path):
+    """kill -9 of rank 1: rank 0 says that a process died, where the run stopped and how to resume
+    it, in one line (and in the log), instead of gloo's "Connection reset by peer" traceback."""
+    run = tmp_path / "run"
+    args = tiny_args(tiny_root, run, "iterations=100000", "val_tasks=2", "log_every=100000")
+    env = {**env_without_data(), "METARUN_TEST_TAG": str(run)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        + ["-m", "metarun.cli", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(1)
+    os.kill(rank_pid(str(run), 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    errors = [line for line in err.splitlines() if line.startswith("metarun: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, err[-3000:]
+    line = errors[0]
+    assert "a torchrun process of this run died" in line and "Connection reset" in line, line
+    stopped = int(re.search(r"during iteration (\d+) of 100000", line)[1])
+    kept = int(re.search(r"last good checkpoint .*last.pt \(iteration (\d+)\) is kept", line)[1])
+    assert 0 < kept <= stopped and ckpt(run)["iteration"] == kept
+    assert line.endswith(
+        f"resume with: torchrun --nproc-per-node=2 -m metarun.cli train resume={run}"
+    )
+    assert not re.search(r'File ".*metarun/', err)  # no traceback through metarun's code
+    assert line.removeprefix("metarun: ") in (run / "metarun-train.log").read_text()
+
+
+# 2. Preemption: SIGUSR2 and resume=auto -----------------------------------------------------------
 
 
 def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
@@ -194,7 +332,7 @@ def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
 
 
-# 3. Optuna: the task returns the best validation accuracy --------------------------------------------
+# 3. Optuna: the task returns the best validation accuracy -----------------------------------------
 
 
 def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_trial(
@@ -254,7 +392,7 @@ def test_unknown_launcher_is_one_line(tiny_root, tmp_path):
     assert "metarun[launchers]" in proc.stderr
 
 
-# 4. Launchers ----------------------------------------------------------------------------------------
+# 4. Launchers -------------------------------------------------------------------------------------
 
 
 def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):

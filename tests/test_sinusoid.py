@@ -19,7 +19,7 @@ from metarun.algorithms.metasgd import MetaSGD
 from metarun.data.sinusoid import load_sinusoid
 from metarun.errors import MetarunError
 from metarun.models.mlp import MLP
-from metarun.runner.train import rank_top
+from metarun.runner.state import TrainState
 from metarun.tasks import CLASSIFICATION, REGRESSION
 
 SINE = {"amp_range": [0.1, 5.0], "phase_range": [0.0, 3.14159], "input_range": [-5.0, 5.0]}
@@ -103,8 +103,9 @@ def test_fixed_tasks_depend_only_on_seed_split_and_index():
 def test_regression_family_ranks_lower_first():
     assert REGRESSION.better(0.3, 0.5) and not REGRESSION.better(0.5, 0.3)
     assert CLASSIFICATION.better(0.9, 0.8)
-    top, dropped = rank_top([[0.5, 100], [0.2, 200]], 0.3, 300, 2, REGRESSION)
-    assert top == [[0.2, 200], [0.3, 300]] and dropped == [[0.5, 100]]
+    state = TrainState(iteration=0, params={}, config={}, top=[[0.5, 100], [0.2, 200]])
+    dropped = state.rank_top(0.3, 300, 2, REGRESSION)
+    assert state.top == [[0.2, 200], [0.3, 300]] and dropped == [[0.5, 100]]
     assert REGRESSION.objective(0.25) == -0.25  # what Optuna (maximize) gets
     assert REGRESSION.worst == float("inf")
 

@@ -21,7 +21,8 @@ Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAM
 - `bind_data`: sees the loaded splits before the meta-parameters are made (the pre-training baseline sizes
   its classifier by the training classes; Reptile checks train_shots);
 - `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
-  the baseline: mini-batches of labelled images); its state() is checkpointed;
+  the baseline: mini-batches of labelled images), a TrainingBatch; its state() is checkpointed;
+- `data_parallel`: None when a batch's shares can be computed apart (torchrun), else why not;
 - `train_unit`: what one training iteration processes, for the logged speed (default meta_batch tasks);
 - `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted
   weights), whose every step first clips the gradient elementwise with `meta_grad_clip` (`clipped`);
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -41,6 +43,21 @@ from metarun.errors import MetarunError
 from metarun.tasks import CLASSIFICATION, TaskFamily
 
 INNER_LOSSES = ("sum_over_shot", "mean")
+
+
+class TrainingBatch(Protocol):
+    """What a training sampler's `sample()` returns and `accumulate_meta_gradient` takes: Episodes
+    (data/episodes.py), Reptile's ReptileBatch, the baseline's ImageBatch, and any future one.
+
+    A batch is a sequence of items (tasks; the baseline's images) whose meta-gradient is the mean
+    of the items' own: `shard(part)` is the batch of items `part` alone, so each torchrun process
+    computes the gradient of its share (runner/distributed.py uses only this interface)."""
+
+    def __len__(self) -> int:
+        """The number of items the batch splits into."""
+
+    def shard(self, part: slice) -> TrainingBatch:
+        """The batch of the items in `part` (a contiguous slice of range(len(self)))."""
 
 
 @dataclass
@@ -76,6 +93,9 @@ class GradientMetaLearner:
     family = CLASSIFICATION  # bind_family sets the run's (metarun/tasks.py)
     families = ("classification",)  # task families the algorithm can run
     family_refusal = ""  # why it cannot run the others (one clause)
+    # Why a training batch cannot be split over torchrun processes without changing the gradient
+    # (None: each item's gradient is its own, so shares are computed apart and summed).
+    data_parallel: str | None = None
 
     def __init__(
         self,

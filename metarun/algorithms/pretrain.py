@@ -42,6 +42,16 @@ class ImageBatch:
     x: torch.Tensor  # float [B, C, H, W], pixel / 255
     y: torch.Tensor  # long [B]: class index (+ k * classes for a rotation by k * 90 degrees)
 
+    def __len__(self) -> int:
+        """B: the number of images."""
+        return self.x.shape[0]
+
+    def shard(self, part: slice) -> ImageBatch:
+        """The images in `part` (metarun.algorithms.base.TrainingBatch). Their gradient is not
+        their share of the batch's: batch norm normalises with the statistics of the whole batch
+        (Pretrain.data_parallel)."""
+        return ImageBatch(self.x[part], self.y[part])
+
 
 class ImageSampler(SeededDraws):
     """Mini-batches of `batch_size` labelled images drawn uniformly from all images of a split, each rotated
@@ -107,6 +117,11 @@ class Pretrain(GradientMetaLearner):
     family_refusal = (
         "it trains a classifier over the training classes; the regression baseline is "
         "algorithm=joint"
+    )
+    data_parallel = (
+        "its training batch of algorithm.batch_size images is one batch-norm batch (the learner "
+        "normalises with the statistics of all of its images), so a share of it per process "
+        "would change the gradient"
     )
 
     def __init__(

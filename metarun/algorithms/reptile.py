@@ -74,6 +74,15 @@ class ReptileBatch:
         torch.Tensor
     )  # long [B, update_step, inner_batch]: the images (indices into x) of each inner step
 
+    def __len__(self) -> int:
+        """B: the number of tasks."""
+        return self.x.shape[0]
+
+    def shard(self, part: slice) -> ReptileBatch:
+        """The tasks in `part` (metarun.algorithms.base.TrainingBatch): each task's outer
+        "gradient" phi - W is its own."""
+        return ReptileBatch(self.x[part], self.y[part], self.order[part])
+
 
 def mini_batch_order(
     tasks: int, images: int, steps: int, batch: int, generator, device

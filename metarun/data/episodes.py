@@ -17,6 +17,16 @@ class Episodes:
     x_query: torch.Tensor  # float [B, way*query, C, H, W]
     y_query: torch.Tensor  # long  [B, way*query]
 
+    def __len__(self) -> int:
+        """B: the number of tasks."""
+        return self.x_support.shape[0]
+
+    def shard(self, part: slice) -> Episodes:
+        """The tasks in `part` (metarun.algorithms.base.TrainingBatch)."""
+        return Episodes(
+            self.x_support[part], self.y_support[part], self.x_query[part], self.y_query[part]
+        )
+
 
 def check_episode_shape(
     classes: ClassImages,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from metarun.data import embedded, sources
 from metarun.data.classes import ClassImages
 from metarun.errors import MetarunError
+from metarun.io import atomic_torch_save  # noqa: F401  (re-exported: scripts and tests import it here)
 
 log = logging.getLogger("metarun")
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
@@ -190,27 +190,6 @@ def _read_cache(path: Path, fingerprint: str, size: int, method: str = "lanczos"
         log.warning(f"metarun: cache {path} is stale or corrupt; rebuilding it")
         return None
     return blob
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """Write to a temp file in the same folder, flush to disk, then rename: a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; give the file the permissions a plain open() would (a shared cache or run dir
-        # stays readable by the group/others the umask allows)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_cache(blob: dict, path: Path) -> bool:

@@ -1,9 +1,12 @@
 """Data parallelism over the meta-batch with `torchrun` and torch.distributed.
 
-Every rank draws the same meta-batch from the same seed (the sampler's state is a counter, identical on
-every rank) and computes the meta-gradient of its contiguous share of the tasks; one all-reduce per
-iteration sums the per-rank gradient sums, so every rank applies the meta-gradient over the whole
-meta-batch (the single-process one, up to the order of a float sum) and the weights stay identical.
+Every rank draws the same meta-batch from the same seed (the sampler's state is a counter, the same
+on every rank) and computes the meta-gradient of its contiguous share of it (`batch.shard(part)`:
+tasks, or whatever items the algorithm's batch splits into; algorithms.base.TrainingBatch); one
+all-reduce per iteration sums the per-rank gradient sums, so every rank applies the meta-gradient
+over the whole meta-batch (the single-process one, up to the order of a float sum) and the weights
+stay identical. An algorithm whose batch cannot be split so (its `data_parallel` says why) is
+refused.
 Parameters are broadcast from rank 0 at the start (and after a resume). Only rank 0 logs, validates,
 checkpoints and writes results; all ranks work in the one run dir that rank 0 claimed (metarun/cli.py).
 
@@ -14,12 +17,21 @@ gloo side for the CPU objects exchanged before training (the run dir, a user err
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
-from metarun.algorithms.base import StepResult
-from metarun.data.episodes import Episodes
+from metarun.algorithms.base import StepResult, TrainingBatch
 from metarun.errors import MetarunError
+
+
+class ProcessLost(Exception):
+    """A collective failed: another torchrun process died or lost its connection (`cause`: the
+    backend's text, e.g. gloo's "Connection closed by peer")."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
 
 
 def world_size() -> int:
@@ -86,8 +98,34 @@ def share(meta_batch: int) -> slice:
     return slice(me * meta_batch // world, (me + 1) * meta_batch // world)
 
 
-def take(ep: Episodes, part: slice) -> Episodes:
-    return Episodes(ep.x_support[part], ep.y_support[part], ep.x_query[part], ep.y_query[part])
+def check_splittable(algorithm_cls) -> None:
+    """Under torchrun: refuses an algorithm whose training batch cannot be split over processes
+    without changing its gradient (its class's `data_parallel` reason); nothing without torchrun."""
+    reason = getattr(algorithm_cls, "data_parallel", None)
+    if world_size() > 1 and reason:
+        raise MetarunError(
+            f"algorithm={algorithm_cls.name} cannot run under torchrun: {reason}. Run it in one "
+            "process (without torchrun)."
+        )
+
+
+def all_reduce(flat: torch.Tensor) -> None:
+    """Sums `flat` over the ranks in place; ProcessLost when another process is gone."""
+    import torch.distributed as dist
+
+    try:
+        dist.all_reduce(flat)
+    except (RuntimeError, ConnectionError) as exc:  # gloo/nccl: DistBackendError is a RuntimeError
+        raise ProcessLost(_backend_text(exc)) from exc
+
+
+def _backend_text(exc: Exception) -> str:
+    """The gist of a backend's error: gloo's "[.../pair.cc:545] Read error [127.0.0.1]:38612:
+    Connection reset by peer. This is typically caused by ..." -> "Read error ...: Connection reset
+    by peer"."""
+    lines = str(exc).strip().splitlines()
+    text = re.sub(r"^\[[^\]]*\]\s*", "", lines[-1] if lines else "")
+    return text.split(". ")[0].rstrip(".") or type(exc).__name__
 
 
 def broadcast_params(params: dict) -> None:
@@ -102,25 +140,29 @@ def broadcast_params(params: dict) -> None:
 
 
 def train_step(
-    algorithm, params: dict, optimizer, ep: Episodes, stop: bool, out_of_time: bool = False
+    algorithm,
+    params: dict,
+    optimizer,
+    batch: TrainingBatch,
+    stop: bool,
+    out_of_time: bool = False,
 ) -> tuple[StepResult, torch.Tensor]:
     """One data-parallel meta-iteration (metarun.algorithms.base.meta_train_step over the ranks).
 
-    ep: the whole meta-batch (the same on every rank); this rank computes the gradient of its share
-    (mean over its tasks), turns it into its sum over the global meta-batch's size, and one all-reduce
-    (sum) of a flat buffer gives every rank the gradient of the mean over all tasks, the mean meta-loss
-    and accuracy, whether any rank was asked to stop (SIGTERM/SIGUSR2 may reach one rank first; all
-    must stop at the same iteration) and whether any rank's time_limit ran out (each rank's clock differs;
-    the runner passes rank 0's). Returns (StepResult with the global meta-loss and a one-element
-    accuracy [1] = the mean over all tasks, flags [2]: [0] > 0 when any rank was asked to stop, [1] > 0
-    when time ran out: read them at the same iterations on every rank)."""
-    import torch.distributed as dist
-
-    total = ep.x_support.shape[0]
+    batch: the whole meta-batch (the same on every rank); this rank computes the gradient of its
+    share (mean over its items), turns it into its sum over the global meta-batch's size, and one
+    all-reduce (sum) of a flat buffer gives every rank the gradient of the mean over all items, the
+    mean meta-loss and accuracy, whether any rank was asked to stop (SIGTERM/SIGUSR2 may reach one
+    rank first; all must stop at the same iteration) and whether any rank's time_limit ran out (each
+    rank's clock differs; the runner passes rank 0's). Returns (StepResult with the global meta-loss
+    and a one-element accuracy [1] = the mean over all items, flags [2]: [0] > 0 when any rank was
+    asked to stop, [1] > 0 when time ran out: read them at the same iterations on every rank).
+    Raises ProcessLost when another process is gone."""
+    total = len(batch)
     part = share(total)
     local = part.stop - part.start
     optimizer.zero_grad(set_to_none=True)
-    result = algorithm.accumulate_meta_gradient(params, take(ep, part))
+    result = algorithm.accumulate_meta_gradient(params, batch.shard(part))
     leaves = list(params.values())
     grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in leaves]
     # this rank's sum over its tasks divided by the whole meta-batch: the sum over ranks is the mean
@@ -130,11 +172,12 @@ def train_step(
         dtype=result.meta_loss.dtype,
         device=result.meta_loss.device,
     )
+    # accuracy: per task, or one value for the share (the baseline's images): its mean, weighted
     stats = torch.cat(
-        [torch.stack([result.meta_loss * scale, result.accuracy.sum() / total]), flags]
+        [torch.stack([result.meta_loss * scale, result.accuracy.mean() * scale]), flags]
     )
     flat = torch.cat([g.reshape(-1) * scale for g in grads] + [stats.to(grads[0].dtype)])
-    dist.all_reduce(flat)
+    all_reduce(flat)
     offset = 0
     for p, g in zip(leaves, grads):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()

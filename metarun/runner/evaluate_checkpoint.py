@@ -12,32 +12,38 @@ from omegaconf import OmegaConf
 
 from metarun import settings
 from metarun.errors import MetarunError
-from metarun.runner.checkpoint import checkpoint_params, load_checkpoint, resolve_checkpoint_path
+from metarun.io import atomic_write_text
+from metarun.runner.checkpoint import (
+    checkpoint_params,
+    load_checkpoint,
+    load_state,
+    resolve_checkpoint_path,
+)
 from metarun.runner.evaluate import describe, eval_query, evaluate_curve, evaluate_tasks
+from metarun.runner.files import RunFiles
 from metarun.runner.setup import build_algorithm, configure_execution, load_splits, resolve_device
+from metarun.runner.state import TrainState
 from metarun.tasks import family_of
 
 log = logging.getLogger("metarun")
 
 
-def ensemble_paths(path: Path, blob: dict, k: int) -> list[Path]:
-    """The checkpoint itself (k=1), or the k best validation checkpoints its run kept (checkpoints/top/,
-    listed best first in the run's latest checkpoint)."""
+def ensemble_paths(path: Path, state: TrainState, k: int) -> list[Path]:
+    """The checkpoint itself (k=1), or the k best validation checkpoints its run kept
+    (checkpoints/top/, listed best first in the run's latest checkpoint)."""
     if k == 1:
         return [path]
     if k < 1:
         raise MetarunError(f"ensemble={k} must be a positive number of checkpoints.")
-    ckpt_dir = path.parent.parent if path.parent.name == "top" else path.parent
-    last = ckpt_dir / "last.pt"
-    top = (load_checkpoint(last, "checkpoint") if last.is_file() else blob).get("top", [])
+    files = RunFiles.of_checkpoint(path)
+    top = load_state(files.last).top if files.last.is_file() else state.top
     if k > len(top):
         raise MetarunError(
-            f"ensemble={k} is more than the {len(top)} best checkpoints the run in {ckpt_dir.parent} "
-            f"kept (train keep_best={blob['config'].get('keep_best', 1)}): use ensemble<={max(len(top), 1)}."
+            f"ensemble={k} is more than the {len(top)} best checkpoints the run in "
+            f"{files.run_dir} kept (train keep_best={state.config.get('keep_best', 1)}): use "
+            f"ensemble<={max(len(top), 1)}."
         )
-    from metarun.runner.train import top_path
-
-    paths = [top_path(ckpt_dir, int(e[1])) for e in top[:k]]
+    paths = [files.top(iteration) for _, iteration in top[:k]]
     for p in paths:
         if not p.is_file():
             raise MetarunError(
@@ -107,11 +113,11 @@ def curve_table(family, cfg, curve: list[int], scores: list, steps: int) -> str:
     )
 
 
-def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
-    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its content,
+def check_eval_settings(cfg) -> tuple[Path, TrainState, list[Path], list[int] | None]:
+    """The settings of `metarun eval` that need no data, and the checkpoint: (its path, its state,
     the checkpoints to score (ensemble), the inner-step counts of the curve or None). Each setting's
     type and range as metarun/settings.py declares them, then the combinations that cannot work."""
-    settings.validate(cfg, "eval")
+    settings.validate(cfg, "eval")  # each setting's type and range (metarun/settings.py)
     if cfg.get("benchmark") == "lake" and int(cfg.ensemble) != 1:
         raise MetarunError(f"benchmark=lake scores one checkpoint: drop ensemble={cfg.ensemble}.")
     if cfg.get("benchmark") == "lake" and cfg.get("steps") is not None:
@@ -122,50 +128,32 @@ def check_eval_settings(cfg) -> tuple[Path, dict, list[Path], list[int] | None]:
     curve = curve_steps(cfg.get("steps"))
     resolve_device(cfg.device)
     path = resolve_checkpoint_path(cfg.checkpoint, "checkpoint")
-    blob = load_checkpoint(path, "checkpoint")
+    state = load_state(path, "checkpoint")
     if cfg.get("plot"):
         from metarun.plots import check_plot
 
-        check_plot(family_of(blob["config"]), cfg)
-    check_curve_reach(curve, blob["config"])
-    paths = ensemble_paths(
-        path, blob, int(cfg.ensemble)
-    )  # an impossible ensemble=K, before any work
-    return path, blob, paths, curve
+        check_plot(family_of(state.config), cfg)
+    check_curve_reach(curve, state.config)
+    paths = ensemble_paths(path, state, int(cfg.ensemble))  # an impossible ensemble=K, before work
+    return path, state, paths, curve
 
 
 def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
-    """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's record."""
-    path, blob, paths, curve = check_eval_settings(cfg)
+    """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's
+    record (benchmark=lake: runner/lake_benchmark.py's)."""
+    path, state, paths, curve = check_eval_settings(cfg)
     device = resolve_device(cfg.device)
-    if Path(cfg.checkpoint).expanduser().is_dir() and path.name != "best.pt":
+    if Path(cfg.checkpoint).expanduser().is_dir() and path.name != RunFiles.BEST:
         log.warning(
-            f"metarun: warning: {cfg.checkpoint} has no checkpoints/best.pt (the run stopped before its "
-            f"first validation): scoring {path.name} (iteration {int(blob['iteration'])}) instead."
+            f"metarun: warning: {cfg.checkpoint} has no {RunFiles.CHECKPOINTS}/{RunFiles.BEST} "
+            f"(the run stopped before its first validation): scoring {path.name} (iteration "
+            f"{state.iteration}) instead."
         )
-    train_cfg = OmegaConf.create(blob["config"])
-    if cfg.data_root or (os.environ.get("METARUN_DATA") and train_cfg.dataset.name == "omniglot"):
-        train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
-    if cfg.eval_seed is not None:
-        train_cfg.eval_seed = int(cfg.eval_seed)
-    if cfg.get("rotate_eval") is not None:  # checked by check_eval_settings
-        train_cfg.dataset.rotate_eval = cfg.rotate_eval
-    train_cfg.eval_chunk = int(cfg.eval_chunk)
-    steps = (
-        int(cfg.update_step_test)
-        if cfg.update_step_test is not None
-        else int(train_cfg.update_step_test)
-    )
-    if steps <= 0:
-        raise MetarunError(f"update_step_test={steps} must be a positive number of inner steps.")
-    train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
-    saved = blob.get("algorithm") if device.type == "cpu" else None  # the run's CPU execution, kept
-    model, algorithm = build_algorithm(
-        train_cfg, device, configure_execution(train_cfg, device, saved)
-    )
-    if (
-        cfg.get("benchmark") == "lake"
-    ):  # its archive and checkpoint checks come before any data is decoded
+    train_cfg, steps = eval_config(cfg, state)
+    saved = state.algorithm if device.type == "cpu" else None  # the run's CPU execution, kept
+    _, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    lake = cfg.get("benchmark") == "lake"
+    if lake:  # its archive and checkpoint checks come before any data is decoded
         from metarun.data import sources
         from metarun.data.lake import find_all_runs
         from metarun.runner.lake_benchmark import check_lake_checkpoint
@@ -174,58 +162,90 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         find_all_runs(sources.source_root(train_cfg.dataset.root))
     splits = load_splits(train_cfg, device)["splits"]
     algorithm.bind_data(splits)
-    expected = algorithm.init_meta_params(torch.Generator())
-    params = []
-    for member in paths:
-        member_blob = blob if member == path else load_checkpoint(member, "checkpoint")
-        params.append(
-            {
-                k: v.to(device)
-                for k, v in checkpoint_params(member_blob, expected, member, "checkpoint").items()
-            }
-        )
-    if cfg.get("benchmark") == "lake":
+    members = load_members(paths, path, state, algorithm, device)
+    if lake:
         from metarun.runner.lake_benchmark import lake_benchmark
 
         return lake_benchmark(
-            cfg, train_cfg, blob, path, algorithm, params[0], device, steps, run_dir
+            cfg, train_cfg, state, path, algorithm, members[0], device, steps, run_dir
         )
-    members = params if len(params) > 1 else params[0]
+    scores = score(cfg, train_cfg, algorithm, members, splits[cfg.split], device, steps, curve)
+    result = eval_record(cfg, train_cfg, path, state, paths, algorithm, device, steps, scores)
+    if curve is not None:
+        log.info(curve_table(algorithm.family, cfg, curve, scores[1], steps))
+    if cfg.get("plot"):
+        from metarun.plots import plot_eval_tasks
+
+        plot = plot_eval_tasks(algorithm, members[0], splits[cfg.split], train_cfg, device, run_dir)
+        result["plot"] = str(plot)
+    files = RunFiles(run_dir)
+    atomic_write_text(files.eval_record, json.dumps(result, indent=2))
+    where = (
+        f"{paths[0].parent.absolute()}"
+        if len(paths) > 1
+        else f"{path.absolute()} (iteration {state.iteration})"
+    )
+    log.info(f"{result['summary']}: {where} on {device}; wrote {files.eval_record}")
+    return result
+
+
+def eval_config(cfg, state: TrainState) -> tuple:
+    """(the training config with eval's settings applied: data root, eval_seed, rotate_eval,
+    eval_chunk, update_step_test; the number of inner steps scored)."""
+    train_cfg = OmegaConf.create(state.config)
+    if cfg.data_root or (os.environ.get("METARUN_DATA") and train_cfg.dataset.name == "omniglot"):
+        train_cfg.dataset.root = cfg.data_root or os.environ["METARUN_DATA"]
+    if cfg.eval_seed is not None:
+        train_cfg.eval_seed = int(cfg.eval_seed)
+    if cfg.get("rotate_eval") is not None:
+        if not isinstance(cfg.rotate_eval, bool):
+            raise MetarunError(
+                f"rotate_eval={cfg.rotate_eval} must be true, false or null (the checkpoint's)."
+            )
+        train_cfg.dataset.rotate_eval = cfg.rotate_eval
+    train_cfg.eval_chunk = int(cfg.eval_chunk)
+    given = cfg.update_step_test
+    steps = int(given) if given is not None else int(train_cfg.update_step_test)
+    if steps <= 0:
+        raise MetarunError(f"update_step_test={steps} must be a positive number of inner steps.")
+    train_cfg.update_step_test = steps  # checked by the algorithm like the training settings
+    return train_cfg, steps
+
+
+def load_members(paths: list[Path], path: Path, state: TrainState, algorithm, device) -> list:
+    """The meta-parameters of each checkpoint scored (one, or the ensemble's), on `device`."""
+    expected = algorithm.init_meta_params(torch.Generator())
+    members = []
+    for member in paths:
+        blob = {"params": state.params} if member == path else load_checkpoint(member)
+        saved = checkpoint_params(blob, expected, member, "checkpoint")
+        members.append({k: v.to(device) for k, v in saved.items()})
+    return members
+
+
+def score(cfg, train_cfg, algorithm, members, classes, device, steps, curve) -> tuple:
+    """((accuracy, 95% CI) after `steps` inner steps, [(accuracy, CI) per count of `curve`] or
+    None); the headline comes from the curve's inner loop when a curve is asked for."""
+    params = members if len(members) > 1 else members[0]
+    args = (algorithm, params, classes, cfg.split, train_cfg, device, int(cfg.tasks))
     if curve is None:
-        mean, ci = evaluate_tasks(
-            algorithm,
-            members,
-            splits[cfg.split],
-            cfg.split,
-            train_cfg,
-            device,
-            int(cfg.tasks),
-            steps,
-        )
-    else:  # the headline (update_step_test) comes from the same inner loop
-        computed = sorted(set(curve) | {steps})
-        scores = evaluate_curve(
-            algorithm,
-            members,
-            splits[cfg.split],
-            cfg.split,
-            train_cfg,
-            device,
-            int(cfg.tasks),
-            computed,
-        )
-        mean, ci = scores[computed.index(steps)]
-        scores = [scores[computed.index(s)] for s in curve]
+        return evaluate_tasks(*args, steps), None
+    computed = sorted(set(curve) | {steps})
+    scores = evaluate_curve(*args, computed)
+    return scores[computed.index(steps)], [scores[computed.index(s)] for s in curve]
+
+
+def eval_record(cfg, train_cfg, path, state, paths, algorithm, device, steps, scores) -> dict:
+    """eval.json's record: what was scored, how, and the result (with `curve` when asked)."""
+    (mean, ci), curve_scores = scores
     family = algorithm.family  # accuracy | MSE (metarun/tasks.py)
     line = describe(mean, ci, int(cfg.tasks), train_cfg.way, train_cfg.shot, cfg.split, family)
-    if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (train.top_path)
-        line += (
-            f", ensemble of the {len(paths)} best checkpoints (iterations "
-            f"{', '.join(p.stem.rpartition('-')[2] for p in paths)})"
-        )
+    if len(paths) > 1:  # members are checkpoints/top/iteration-N.pt (RunFiles.top)
+        iterations = ", ".join(p.stem.rpartition("-")[2] for p in paths)
+        line += f", ensemble of the {len(paths)} best checkpoints (iterations {iterations})"
     result = {
         "checkpoint": str(path.absolute()),
-        "iteration": int(blob["iteration"]),
+        "iteration": state.iteration,
         "split": cfg.split,
         "tasks": int(cfg.tasks),
         "update_step_test": steps,
@@ -242,22 +262,10 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         "summary": line,
         "ensemble": [str(p.absolute()) for p in paths],
     }
-    if curve is not None:
+    if curve_scores is not None:
+        curve = curve_steps(cfg.get("steps"))
         result["curve"] = [
-            {"steps": s, family.metric: m, "ci95": c} for s, (m, c) in zip(curve, scores)
+            {"steps": s, family.metric: m, "ci95": c}
+            for s, (m, c) in zip(curve, curve_scores, strict=True)
         ]
-        log.info(curve_table(family, cfg, curve, scores, steps))
-    if cfg.get("plot"):
-        from metarun.plots import plot_eval_tasks
-
-        result["plot"] = str(
-            plot_eval_tasks(algorithm, params[0], splits[cfg.split], train_cfg, device, run_dir)
-        )
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    where = (
-        f"{paths[0].parent.absolute()}"
-        if len(paths) > 1
-        else f"{path.absolute()} (iteration {int(blob['iteration'])})"
-    )
-    log.info(f"{line}: {where} on {device}; wrote {run_dir / 'eval.json'}")
     return result

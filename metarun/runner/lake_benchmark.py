@@ -19,6 +19,8 @@ from metarun.data import sources
 from metarun.data.episodes import Episodes
 from metarun.data.lake import PUBLISHED_ERROR, find_all_runs, read_all_runs
 from metarun.errors import MetarunError
+from metarun.io import atomic_write_text
+from metarun.runner.files import RunFiles
 
 log = logging.getLogger("metarun")
 
@@ -57,26 +59,18 @@ def check_lake_checkpoint(cfg, train_cfg, path) -> str | None:
 
 
 def lake_benchmark(
-    cfg, train_cfg, blob: dict, path, maml, params: dict, device, steps: int, run_dir: Path
+    cfg, train_cfg, state, path, maml, params: dict, device, steps: int, run_dir: Path
 ) -> dict:
     """Scores `params` on every run of all_runs.zip in the data root; prints and writes eval.json.
+    `state`: the checkpoint's TrainState (runner/state.py).
 
-    Returns the eval.json record: per-run errors ("runs"), total "errors" of "items", "error_rate" (a fraction),
-    and the "published" error rates. Raises MetarunError for a checkpoint that is not 20-way (or not Omniglot),
-    one trained with dataset.split=maml (unless allow_seen_alphabets=true), or a missing or damaged archive.
+    Returns the eval.json record: per-run errors ("runs"), total "errors" of "items", "error_rate"
+    (a fraction), and the "published" error rates. Raises MetarunError for a checkpoint that is not
+    20-way (or not Omniglot), one trained with dataset.split=maml (unless
+    allow_seen_alphabets=true), or a missing or damaged archive.
     """
     warning = check_lake_checkpoint(cfg, train_cfg, path)
-    archive = find_all_runs(sources.source_root(train_cfg.dataset.root))
-    runs = read_all_runs(
-        archive, int(train_cfg.dataset.image_size), str(train_cfg.dataset.get("resize", "lanczos"))
-    )
-    for run in runs:
-        if run.support.shape[0] != WAY or run.query.shape[0] != runs[0].query.shape[0]:
-            raise MetarunError(
-                f"{archive} ({run.name}) has {run.support.shape[0]} training and {run.query.shape[0]} "
-                "test images; every run of the benchmark has 20 of each: replace the archive with "
-                "the public all_runs.zip."
-            )
+    archive, runs = _read_runs(train_cfg)
     if warning:
         log.warning(f"metarun: WARNING: {warning}.")
     tasks = len(runs)
@@ -86,35 +80,18 @@ def lake_benchmark(
         torch.stack([r.query for r in runs]).to(device),
         torch.stack([r.labels for r in runs]).to(device),
     )
-    accuracy = (
-        maml.evaluate(params, episodes, steps).double().cpu()
-    )  # [runs], fraction correct per run
+    accuracy = maml.evaluate(params, episodes, steps).double().cpu()  # [runs]: fraction correct
     items = runs[0].query.shape[0]
     errors = [round((1.0 - float(a)) * items) for a in accuracy]
-    total = sum(errors)
-    rate = total / (items * tasks)
-    lines = [
-        f"Lake et al. (2015) one-shot benchmark: {tasks} runs of 20-way 1-shot from {archive}, "
-        f"{steps} inner steps, checkpoint {path} (iteration {int(blob['iteration'])})"
-    ]
-    lines += [
-        f"  {r.name}: {e}/{items} errors ({100 * e / items:.1f}%)" for r, e in zip(runs, errors)
-    ]
+    rate = sum(errors) / (items * tasks)
     summary = (
-        f"Lake one-shot error {100 * rate:.2f}% ({total}/{items * tasks} test images, {tasks} runs)"
+        f"Lake one-shot error {100 * rate:.2f}% ({sum(errors)}/{items * tasks} test images, "
+        f"{tasks} runs)"
     )
-    published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in PUBLISHED_ERROR.items())
-    lines += [
-        summary,
-        f"published (Lake et al. 2015): {published}",
-        f"wrote {run_dir / 'eval.json'}",
-    ]
-    if warning:
-        lines.append(f"WARNING: {warning}")
     result = {
         "benchmark": "lake",
         "checkpoint": str(path),
-        "iteration": int(blob["iteration"]),
+        "iteration": int(state.iteration),
         "archive": str(archive),
         "update_step_test": steps,
         "way": WAY,
@@ -123,9 +100,9 @@ def lake_benchmark(
         "trained_split": train_cfg.dataset.get("split", "maml"),
         "runs": [
             {"run": r.name, "errors": e, "items": items, "error_rate": e / items}
-            for r, e in zip(runs, errors)
+            for r, e in zip(runs, errors, strict=True)
         ],
-        "errors": total,
+        "errors": sum(errors),
         "items": items * tasks,
         "error_rate": rate,
         "accuracy": 1.0 - rate,
@@ -134,6 +111,44 @@ def lake_benchmark(
         "device": str(device),
         "summary": summary,
     }
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2))
-    log.info("\n".join(lines))
+    files = RunFiles(run_dir)
+    atomic_write_text(files.eval_record, json.dumps(result, indent=2))
+    log.info(_report(result, runs, path, files.eval_record))
     return result
+
+
+def _read_runs(train_cfg) -> tuple[Path, list]:
+    """(all_runs.zip, its runs), each checked to hold 20 training and 20 test images."""
+    archive = find_all_runs(sources.source_root(train_cfg.dataset.root))
+    size, resize = (
+        int(train_cfg.dataset.image_size),
+        str(train_cfg.dataset.get("resize", "lanczos")),
+    )
+    runs = read_all_runs(archive, size, resize)
+    for run in runs:
+        if run.support.shape[0] != WAY or run.query.shape[0] != runs[0].query.shape[0]:
+            raise MetarunError(
+                f"{archive} ({run.name}) has {run.support.shape[0]} training and "
+                f"{run.query.shape[0]} test images; every run of the benchmark has 20 of each: "
+                "replace the archive with the public all_runs.zip."
+            )
+    return archive, runs
+
+
+def _report(result: dict, runs: list, path, written: Path) -> str:
+    """The printed report: one line per run, the total, the published rates."""
+    items, tasks = result["runs"][0]["items"], len(runs)
+    lines = [
+        f"Lake et al. (2015) one-shot benchmark: {tasks} runs of 20-way 1-shot from "
+        f"{result['archive']}, {result['update_step_test']} inner steps, checkpoint {path} "
+        f"(iteration {result['iteration']})"
+    ]
+    lines += [
+        f"  {r['run']}: {r['errors']}/{items} errors ({100 * r['error_rate']:.1f}%)"
+        for r in result["runs"]
+    ]
+    published = ", ".join(f"{k} {100 * v:.1f}%" for k, v in PUBLISHED_ERROR.items())
+    lines += [result["summary"], f"published (Lake et al. 2015): {published}", f"wrote {written}"]
+    if result["warning"]:
+        lines.append(f"WARNING: {result['warning']}")
+    return "\n".join(lines)

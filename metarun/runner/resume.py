@@ -128,6 +128,6 @@ def auto_resume(run_dir) -> str | None:
     """`resume=auto`: the run dir itself when it holds checkpoints/last.pt (continue it), else None (start
     fresh). This is what a requeued job needs: Slurm (through submitit) reruns a preempted cell with the
     same overrides in the same run dir."""
-    from pathlib import Path
+    from metarun.runner.files import RunFiles
 
-    return str(run_dir) if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else None
+    return str(run_dir) if RunFiles(run_dir).last.is_file() else None

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import NamedTuple
 
 from metarun.errors import MetarunError
+from metarun.runner.files import RunFiles
 
-MARKER = ".metarun-run"
+MARKER = RunFiles.MARKER
 _locks: dict[Path, int] = {}  # run dir -> open fd of its locked marker, held until the process ends
 
 
@@ -56,7 +57,7 @@ def _top_missing(path: Path) -> Path | None:
 
 # The folders a run writes into: their contents are recorded when a run claims an existing folder,
 # so that its clean-up can tell the user's files in them from the run's own.
-RUN_FOLDERS = (".hydra", "tensorboard", "checkpoints")
+RUN_FOLDERS = (RunFiles.HYDRA, RunFiles.TENSORBOARD, RunFiles.CHECKPOINTS)
 
 
 class Claim(NamedTuple):
@@ -92,7 +93,7 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> Claim:
         created = _top_missing(candidate)
         try:
             candidate.mkdir(parents=True, exist_ok=True)
-            if (candidate / "checkpoints").exists():
+            if RunFiles(candidate).checkpoints.exists():
                 raise FileExistsError
             before = frozenset() if created is not None else _contents(candidate)
             fd = os.open(candidate / MARKER, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -103,7 +104,7 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> Claim:
                 continue
             hint = (
                 f"continue that run with resume={path}, or "
-                if (path / "checkpoints" / "last.pt").is_file()
+                if RunFiles(path).last.is_file()
                 else ""
             )
             raise MetarunError(
@@ -143,7 +144,7 @@ def remove_unused(claim: Claim) -> None:
     folder that existed, only the entries the claim did not find there (the user's own files stay).
     Nothing is removed once the run had written a checkpoint (finished work is never deleted)."""
     path = Path(claim.path)
-    if any((path / "checkpoints").glob("*.pt")):
+    if any((path / RunFiles.CHECKPOINTS).glob("*.pt")):
         return
     if claim.created is not None:
         shutil.rmtree(path, ignore_errors=True)

@@ -21,6 +21,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from metarun.runner import rundir
+from metarun.runner.files import RunFiles
 
 # In the sweep dir: one record per cell of the last command that failed or was refused.
 CELLS = ".metarun-cells"
@@ -109,7 +110,7 @@ def record_failure(hydra_cfg, run_dir: Path, reason: str, overrides, cfg=None) -
         "overrides": [str(o) for o in overrides],
         "config": _config(cfg) if failed else None,
     }
-    results = run_dir / "results.json"
+    results = run_dir / RunFiles.RESULTS
     if failed and not _finished(results):
         results.write_text(json.dumps(record, indent=2))
     cells = Path(hydra_cfg.sweep.dir) / CELLS

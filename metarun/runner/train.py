@@ -1,15 +1,25 @@
-"""The meta-training loop: episodes -> meta-step -> logs, validation, checkpoints; test at the end."""
+"""`metarun train`: one run's meta-training, in four phases.
+
+    build    the command read (a resume: the saved run's config, runner/restore.py), then the
+             run's parts: device, execution, algorithm, data, meta-parameters, optimizer, sampler
+    restore  the run's TrainState (runner/state.py): fresh, or the saved one put into the parts
+    loop     per iteration: step, log, validate, checkpoint, stop (signal, time_limit, the end)
+    finish   the best checkpoint's test, results.json, the TensorBoard HParams record
+             (runner/finish.py)
+
+`train()` runs them in this order; every way out of it (its results, a user error, a signal)
+passes one `finally`, which closes the progress bar, TensorBoard and the torchrun process group.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shlex
-import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,90 +29,159 @@ from tqdm import tqdm
 from metarun import settings
 from metarun.algorithms.base import meta_train_step
 from metarun.errors import MetarunError, require_writable_dir
+from metarun.io import atomic_write_text
 from metarun.runner import distributed
-from metarun.runner.checkpoint import (
-    checkpoint_params,
-    load_checkpoint,
-    nonfinite_tensor,
-    resolve_checkpoint_path,
-    save_checkpoint,
-)
+from metarun.runner.checkpoint import CheckpointWriteError, nonfinite_tensor, save_checkpoint
 from metarun.runner.evaluate import describe, evaluate_tasks
+from metarun.runner.files import RunFiles
+from metarun.runner.finish import command_line, finish
 from metarun.runner.logs import console_through_tqdm
-from metarun.runner.resume import auto_resume, history_entry, resumed_config
+from metarun.runner.restore import Request, kept_execution, open_request, restore
+from metarun.runner.resume import history_entry
 from metarun.runner.setup import (
     build_algorithm,
-    check_train_settings,
     configure_execution,
     describe_splits,
     load_splits,
     resolve_device,
 )
-from metarun.tasks import CLASSIFICATION, TaskFamily
+from metarun.runner.signals import Stopped, StopRequest
+from metarun.runner.state import TrainState
 
 log = logging.getLogger("metarun")
 
 HPARAM_KEYS = settings.hparams()  # metarun/settings.py: the settings marked hparam
 
 
-# SIGUSR2: Slurm's preemption warning as submitit asks for it (`#SBATCH --signal=USR2@<seconds>`).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM) + (
-    (signal.SIGUSR2,) if hasattr(signal, "SIGUSR2") else ()
-)
+def train(cfg, run_dir: Path, overrides=()) -> dict:
+    """Meta-trains (or, with cfg.resume, continues) a run in `run_dir`; returns its results.json
+    record. `overrides` are the command line's settings: on resume the saved run's config is the
+    base and only these may change it (runner/resume.py). Raises MetarunError for a user error;
+    exits with 128 + the signal's number when a signal stops the run (runner/signals.py)."""
+    started = time.perf_counter()
+    # From the start: a SIGINT/SIGTERM during setup stops the run after its first iteration.
+    with StopRequest() as stop:
+        run = None
+        try:
+            request = open_request(cfg, Path(run_dir), overrides)
+            run = build(request, Path(run_dir), stop, started)
+            state = restore(run, request)
+            run.begin_segment(state, request)
+            ended = Loop(run, state).execute()
+            return finish(run, state, ended, HPARAM_KEYS)
+        except Stopped as stopped:
+            _stopped(run, stopped)
+        finally:
+            if run is not None:
+                run.close()
 
 
-class StopRequest:
-    """SIGINT/SIGTERM/SIGUSR2 set a flag; the loop finishes its iteration, writes a checkpoint and exits."""
+@dataclass
+class Run:
+    """The parts `build` makes for one segment of a run (not saved: a resume builds them again
+    from the config) and the segment's bookkeeping."""
 
-    def __init__(self):
-        self.signum = None
-        self._old = {}
+    cfg: object
+    files: RunFiles
+    stop: StopRequest
+    device: torch.device
+    execution: dict
+    algorithm: object
+    splits: dict
+    source: str
+    config: dict
+    resolved: dict
+    params: dict
+    optimizer: torch.optim.Optimizer
+    sampler: object
+    started: float  # time.perf_counter() when this segment started
+    main: bool = True  # torchrun: rank 0 alone logs, validates, checkpoints and writes results
+    writer: object = None
+    bar: object = None
+    wall_before: float = 0.0  # wall-clock seconds of the run's earlier segments
+    saved_iteration: int | None = None  # the iteration of the last.pt on disk (None: none yet)
 
-    def __enter__(self):
-        for sig in STOP_SIGNALS:
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
+    def begin_segment(self, state: TrainState, request: Request) -> None:
+        """Records this segment in the run's history and opens its TensorBoard writer."""
+        self.wall_before = state.wall_seconds
+        # a branch into a new run dir has no checkpoint of its own yet
+        self.saved_iteration = state.iteration if self.files.last.is_file() else None
+        state.history.append(
+            {
+                **history_entry(
+                    state.iteration, request.resume, request.changes, request.overrides
+                ),
+                "command": command_line(request.overrides),
+                "device": str(self.device),
+                "impl": self.execution["impl"],
+                "threads": self.execution["threads"],
+                **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),
+            }
+        )
+        if not self.main:
+            self.writer = distributed.NullWriter()
+            return
+        from torch.utils.tensorboard import SummaryWriter
 
-    def previous_handler(self, signum):
-        """The handler this one replaced, when it is a Python function (submitit's requeue on SIGUSR2)."""
-        old = self._old.get(signum)
-        return old if callable(old) else None
+        # Events after the checkpoint's iteration were lost with the interruption and are redrawn;
+        # those of the checkpoint's own iteration were written before it was saved and stay.
+        purge = state.iteration + 1 if request.saved is not None else None
+        self.writer = SummaryWriter(str(self.files.tensorboard), purge_step=purge)
 
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
+    def capture(self, state: TrainState) -> TrainState:
+        """`state` with the live weights, optimizer, sampler and algorithm: what a checkpoint holds.
+        Raises MetarunError for non-finite weights (they never reach a checkpoint)."""
+        bad = nonfinite_tensor({k: v.detach() for k, v in self.params.items()})
+        if bad:
+            raise diverged(f"the weights became non-finite ({bad})", state.iteration, True, self)
+        state.optimizer = self.optimizer.state_dict()
+        state.sampler = self.sampler.state()
+        state.algorithm = self.algorithm.state_dict()
+        state.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        return state
 
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+    def save(self, path: Path, state: TrainState) -> None:
+        """Writes the captured state to `path`; a failed write (e.g. a full disk) stops the run
+        with one line that names the file and the checkpoint kept."""
+        try:
+            save_checkpoint(path, self.capture(state))
+        except CheckpointWriteError as exc:
+            fix = "Free some space" if "no space" in exc.reason else "Make it writable"
+            raise MetarunError(
+                f"could not write the checkpoint {exc.path}: {exc.reason}; training stopped at "
+                f"iteration {state.iteration} and {self.kept()}. {fix}, then {self.resume_hint()}"
+            ) from None
+        if path == self.files.last:
+            self.saved_iteration = state.iteration
 
+    def kept(self) -> str:
+        """What of the run is on disk, for a message: its last good checkpoint, or none."""
+        if self.saved_iteration is None or not self.files.last.is_file():
+            return "no checkpoint had been written yet"
+        last, iteration = self.files.last, self.saved_iteration
+        return f"the last good checkpoint {last} (iteration {iteration}) is kept"
 
-def top_path(ckpt_dir: Path, iteration: int) -> Path:
-    return ckpt_dir / "top" / f"iteration-{iteration}.pt"
+    def resume_hint(self) -> str:
+        """How to continue the run: 'resume with: metarun train resume=<run dir>' (or run the
+        command again when the run dir has no checkpoint)."""
+        if self.saved_iteration is None or not self.files.last.is_file():
+            return "run the same command again."
+        world = distributed.world_size()
+        prefix = f"torchrun --nproc-per-node={world} -m metarun.cli" if world > 1 else "metarun"
+        return f"resume with: {prefix} train resume={shlex.quote(str(self.files.run_dir))}"
 
-
-def rank_top(
-    top: list, val: float, iteration: int, keep: int, family: TaskFamily = CLASSIFICATION
-) -> tuple[list, list]:
-    """The K best validations (the best first by the task family's metric: higher accuracy, lower
-    MSE; the earlier on ties) after adding this one, and the entries that fell out."""
-    ranked = sorted(top + [[val, iteration]], key=lambda e: (family.rank_key(e[0]), e[1]))
-    return ranked[:keep], ranked[keep:]
-
-
-def _diverged(what: str, done: int, exact: bool, ckpt_dir: Path, cfg) -> MetarunError:
-    kept = ckpt_dir / "last.pt"
-    return MetarunError(
-        f"{what} at iteration {done}{'' if exact else ' (or shortly before)'}; training stopped and "
-        f"{f'the last good checkpoint {kept} is kept' if kept.exists() else 'no checkpoint had been written yet'}. "
-        f"Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr})."
-    )
+    def close(self) -> None:
+        """The one way out of a run: the bar, TensorBoard and the process group closed (again)."""
+        if self.bar is not None:
+            self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        distributed.finish()
 
 
 def resolved_settings(cfg, device, execution: dict, source: str) -> dict:
-    """The run's settings with what `auto`, 0 and interpolations became: device, impl, threads, data root,
-    and where the data came from (`data_source`)."""
+    """The run's settings with what `auto`, 0 and interpolations became: device, impl, threads,
+    data root, and where the data came from (`data_source`)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved["device"] = str(device)
     resolved["algorithm"]["impl"] = execution["impl"]
@@ -113,392 +192,274 @@ def resolved_settings(cfg, device, execution: dict, source: str) -> dict:
     return resolved
 
 
-def train(cfg, run_dir: Path, overrides=()) -> dict:
-    """Meta-trains (or, with cfg.resume, continues) a run in `run_dir`; returns its results.json record.
+def build(request: Request, run_dir: Path, stop: StopRequest, started: float) -> Run:
+    """The run's parts for the command's config; the algorithm checks its settings before any
+    data loads. Writes resolved.yaml (rank 0). Raises MetarunError for a user error."""
+    from metarun.algorithms import algorithm_class
 
-    `overrides` are the command line's settings: on resume the saved run's config is the base and only
-    these may change it (see metarun/runner/resume.py). Raises MetarunError for a user error."""
-    # From the start: a SIGINT/SIGTERM during setup stops the run after its first iteration, cleanly.
-    with StopRequest() as stop:
-        return _train(cfg, run_dir, overrides, stop)
-
-
-def _train(cfg, run_dir: Path, overrides, stop: StopRequest) -> dict:
-    wall_start = time.perf_counter()
-    main = (
-        distributed.is_main()
-    )  # torchrun: rank 0 alone logs, validates, checkpoints and writes results
-    resume = cfg.resume
-    if (
-        resume == "auto"
-    ):  # a requeued job: continue this dir's run if it wrote a checkpoint, else start
-        resume = auto_resume(run_dir)
-    resumed, changes = None, {}
-    if resume:
-        resumed = load_checkpoint(resume, "resume")
-        cfg, changes = resumed_config(resumed, cfg, overrides, resume)
-    check_train_settings(cfg)
-    if main and resumed is None and (hint := settings.preset_hint(cfg, overrides)):
-        log.warning(hint)  # e.g. way=20 with the 5-way step sizes: name the tuned preset, once
+    cfg, files, main = request.cfg, RunFiles(run_dir), distributed.is_main()
     device = distributed.device_for_rank(resolve_device(cfg.device))
     if distributed.world_size() > 1:
         distributed.share(int(cfg.meta_batch))  # every process needs a task
-    config = OmegaConf.to_container(cfg, resolve=True)
-    ckpt_dir = run_dir / "checkpoints"
-    if resumed is None and (ckpt_dir / "last.pt").exists():
+        distributed.check_splittable(algorithm_class(str(cfg.algorithm.name)))
+    if request.saved is None and files.last.exists():
         raise MetarunError(
             f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
             "or choose a new hydra.run.dir."
         )
     if main:
-        require_writable_dir(ckpt_dir)
-
-    # A resumed run keeps its execution (float32 results depend on the operation order) unless this resume
-    # changes it: another impl or thread count asked for, or another device type than the run's last one.
-    kept = resumed.get("algorithm") if resumed is not None else None
-    last_device = str((resumed or {}).get("resolved", {}).get("device", device))
-    # (torchrun: also when the number of processes changes, so that their threads share the cores again)
-    last_processes = int(((resumed or {}).get("history") or [{}])[-1].get("processes", 1))
-    if kept and (
-        changes.keys() & {"algorithm.impl", "threads"}
-        or torch.device(last_device).type != device.type
-        or last_processes != distributed.world_size()
-    ):
-        kept = None
-    # the algorithm checks its own settings here, before any data is loaded
-    execution = configure_execution(cfg, device, kept)
-    model, algorithm = build_algorithm(cfg, device, execution)
+        require_writable_dir(files.checkpoints)
+    execution = configure_execution(cfg, device, kept_execution(request, device))
+    _, algorithm = build_algorithm(cfg, device, execution)
     data = load_splits(cfg, device)
-    splits = data["splits"]
-    algorithm.bind_data(
-        splits
-    )  # settings only the data can check (train_shots, the classifier's classes)
+    algorithm.bind_data(data["splits"])  # what only the data can check (train_shots, classes)
     resolved = resolved_settings(cfg, device, execution, data["source"])
     if main:
-        (run_dir / "resolved.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(resolved)))
-    parallel = (
-        f", {distributed.world_size()} torchrun processes" if distributed.world_size() > 1 else ""
-    )
-    log.info(
-        f"metarun: {algorithm.family.shape(cfg)} {cfg.query}-query on {device} "
-        f"({algorithm.describe()}, "
-        f"{execution['threads']} thread{'s' if execution['threads'] != 1 else ''}{parallel}), "
-        f"{data['source']}"
-        f"{describe_splits(splits)}; run dir {run_dir}"
-    )
-
+        atomic_write_text(files.resolved, OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    _log_start(cfg, device, algorithm, execution, data, run_dir)
     init = algorithm.init_meta_params(torch.Generator().manual_seed(int(cfg.seed)), device=device)
     params = {k: v.requires_grad_(True) for k, v in init.items()}
-    optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
-    sampler = algorithm.train_sampler(
-        cfg, splits["train"], device
-    )  # episodes, or the algorithm's own batches
-    family = algorithm.family  # its metric: which validation is best (metarun/tasks.py)
-    start, best_val, best_iteration = 0, family.worst, 0
-    train_seconds, wall_before, history = 0.0, 0.0, []
-    top = []  # [[val accuracy, iteration], ...] of the kept best checkpoints, best first
-    if resumed is not None:
-        saved = checkpoint_params(resumed, params, resume, "resume")
-        with torch.no_grad():
-            for k, v in params.items():
-                v.copy_(saved[k])
-        optimizer.load_state_dict(resumed["optimizer"])
-        start, best_val = int(resumed["iteration"]), float(resumed["best_val"])
-        best_iteration, train_seconds = (
-            int(resumed["best_iteration"]),
-            float(resumed["train_seconds"]),
-        )
-        top = [list(e) for e in resumed.get("top", [])]
-        wall_before, history = (
-            float(resumed.get("wall_seconds", 0.0)),
-            list(resumed.get("history", [])),
-        )
-        resume_file = resolve_checkpoint_path(resume, "resume")
-        best_file = resume_file.parent / "best.pt"
-        if best_file.is_file() and best_file.resolve() != resume_file.resolve():
-            load_checkpoint(
-                best_file, "resume"
-            )  # the end of training scores it: refuse a damaged one now
-        if (
-            main and resume_file.parent.resolve() != ckpt_dir.resolve()
-        ):  # a branch of the run in a new dir
-            if best_file.is_file():
-                shutil.copyfile(best_file, ckpt_dir / "best.pt")
-            else:  # its best checkpoint is unknown: the branch's next validation writes one
-                best_val, best_iteration = family.worst, 0
-            for entry in top:  # the kept best checkpoints go with it (eval ensemble=K)
-                source = top_path(resume_file.parent, int(entry[1]))
-                if source.is_file():
-                    top_path(ckpt_dir, int(entry[1])).parent.mkdir(exist_ok=True)
-                    shutil.copyfile(source, top_path(ckpt_dir, int(entry[1])))
-            top = [e for e in top if top_path(ckpt_dir, int(e[1])).is_file()]
-        if isinstance(resumed.get("sampler"), dict):
-            sampler.load_state(resumed["sampler"])
-        else:  # an older checkpoint's generator state only fits the generator type that wrote it
-            sampler.load_state({"seed": int(cfg.seed), "draws": start})
-            log.warning(
-                f"metarun: warning: {resume} carries a device-specific sampler state (an older metarun); "
-                f"training tasks continue from a fresh deterministic draw (seed {cfg.seed}, draw {start})."
-            )
-        log.info(
-            f"metarun: resumed from {resume} at iteration {start}"
-            + (
-                f", changed: {', '.join(f'{k} {a} -> {b}' for k, (a, b) in changes.items())}"
-                if changes
-                else ""
-            )
-        )
-    distributed.broadcast_params(params)  # every rank starts from rank 0's weights
-    history.append(
-        {
-            **history_entry(start, resume, changes, overrides),
-            "device": str(device),
-            "impl": execution["impl"],
-            "threads": execution["threads"],
-            **({"processes": distributed.world_size()} if distributed.world_size() > 1 else {}),
-        }
+    return Run(
+        cfg=cfg,
+        files=files,
+        stop=stop,
+        device=device,
+        execution=execution,
+        algorithm=algorithm,
+        splits=data["splits"],
+        source=data["source"],
+        config=OmegaConf.to_container(cfg, resolve=True),
+        resolved=resolved,
+        params=params,
+        optimizer=algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr)),
+        sampler=algorithm.train_sampler(cfg, data["splits"]["train"], device),
+        started=started,
+        main=main,
     )
 
-    from torch.utils.tensorboard import SummaryWriter
 
-    # Events after the checkpoint's iteration were lost with the interruption and are redrawn; those of the
-    # checkpoint's own iteration were written before it was saved and stay.
-    writer = (
-        SummaryWriter(
-            str(run_dir / "tensorboard"), purge_step=start + 1 if resumed is not None else None
-        )
-        if main
-        else distributed.NullWriter()
-    )
-
-    def state(iteration: int) -> dict:
-        bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
-        if bad:  # never let non-finite weights reach a checkpoint
-            raise _diverged(
-                f"the weights became non-finite ({bad})", iteration, True, ckpt_dir, cfg
-            )
-        return {
-            "iteration": iteration,
-            "params": {k: v.detach().cpu() for k, v in params.items()},
-            "optimizer": optimizer.state_dict(),
-            "sampler": sampler.state(),
-            "best_val": best_val,
-            "best_iteration": best_iteration,
-            "train_seconds": train_seconds,
-            "wall_seconds": wall_before + time.perf_counter() - wall_start,
-            "config": config,
-            "resolved": resolved,
-            "history": history,
-            "algorithm": algorithm.state_dict(),
-            "top": [list(e) for e in top],
-        }
-
-    iterations, log_every = int(cfg.iterations), int(cfg.log_every)
-    per_iteration, unit = algorithm.train_unit(
-        cfg
-    )  # meta_batch tasks (the baseline: images) per iteration
-    # time_limit: minutes of this segment's wall clock after which training ends as if `iterations` were
-    # reached (a last validation, the test, results.json); the run can be continued later with resume.
-    deadline = wall_start + 60 * float(cfg.time_limit) if cfg.get("time_limit") else None
-    done, out_of_time = start, False
-    check_every_step = device.type == "cpu"  # on CUDA a per-step .item() would stall the pipeline
-    window_start, window_items = time.perf_counter(), 0
-    bar = tqdm(
-        total=iterations,
-        initial=start,
-        desc="meta-train",
-        unit="it",
-        dynamic_ncols=True,
-        file=sys.stdout,
-        mininterval=1.0,
-        disable=not main,
-    )
-    with console_through_tqdm():
-        for it in range(start, iterations):
-            algorithm.begin_iteration(
-                it, optimizer
-            )  # the algorithm's schedules (epochs, meta learning rate)
-            episodes = sampler.sample(int(cfg.meta_batch))
-            done = it + 1
-            window_items += per_iteration
-            out_of_time = (
-                deadline is not None and time.perf_counter() >= deadline and done < iterations
-            )
-            if distributed.world_size() > 1:
-                # Every rank stops at the same iteration: the all-reduced flags (a signal on any rank, rank 0's
-                # clock for time_limit), read at the same iterations on every rank.
-                result, flags = distributed.train_step(
-                    algorithm,
-                    params,
-                    optimizer,
-                    episodes,
-                    stop.signum is not None,
-                    out_of_time and main,
-                )
-                read = (
-                    check_every_step
-                    or deadline is not None
-                    or done % log_every == 0
-                    or done % int(cfg.eval_every) == 0
-                    or done == iterations
-                )
-                stops, timed = flags.tolist() if read else (0.0, 0.0)
-                stopping, out_of_time = stops > 0, timed > 0 and done < iterations
-            else:
-                result = meta_train_step(algorithm, params, optimizer, episodes)
-                stopping = stop.signum is not None
-            last = done == iterations or out_of_time
-            logging_step = done % log_every == 0 or last
-            validating = done % int(cfg.eval_every) == 0 or last
-            # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
-            if check_every_step or logging_step or validating or stopping:
-                loss = result.meta_loss.item()
-                if not math.isfinite(loss):
-                    bar.close()
-                    raise _diverged(
-                        f"the meta-loss became {loss}", done, check_every_step, ckpt_dir, cfg
-                    )
-            bar.update(1)
-            if logging_step:
-                # The .item() above synchronised the device, so the window's wall time is its compute time.
-                elapsed = time.perf_counter() - window_start
-                train_seconds += elapsed
-                speed = window_items / elapsed if elapsed > 0 else float("nan")
-                accuracy = result.accuracy.mean().item()
-                writer.add_scalar("train/meta_loss", loss, done)
-                writer.add_scalar(f"train/{family.metric}", accuracy, done)
-                writer.add_scalar(f"speed/{unit}_per_s", speed, done)
-                writer.add_scalar("lr/meta_lr", optimizer.param_groups[0]["lr"], done)
-                for tag, value in algorithm.scalars(params).items():
-                    writer.add_scalar(tag, value, done)
-                bar.set_postfix(
-                    loss=f"{loss:.3f}",
-                    **{family.metric[:3]: f"{accuracy:.3f}", f"{unit}_s": f"{speed:.1f}"},
-                )
-                window_start, window_items = time.perf_counter(), 0
-            if validating and main:
-                bad = nonfinite_tensor({k: v.detach() for k, v in params.items()})
-                if (
-                    bad
-                ):  # the loss can still be finite when a weight the query pass barely uses is not
-                    bar.close()
-                    raise _diverged(
-                        f"the weights became non-finite ({bad})",
-                        done,
-                        check_every_step,
-                        ckpt_dir,
-                        cfg,
-                    )
-                if (
-                    not logging_step
-                ):  # close the speed window (the loss check synced) so validation is not counted
-                    train_seconds += time.perf_counter() - window_start
-                val, ci = evaluate_tasks(
-                    algorithm, params, splits["val"], "val", cfg, device, int(cfg.val_tasks)
-                )
-                writer.add_scalar(f"val/{family.metric}", val, done)
-                writer.add_scalar("val/ci95", ci, done)
-                for tag, values in algorithm.histograms(params).items():
-                    writer.add_histogram(tag, values, done)
-                log.info(
-                    f"iteration {done}: "
-                    + describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation", family)
-                )
-                top, dropped = rank_top(top, val, done, int(cfg.keep_best), family)
-                if any(e[1] == done for e in top):
-                    save_checkpoint(top_path(ckpt_dir, done), state(done))
-                if family.better(val, best_val):
-                    best_val, best_iteration = val, done
-                    save_checkpoint(ckpt_dir / "best.pt", state(done))
-                save_checkpoint(ckpt_dir / "last.pt", state(done))
-                for entry in dropped:  # only once last.pt no longer lists them
-                    top_path(ckpt_dir, entry[1]).unlink(missing_ok=True)
-                window_start, window_items = (
-                    time.perf_counter(),
-                    0,
-                )  # validation time is not training speed
-            if stopping:
-                signum = stop.signum or int(
-                    signal.SIGTERM
-                )  # torchrun: another rank may have got it
-                if main:
-                    save_checkpoint(ckpt_dir / "last.pt", state(done))
-                bar.close()
-                writer.close()
-                name = signal.Signals(signum).name
-                log.info(
-                    f"metarun: {name} received; stopped at iteration {done} of {iterations} and wrote "
-                    f"{ckpt_dir / 'last.pt'}. Resume with: metarun train resume={shlex.quote(str(run_dir))}"
-                )
-                requeue = stop.previous_handler(signum)
-                if requeue is not None and signum != signal.SIGINT:
-                    requeue(
-                        signum, None
-                    )  # submitit (Slurm): requeue the job, which resumes with resume=auto
-                distributed.finish()
-                sys.exit(128 + signum)
-            if out_of_time:
-                log.info(
-                    f"metarun: time_limit={cfg.time_limit} min reached at iteration {done} of {iterations}; "
-                    f"testing the best checkpoint. Continue with: metarun train resume={shlex.quote(str(run_dir))}"
-                )
-                break
-    bar.close()
-    if not main:  # rank 0 tests the best checkpoint and writes the results
-        writer.close()
-        distributed.finish()
-        return {"status": "completed", family.key("best_val"): None}
-    distributed.finish()
-
-    best = load_checkpoint(ckpt_dir / "best.pt", "checkpoint")
-    best_saved = checkpoint_params(best, params, ckpt_dir / "best.pt", "checkpoint")
-    best_params = {k: v.to(device) for k, v in best_saved.items()}
-    test, test_ci = evaluate_tasks(
-        algorithm, best_params, splits["test"], "test", cfg, device, int(cfg.test_tasks)
-    )
+def _log_start(cfg, device, algorithm, execution: dict, data: dict, run_dir: Path) -> None:
+    threads = execution["threads"]
+    world = distributed.world_size()
+    parallel = f", {world} torchrun processes" if world > 1 else ""
     log.info(
-        describe(test, test_ci, int(cfg.test_tasks), cfg.way, cfg.shot, "test", family)
-        + f" with the best checkpoint "
-        f"(iteration {best_iteration})"
+        f"metarun: {algorithm.family.shape(cfg)} {cfg.query}-query on {device} "
+        f"({algorithm.describe()}, {threads} thread{'s' if threads != 1 else ''}{parallel}), "
+        f"{data['source']}{describe_splits(data['splits'])}; run dir {run_dir}"
     )
-    speed = (
-        done * per_iteration / train_seconds if train_seconds > 0 else float("nan")
-    )  # whole run, resumes too
-    segment_wall = time.perf_counter() - wall_start
-    results = {
-        "status": "completed",
-        "iterations_done": done,
-        "stopped_by": "time_limit" if out_of_time else "iterations",
-        "config": config,
-        "resolved": resolved,
-        "metric": family.metric,
-        family.key("best_val"): best_val,
-        "best_iteration": best_iteration,
-        family.key("test"): test,
-        "test_ci95": test_ci,
-        "test_tasks": int(cfg.test_tasks),
-        "train_seconds": train_seconds,
-        "wall_seconds": wall_before + segment_wall,
-        "segment_wall_seconds": segment_wall,
-        f"{unit}_per_s": speed,
-        "device": str(device),
-        "impl": algorithm.impl,
-        "algorithm": algorithm.name,
-        "workers": algorithm.workers,
-        "threads": execution["threads"],
-        "data_source": data["source"],
-        "history": history,
-    }
-    writer.add_hparams(
-        {"algorithm": algorithm.name, **{k: cfg[k] for k in HPARAM_KEYS}},
-        {
-            f"hparam/{family.key('best_val')}": best_val,
-            f"hparam/{family.key('test')}": test,
-            f"hparam/{unit}_per_s": speed,
-        },
-        run_name=".",
+
+
+def diverged(what: str, done: int, exact: bool, run: Run) -> MetarunError:
+    """The error of a run whose loss or weights stopped being finite at iteration `done`."""
+    cfg = run.cfg
+    return MetarunError(
+        f"{what} at iteration {done}{'' if exact else ' (or shortly before)'}; training stopped "
+        f"and {run.kept()}. Lower update_lr (now {cfg.update_lr}) or meta_lr (now {cfg.meta_lr})."
     )
-    writer.close()
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-    log.info(f"metarun: run dir {run_dir} (results.json, checkpoints/, tensorboard/)")
-    return results
+
+
+class Loop:
+    """The meta-iterations of one segment, from the state's iteration to cfg.iterations."""
+
+    def __init__(self, run: Run, state: TrainState):
+        cfg = run.cfg
+        self.run, self.state = run, state
+        self.iterations, self.log_every = int(cfg.iterations), int(cfg.log_every)
+        self.eval_every = int(cfg.eval_every)
+        # meta_batch tasks (the baseline: images) per iteration, for the logged speed
+        self.per_iteration, self.unit = run.algorithm.train_unit(cfg)
+        # time_limit: minutes of this segment's wall clock after which training ends as if
+        # `iterations` were reached (a last validation, the test, results.json); resume continues.
+        limit = cfg.get("time_limit")
+        self.deadline = run.started + 60 * float(limit) if limit else None
+        self.check_every_step = run.device.type == "cpu"  # on CUDA a per-step .item() stalls
+        self.window_start, self.window_items = time.perf_counter(), 0
+
+    def execute(self) -> str:
+        """Runs the iterations; returns why training ended: 'iterations' or 'time_limit'."""
+        run = self.run
+        run.bar = tqdm(
+            total=self.iterations,
+            initial=self.state.iteration,
+            desc="meta-train",
+            unit="it",
+            dynamic_ncols=True,
+            file=sys.stdout,
+            mininterval=1.0,
+            disable=not run.main,
+        )
+        with console_through_tqdm():
+            for it in range(self.state.iteration, self.iterations):
+                if self.iteration(it):
+                    run.bar.close()
+                    return "time_limit"
+        run.bar.close()
+        return "iterations"
+
+    def iteration(self, it: int) -> bool:
+        """Meta-iteration `it` (0-based) and what follows it; True when time_limit ran out."""
+        run, state = self.run, self.state
+        run.algorithm.begin_iteration(it, run.optimizer)  # its schedules (epochs, meta lr)
+        batch = run.sampler.sample(int(run.cfg.meta_batch))
+        done = it + 1
+        self.window_items += self.per_iteration
+        result, stopping, out_of_time = self.step(batch, done)
+        state.iteration = done
+        last = done == self.iterations or out_of_time
+        logging_step = done % self.log_every == 0 or last
+        validating = done % self.eval_every == 0 or last
+        # Every step on the CPU; on CUDA at least before anything is logged, validated or saved.
+        loss = None
+        if self.check_every_step or logging_step or validating or stopping:
+            loss = result.meta_loss.item()
+            if not math.isfinite(loss):
+                raise diverged(f"the meta-loss became {loss}", done, self.check_every_step, run)
+        run.bar.update(1)
+        if logging_step:
+            self.log(result, loss, done)
+        if validating and run.main:
+            self.validate(done, logging_step)
+        if stopping:
+            self.stop(done)
+        if out_of_time:
+            log.info(
+                f"metarun: time_limit={run.cfg.time_limit} min reached at iteration {done} of "
+                f"{self.iterations}; testing the best checkpoint. Continue with: metarun train "
+                f"resume={shlex.quote(str(run.files.run_dir))}"
+            )
+        return out_of_time
+
+    def step(self, batch, done: int):
+        """The meta-update: (StepResult, a stop was asked, time ran out). Under torchrun every
+        rank stops at the same iteration: the all-reduced flags (a signal on any rank, rank 0's
+        clock for time_limit), read at the same iterations on every rank."""
+        run = self.run
+        out_of_time = (
+            self.deadline is not None
+            and time.perf_counter() >= self.deadline
+            and done < self.iterations
+        )
+        if distributed.world_size() == 1:
+            result = meta_train_step(run.algorithm, run.params, run.optimizer, batch)
+            return result, run.stop.requested, out_of_time
+        try:
+            result, flags = distributed.train_step(
+                run.algorithm, run.params, run.optimizer, batch, run.stop.requested,
+                out_of_time and run.main,
+            )  # fmt: skip
+        except distributed.ProcessLost as exc:
+            if run.stop.requested and not run.main:  # rank 0 stopped on the same signal
+                raise Stopped(run.stop.signum, f"training, at iteration {done - 1}") from None
+            raise self.lost(exc, done) from None
+        read = (
+            self.check_every_step
+            or self.deadline is not None
+            or done % self.log_every == 0
+            or done % self.eval_every == 0
+            or done == self.iterations
+        )
+        stops, timed = flags.tolist() if read else (0.0, 0.0)
+        return result, stops > 0, timed > 0 and done < self.iterations
+
+    def lost(self, exc: distributed.ProcessLost, done: int) -> MetarunError:
+        """The one line for a torchrun process that died (killed, out of memory, a lost node)."""
+        run = self.run
+        return MetarunError(
+            f"a torchrun process of this run died or lost its connection during iteration "
+            f"{done} of {self.iterations} ({exc.cause}); the run stopped and {run.kept()}. "
+            f"Find why it died (its own output, above), then {run.resume_hint()}"
+        )
+
+    def log(self, result, loss: float, done: int) -> None:
+        """Training scalars every log_every iterations: loss, accuracy, speed, learning rates."""
+        run = self.run
+        # The .item() of the loss check synchronised the device: the window's time is compute time.
+        elapsed = time.perf_counter() - self.window_start
+        self.state.train_seconds += elapsed
+        speed = self.window_items / elapsed if elapsed > 0 else float("nan")
+        accuracy = result.accuracy.mean().item()
+        writer = run.writer
+        writer.add_scalar("train/meta_loss", loss, done)
+        writer.add_scalar(f"train/{run.algorithm.family.metric}", accuracy, done)
+        writer.add_scalar(f"speed/{self.unit}_per_s", speed, done)
+        writer.add_scalar("lr/meta_lr", run.optimizer.param_groups[0]["lr"], done)
+        for tag, value in run.algorithm.scalars(run.params).items():
+            writer.add_scalar(tag, value, done)
+        run.bar.set_postfix(
+            loss=f"{loss:.3f}",
+            **{
+                run.algorithm.family.metric[:3]: f"{accuracy:.3f}",
+                f"{self.unit}_s": f"{speed:.1f}",
+            },
+        )
+        self.window_start, self.window_items = time.perf_counter(), 0
+
+    def validate(self, done: int, logged: bool) -> None:
+        """Scores the weights on the fixed validation tasks, then writes the checkpoints. A signal
+        during it stops the run at once (Stopped), writing nothing new."""
+        run, cfg = self.run, self.run.cfg
+        bad = nonfinite_tensor({k: v.detach() for k, v in run.params.items()})
+        if bad:  # the loss can still be finite when a weight the query pass barely uses is not
+            raise diverged(
+                f"the weights became non-finite ({bad})", done, self.check_every_step, run
+            )
+        if not logged:  # close the speed window (the loss check synced): validation is not speed
+            self.state.train_seconds += time.perf_counter() - self.window_start
+        val, ci = evaluate_tasks(
+            run.algorithm, run.params, run.splits["val"], "val", cfg, run.device,
+            int(cfg.val_tasks), check=lambda: run.stop.check(f"the validation at iteration {done}"),
+        )  # fmt: skip
+        run.writer.add_scalar(f"val/{run.algorithm.family.metric}", val, done)
+        run.writer.add_scalar("val/ci95", ci, done)
+        for tag, values in run.algorithm.histograms(run.params).items():
+            run.writer.add_histogram(tag, values, done)
+        family = run.algorithm.family
+        text = describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation", family)
+        log.info(f"iteration {done}: {text}")
+        self.checkpoint(val, done)
+        self.window_start, self.window_items = time.perf_counter(), 0  # validation is not speed
+
+    def checkpoint(self, val: float, done: int) -> None:
+        """The validation's checkpoints: top/ (when among the keep_best best), best.pt (when the
+        best), last.pt; the top entries that fell out are deleted once last.pt no longer lists
+        them."""
+        run, state = self.run, self.state
+        dropped = state.rank_top(val, done, int(run.cfg.keep_best), run.algorithm.family)
+        if any(e[1] == done for e in state.top):
+            run.save(run.files.top(done), state)
+        if run.algorithm.family.better(val, state.best_val):
+            state.best_val, state.best_iteration = val, done
+            run.save(run.files.best, state)
+        run.save(run.files.last, state)
+        for _, iteration in dropped:
+            run.files.top(iteration).unlink(missing_ok=True)
+
+    def stop(self, done: int) -> None:
+        """A signal between iterations: last.pt at this iteration, then Stopped."""
+        run = self.run
+        signum = run.stop.signum or int(signal.SIGTERM)  # torchrun: another rank may have got it
+        if run.main:
+            run.save(run.files.last, self.state)
+        raise Stopped(signum, f"training, at iteration {done} of {self.iterations}")
+
+
+def _stopped(run: Run | None, stopped: Stopped) -> None:
+    """The end of a run stopped by a signal: what is kept and how to continue, said once; the
+    requeue handler a scheduler installed for SIGUSR2 (submitit) is called; exits 128 + signum."""
+    if run is not None:
+        run.close()
+        if run.main:
+            log.info(f"metarun: {stopped.name} received; {_what_is_kept(run, stopped)}")
+        requeue = run.stop.previous_handler(stopped.signum)
+        if requeue is not None and stopped.signum != signal.SIGINT:
+            requeue(stopped.signum, None)  # submitit (Slurm): requeue; it resumes with resume=auto
+    sys.exit(stopped.exit_status)
+
+
+def _what_is_kept(run: Run, stopped: Stopped) -> str:
+    hint = run.resume_hint()
+    hint = hint[0].upper() + hint[1:]
+    if stopped.during.startswith("training"):
+        where = stopped.during.partition(", ")[2]
+        return f"stopped {where} and wrote {run.files.last}. {hint}"
+    return f"stopped during {stopped.during}; {run.kept()}. {hint}"
