@@ -143,6 +143,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     model, algorithm = build_algorithm(
         train_cfg, device, configure_execution(train_cfg, device, saved)
     )
+    if curve is not None:
+        algorithm.check_curve(curve)  # before any data is loaded (ProtoNet: no inner loop)
     if (
         cfg.get("benchmark") == "lake"
     ):  # its archive and checkpoint checks come before any data is decoded
