@@ -7,8 +7,9 @@ first_order, and any algorithm.* setting that differs within one algorithm); `fi
 eval.json) is a row setting when both kinds are given, so a run and a later eval of it stay apart. A cell is "mean ± 95% CI" (%) of
 one run's test accuracy; several seeds of one cell are "mean ± std (N seeds)" over the seeds (sample std); a
 cell whose runs all failed ("status": "failed" in results.json) reads "failed" and its reason is listed under
-the table. `--paper` adds the published Omniglot figures (PAPER_OMNIGLOT) as extra columns, each with its
-source. The table is printed and written as report.md and report.csv (one line per cell, numbers in %).
+the table. `--paper` adds the published Omniglot or miniImageNet figures (PAPER) as extra columns,
+each with its source. The table is printed and written as report.md and report.csv (one line per
+cell, numbers in %).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ ALGORITHM_NAMES = {
     "mamlpp": "MAML++",
     "anil": "ANIL",
     "reptile": "Reptile",
+    "protonet": "ProtoNet",
+    "protomaml": "Proto-MAML",
 }
 
 # Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that could not be
@@ -88,7 +91,37 @@ PAPER_OMNIGLOT = [
         "Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)",
         {(20, 1): "96.2 ± 0.5", (20, 5): "98.0 ± 0.3"},
     ),
+    # Snell et al.'s headline rows train on more classes than they test on (experiment=protonet_*)
+    (
+        "ProtoNet (paper, 60-way training)",
+        "Snell, Swersky & Zemel 2017, NeurIPS, Table 1 (arXiv:1703.05175): training episodes of 60 "
+        "classes, 5 queries per class, train shot = test shot; 1,000 test episodes, no CI given",
+        {(5, 1): "98.8", (5, 5): "99.7", (20, 1): "96.0", (20, 5): "98.9"},
+    ),
+    (
+        "ProtoNet (paper, train way = test way)",
+        "Snell, Swersky & Zemel 2017, Appendix A, Table 4 (arXiv:1703.05175): training episodes of "
+        "the test way and shot, 15 queries per class; 1,000 test episodes, no CI given",
+        {(5, 1): "97.4", (5, 5): "99.3", (20, 1): "95.4", (20, 5): "98.7"},
+    ),
 ]
+
+# Published miniImageNet (Ravi & Larochelle's split) 5-way test accuracies (%), as PAPER_OMNIGLOT.
+PAPER_MINIIMAGENET = [
+    (
+        "ProtoNet (paper, 30-/20-way training)",
+        "Snell, Swersky & Zemel 2017, NeurIPS, Table 2 (arXiv:1703.05175): training episodes of 30 "
+        "classes (1-shot) or 20 (5-shot), 15 queries per class; 600 test episodes",
+        {(5, 1): "49.42 ± 0.78", (5, 5): "68.20 ± 0.66"},
+    ),
+    (
+        "ProtoNet (paper, train way = test way)",
+        "Snell, Swersky & Zemel 2017, Appendix B, Tables 5-6 (arXiv:1703.05175): 5-way training "
+        "episodes, 15 queries per class; 1-shot left out: the two tables disagree (46.61, 46.14)",
+        {(5, 5): "65.77 ± 0.70"},
+    ),
+]
+PAPER = {"omniglot": PAPER_OMNIGLOT, "miniimagenet": PAPER_MINIIMAGENET}
 
 
 @dataclass
@@ -293,8 +326,9 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     papers = []
     if paper:
         names = {r.settings.get("dataset.name", "omniglot") for r in results}
-        if names == {"omniglot"} and row_keys[:2] == ["way", "shot"]:
-            papers = [p for p in PAPER_OMNIGLOT if any((row[0], row[1]) in p[2] for row in rows)]
+        published = PAPER.get(names.pop()) if len(names) == 1 else None
+        if published and row_keys[:2] == ["way", "shot"]:
+            papers = [p for p in published if any((row[0], row[1]) in p[2] for row in rows)]
 
     table = Table(row_keys + columns + [p[0] for p in papers], [])
     table.csv_rows.append(
@@ -432,7 +466,8 @@ def main(argv: list[str]) -> int:
         "--paper",
         action="store_true",
         help="add the published Omniglot figures (MAML, first-order MAML, Meta-SGD, MAML++, "
-        "Reptile, ANIL) as extra columns, with their sources",
+        "Reptile, ANIL, ProtoNet) or miniImageNet figures (ProtoNet) as extra columns, with their "
+        "sources",
     )
     args = parser.parse_args(argv)
     text, out = report(args.dirs, args.out, args.paper)
