@@ -186,6 +186,20 @@ def test_protomaml_meta_gradient_equals_reference(
     assert relative_error(metarun_gradient(algo, params, ep), expected) < 1e-10
 
 
+@pytest.mark.parametrize("first_order", [True, False])
+def test_benchmark_reference_loop_computes_protomamls_meta_gradient(first_order):
+    """scripts/bench.py --compare times algorithms/reference.py; its head comes from task_init."""
+    from metarun.algorithms.reference import reference_meta_loss
+
+    algo = ProtoMAML(conv4(), 0.4, 2, 2, first_order, impl="batched")
+    params = algo.init_meta_params(torch.Generator().manual_seed(7), dtype=F64)
+    ep = random_episodes(tasks=2, way=WAY, shot=2, query=2)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    loss = reference_meta_loss(algo, leaves, ep)
+    expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
+    assert relative_error(metarun_gradient(algo, params, ep), expected) < 1e-10
+
+
 def test_protomaml_gradient_reaches_the_embedding_through_the_prototypes():
     """First order drops only the inner gradients' derivatives: with the head's initialisation cut
     out of the graph the meta-gradient changes, and the orders differ."""
