@@ -53,6 +53,8 @@ ALGORITHM_NAMES = {
     "mamlpp": "MAML++",
     "anil": "ANIL",
     "reptile": "Reptile",
+    "protonet": "ProtoNet",
+    "protomaml": "Proto-MAML",
 }
 
 # Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that could not be
@@ -112,6 +114,19 @@ PAPER_OMNIGLOT = [
         "Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)",
         {(20, 1): "96.2 ± 0.5", (20, 5): "98.0 ± 0.3"},
     ),
+    # Snell et al.'s headline rows train on more classes than they test on (experiment=protonet_*)
+    (
+        "ProtoNet (paper, 60-way training)",
+        "Snell, Swersky & Zemel 2017, NeurIPS, Table 1 (arXiv:1703.05175): training episodes of 60 "
+        "classes, 5 queries per class, train shot = test shot; 1,000 test episodes, no CI given",
+        {(5, 1): "98.8", (5, 5): "99.7", (20, 1): "96.0", (20, 5): "98.9"},
+    ),
+    (
+        "ProtoNet (paper, train way = test way)",
+        "Snell, Swersky & Zemel 2017, Appendix A, Table 4 (arXiv:1703.05175): training episodes of "
+        "the test way and shot, 15 queries per class; 1,000 test episodes, no CI given",
+        {(5, 1): "97.4", (5, 5): "99.3", (20, 1): "95.4", (20, 5): "98.7"},
+    ),
 ]
 # Published miniImageNet 5-way test accuracies (%).
 PAPER_MINIIMAGENET = [
@@ -136,6 +151,18 @@ PAPER_MINIIMAGENET = [
         f"{REPTILE}, Table 1, Reptile + Transduction (beside algorithm.transductive=true runs)",
         {(5, 1): "49.97 ± 0.32", (5, 5): "65.99 ± 0.58"},
         TRANSDUCTIVE,
+    ),
+    (
+        "ProtoNet (paper, 30-/20-way training)",
+        "Snell, Swersky & Zemel 2017, NeurIPS, Table 2 (arXiv:1703.05175): training episodes of 30 "
+        "classes (1-shot) or 20 (5-shot), 15 queries per class; 600 test episodes",
+        {(5, 1): "49.42 ± 0.78", (5, 5): "68.20 ± 0.66"},
+    ),
+    (
+        "ProtoNet (paper, train way = test way)",
+        "Snell, Swersky & Zemel 2017, Appendix B, Tables 5-6 (arXiv:1703.05175): 5-way training "
+        "episodes, 15 queries per class; 1-shot left out: the two tables disagree (46.61, 46.14)",
+        {(5, 5): "65.77 ± 0.70"},
     ),
 ]
 PAPER = {"omniglot": PAPER_OMNIGLOT, "miniimagenet": PAPER_MINIIMAGENET}
@@ -167,6 +194,7 @@ PAPER_PROTOCOL = {
     },
     "miniimagenet": {"dataset.name": "miniimagenet", "dataset.image_size": 84, "split": "test"},
 }
+
 
 
 @dataclass

@@ -125,7 +125,7 @@ def _eval(name: str, spec: str, help: str, **properties) -> Setting:
 _LR = " (the paper: update_lr=0.4 for 5-way, 0.1 for 20-way; meta_lr=0.001)."
 _MAMLPP, _PRETRAIN, _REPTILE = ("mamlpp",), ("pretrain",), ("reptile",)
 _OMNIGLOT, _CONV4, _RESNET12 = ("omniglot",), ("conv4",), ("resnet12",)
-_MLP, _SINUSOID = ("mlp",), ("sinusoid",)
+_MLP, _SINUSOID, _PROTONET = ("mlp",), ("sinusoid",), ("protonet",)
 # The image datasets and learners (the sinusoid and the MLP have no images, channels, roots).
 _IMAGES = ("cifar_fs", "fc100", "folder", "miniimagenet", "omniglot")
 _IMAGE_MODELS = ("conv4", "resnet12")
@@ -203,7 +203,15 @@ SETTINGS: tuple[Setting, ...] = (
       resumable=True, report=False),
     S("algorithm.inner_loss", "str", "the support loss: sum_over_shot (cbfinn/maml's) | mean"),
     S("algorithm.head_layer", "str", "the learner's last layer (weights <name>.weight, .bias)",
-      options=("anil", "pretrain")),
+      options=("anil", "pretrain", "protonet", "protomaml")),
+    S("algorithm.train_way", "int >= 2 or null",
+      "classes of a training episode (Snell et al. Omniglot: 60; null: way)", options=_PROTONET),
+    S("algorithm.train_query", "int >= 1 or null",
+      "query images per class of a training episode (Omniglot: 5; null: query)",
+      options=_PROTONET),
+    S("algorithm.lr_decay", "float > 0", "meta_lr is multiplied by this ...", options=_PROTONET),
+    S("algorithm.lr_decay_every", "int >= 0",
+      "... every this many iterations (theirs: 2,000 episodes; 0: constant)", options=_PROTONET),
     S("algorithm.iterations_per_epoch", "int", "an epoch (their total_iter_per_epoch)",
       options=_MAMLPP),
     S("algorithm.msl", "bool", "multi-step loss, per-step weights annealed over msl_epochs",

@@ -145,10 +145,13 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     else:
         from metarun.models.conv4 import Conv4
 
-        if not isinstance(ep, Episodes) or not isinstance(algorithm.model, Conv4):
+        # ProtoNet adapts nothing: the reference's inner loop has nothing to time against
+        inner_loop = bool(algorithm.adapted_names(params))
+        if not isinstance(ep, Episodes) or not isinstance(algorithm.model, Conv4) or not inner_loop:
             raise SystemExit(
                 f"--compare: algorithms/reference.py has no per-task loop of {algorithm.name}'s "
-                "training step on this learner (it is written for conv4 and episodes): drop --compare."
+                "training step on this learner (it is written for conv4, episodes and an inner "
+                "loop): drop --compare."
             )
         step = lambda: reference_train_step(algorithm, params, optimizer, ep)  # noqa: E731
     for _ in range(warmup):

@@ -381,13 +381,12 @@ def test_registry_matches_the_algorithm_configs():
     confs = {
         p.stem: yaml.safe_load(p.read_text()) for p in (REPO / "conf" / "algorithm").glob("*.yaml")
     }
-    assert (
-        set(confs)
-        == set(registry())
-        == {"maml", "metasgd", "mamlpp", "anil", "reptile", "pretrain"}
-    )
+    names = {"maml", "metasgd", "mamlpp", "anil", "reptile", "pretrain", "protonet", "protomaml"}
+    assert set(confs) == set(registry()) == names
     assert all(c["name"] == stem for stem, c in confs.items())
-    with pytest.raises(MetarunError, match="maml, metasgd, mamlpp, anil, reptile, pretrain"):
+    with pytest.raises(
+        MetarunError, match="maml, metasgd, mamlpp, anil, reptile, pretrain, protonet, protomaml"
+    ):
         algorithm_class("nosuch")
 
 

@@ -41,8 +41,18 @@ ALGORITHMS = {
         "algorithm.finetune_epochs=3",
         "algorithm.batch_size=8",
     ],
+    # ProtoNet: training episodes of another way and query than the test tasks, the rate halved
+    # inside the run
+    "protonet": [
+        "algorithm=protonet",
+        "algorithm.train_way=5",
+        "algorithm.train_query=3",
+        "algorithm.lr_decay_every=2",
+        "model.downsample=maxpool",
+    ],
+    "protomaml": ["algorithm=protomaml", "first_order=true", "update_step=2"],
 }
-# a parameter name only that algorithm's checkpoints hold
+# a parameter name only that algorithm's checkpoints hold (protonet, protomaml: none, and no head)
 OWN_PARAM = {
     "metasgd": "alpha.",
     "mamlpp": "lslr.",
@@ -83,12 +93,14 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
         and a["algorithm"]["name"] == name
         and a["algorithm"]["impl"] != "loop"
     )
-    assert set(a["params"]) == set(b["params"]) and any(
-        k.startswith(OWN_PARAM[name]) for k in a["params"]
-    )
+    assert set(a["params"]) == set(b["params"])
+    if name in OWN_PARAM:
+        assert any(k.startswith(OWN_PARAM[name]) for k in a["params"])
+    else:  # the head is set per task (Proto-MAML) or not used (ProtoNet)
+        assert "conv0.weight" in a["params"] and not any(k.startswith("fc.") for k in a["params"])
     assert all(torch.equal(a["params"][k], b["params"][k]) for k in a["params"])
     assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
-    if name in ("anil", "reptile", "pretrain"):
+    if name in ("anil", "reptile", "pretrain", "protonet", "protomaml"):
         # `metarun eval` scores the best checkpoint on the same fixed tasks as the run's own test
         results = json.loads((whole / "results.json").read_text())
         # the logged speed counts what an iteration trains on: the baseline's images, not unused meta_batch tasks
@@ -191,3 +203,112 @@ def test_impossible_algorithm_setting_is_one_line(tiny_root, tmp_path, overrides
     proc = run_metarun(*args(tiny_root, tmp_path / "run", *overrides), cwd=tmp_path)
     assert_clean_error(proc, *fragments)
     assert not (tmp_path / "run" / "checkpoints" / "last.pt").exists()
+
+
+def test_protonet_ensemble_and_refused_curve_protomaml_curve(tiny_root, tmp_path):
+    """ProtoNet scores an ensemble by its members' mean distances and refuses steps= (no inner loop)
+    in one line before any data is read; Proto-MAML's steps= curve starts from the prototype head
+    (step 0)."""
+    common = ["tasks=4", "eval_chunk=4", "device=cpu"]
+    for name in ("protonet", "protomaml"):
+        run = tmp_path / name
+        run_metarun(
+            *args(tiny_root, run, *ALGORITHMS[name], "keep_best=2"), cwd=tmp_path, check=True
+        )
+        # ProtoNet: refused before the data is looked for (data_root points nowhere)
+        where = tmp_path / "nowhere" if name == "protonet" else tiny_root
+        steps = run_metarun(
+            "eval",
+            f"checkpoint={run}",
+            "ensemble=2",
+            "steps=0,1",
+            *common,
+            f"data_root={where}",
+            f"hydra.run.dir={tmp_path / (name + '_curve')}",
+            cwd=tmp_path,
+        )
+        if name == "protonet":
+            assert_clean_error(steps, "steps=0,1", "protonet has no inner loop", "drop steps=")
+            run_metarun(
+                "eval",
+                f"checkpoint={run}",
+                "ensemble=2",
+                *common,
+                f"data_root={tiny_root}",
+                f"hydra.run.dir={tmp_path / 'ensemble'}",
+                cwd=tmp_path,
+                check=True,
+            )
+            result = json.loads((tmp_path / "ensemble" / "eval.json").read_text())
+            assert len(result["ensemble"]) == 2 and 0.0 <= result["accuracy"] <= 1.0
+        else:
+            assert steps.returncode == 0, steps.stderr[-2000:]
+            result = json.loads((tmp_path / (name + "_curve") / "eval.json").read_text())
+            assert [c["steps"] for c in result["curve"]] == [0, 1] and len(result["ensemble"]) == 2
+
+
+def tiny_miniimagenet(root):
+    """10 training, 5 validation and 5 test classes of 20 images at 84x84 (test_datasets'
+    layout)."""
+    from test_datasets import make_miniimagenet
+
+    if not (root / "test.csv").is_file():
+        make_miniimagenet(root, per_class=20, classes=(10, 5, 5))
+    return root
+
+
+PRESETS = [
+    "protonet_omniglot_5way_1shot",
+    "protonet_omniglot_5way_5shot",
+    "protonet_omniglot_20way_1shot",
+    "protonet_omniglot_20way_5shot",
+    "protonet_miniimagenet_5way_1shot",
+    "protonet_miniimagenet_5way_5shot",
+    "protomaml_omniglot_5way_1shot",
+    "protomaml_omniglot_20way_1shot",
+]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_protonet_and_protomaml_presets_run(tiny_root, tmp_path_factory, preset):
+    """Each preset for two iterations on tiny data: sizes the tiny data cannot hold are shrunk (the
+    validation split's 3 Omniglot classes, the 10 miniImageNet training classes), the rest is the
+    preset's."""
+    tmp = tmp_path_factory.mktemp(preset)
+    if "miniimagenet" in preset:
+        root = tiny_miniimagenet(tmp_path_factory.getbasetemp() / "tiny_miniimagenet")
+        data = [f"dataset.root={root}", "algorithm.train_way=10"]
+    else:
+        data = [f"dataset.root={tiny_root}", f"dataset.cache_dir={tiny_root / 'cache'}", "way=3"]
+        data += ["algorithm.train_way=10"] if preset.startswith("protonet") else ["meta_batch=2"]
+    run = tmp / "run"
+    run_metarun(
+        "train",
+        f"experiment={preset}",
+        *data,
+        "iterations=2",
+        "eval_every=2",
+        "val_tasks=2",
+        "test_tasks=2",
+        "eval_chunk=2",
+        "log_every=1",
+        "model.filters=4",
+        "device=cpu",
+        "threads=1",
+        f"hydra.run.dir={run}",
+        cwd=tmp,
+        check=True,
+    )
+    results = json.loads((run / "results.json").read_text())
+    config = results["config"]
+    assert results["iterations_done"] == 2 and 0.0 <= results["test_accuracy"] <= 1.0
+    assert results["algorithm"] == config["algorithm"]["name"] == preset.split("_")[0]
+    if preset.startswith("protonet"):  # Snell et al.'s protocol
+        assert config["meta_batch"] == 1 and config["meta_lr"] == 0.001
+        assert (
+            config["algorithm"]["lr_decay_every"] == 2000 and config["algorithm"]["lr_decay"] == 0.5
+        )
+        assert config["model"]["downsample"] == "maxpool"
+        assert config["algorithm"]["train_query"] == (15 if "miniimagenet" in preset else 5)
+    else:  # Meta-Dataset's first order
+        assert config["first_order"] is True and config["model"]["downsample"] == "stride"

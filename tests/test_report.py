@@ -94,10 +94,14 @@ def make_sweep(root: Path) -> Path:
 
 
 EXPECTED_MD = """\
-| way | shot | MAML | first-order MAML | MAML (paper) | first-order MAML (paper) | Meta-SGD (paper) | MAML++ (paper) | ANIL (paper) |
-| --- | --- | --- | --- | --- | --- | --- | --- | --- |
-| 5 | 1 | 95.00 ± 2.00 (3 seeds) | 90.12 ± 1.23 | 98.7 ± 0.4 | 98.3 ± 0.5 | 99.5 | 99.47 |  |
-| 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 96.2 ± 0.5 |
+| way | shot | MAML | first-order MAML | MAML (paper) | first-order MAML (paper) | Meta-SGD\
+ (paper) | MAML++ (paper) | ANIL (paper) | ProtoNet (paper, 60-way training) | ProtoNet (paper,\
+ train way = test way) |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| 5 | 1 | 95.00 ± 2.00 (3 seeds) | 90.12 ± 1.23 | 98.7 ± 0.4 | 98.3 ± 0.5 | 99.5 | 99.47 |  |\
+ 98.8 | 97.4 |
+| 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 96.2 ± 0.5\
+ | 96.0 | 95.4 |
 
 Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 failed: 6: CUDA out of memory
@@ -107,6 +111,12 @@ first-order MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.
 Meta-SGD (paper): Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points.
 MAML++ (paper): Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree.
 ANIL (paper): Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157).
+ProtoNet (paper, 60-way training): Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
+ (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
+ shot; 1,000 test episodes, no CI given.
+ProtoNet (paper, train way = test way): Snell, Swersky & Zemel 2017, Appendix A, Table 4\
+ (arXiv:1703.05175): training episodes of the test way and shot, 15 queries per class; 1,000 test\
+ episodes, no CI given.
 """
 
 EXPECTED_CSV = """\
@@ -117,6 +127,12 @@ way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
 5,1,first-order MAML (paper),98.3,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
 5,1,Meta-SGD (paper),99.5,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
 5,1,MAML++ (paper),99.47,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
+5,1,"ProtoNet (paper, 60-way training)",98.8,,,,,,,"Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
+ (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
+ shot; 1,000 test episodes, no CI given"
+5,1,"ProtoNet (paper, train way = test way)",97.4,,,,,,,"Snell, Swersky & Zemel 2017, Appendix A,\
+ Table 4 (arXiv:1703.05175): training episodes of the test way and shot, 15 queries per class;\
+ 1,000 test episodes, no CI given"
 20,1,MAML,85.1200,1.0100,,1,1,0,4;6,CUDA out of memory
 20,1,first-order MAML,,,,0,1,0,5,the meta-loss became nan at iteration 3
 20,1,MAML (paper),95.8,0.3,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
@@ -124,6 +140,12 @@ way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
 20,1,Meta-SGD (paper),95.9,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
 20,1,MAML++ (paper),97.65,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
 20,1,ANIL (paper),96.2,0.5,,,,,,"Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)"
+20,1,"ProtoNet (paper, 60-way training)",96.0,,,,,,,"Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
+ (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
+ shot; 1,000 test episodes, no CI given"
+20,1,"ProtoNet (paper, train way = test way)",95.4,,,,,,,"Snell, Swersky & Zemel 2017, Appendix A,\
+ Table 4 (arXiv:1703.05175): training episodes of the test way and shot, 15 queries per class;\
+ 1,000 test episodes, no CI given"
 """
 
 
@@ -135,6 +157,30 @@ def test_sweep_report_with_seeds_a_failed_cell_and_paper_figures(tmp_path, capsy
     assert (sweep / "report.md").read_text() == EXPECTED_MD
     assert (sweep / "report.csv").read_text() == EXPECTED_CSV
     assert f"wrote {sweep / 'report.md'} and {sweep / 'report.csv'}" in out.err
+
+
+def test_paper_figures_follow_the_dataset_and_name_the_training_protocol(tmp_path, capsys):
+    """miniImageNet runs get Snell et al.'s miniImageNet figures (not Omniglot's), each column
+    saying how its episodes were trained; ProtoNet and Proto-MAML runs are labelled as such."""
+    runs = tmp_path / "mini"
+    for n, (shot, name) in enumerate(((1, "protonet"), (5, "protonet"), (1, "protomaml"))):
+        cfg = config(5, shot, 0, algorithm={"name": name}, n=n)
+        cfg["dataset"] = {"name": "miniimagenet", "root": f"/data/{n}", "image_size": 84}
+        write_run(runs / str(n), cfg, 0.5, 0.01)
+    assert main(["report", str(runs), "--paper"]) == 0
+    header, _, one, five = capsys.readouterr().out.splitlines()[:4]
+    assert header == (
+        "| way | shot | Proto-MAML | ProtoNet | MAML (paper) | first-order MAML (paper) "
+        "| ProtoNet (paper, 30-/20-way training) | ProtoNet (paper, train way = test way) |"
+    )
+    # miniImageNet's figures (MAML 48.70, not Omniglot's 98.7)
+    assert one == (
+        "| 5 | 1 | 50.00 ± 1.00 | 50.00 ± 1.00 | 48.70 ± 1.84 | 48.07 ± 1.75 | 49.42 ± 0.78 |  |"
+    )
+    assert five == (
+        "| 5 | 5 |  | 50.00 ± 1.00 | 63.11 ± 0.92 | 63.15 ± 0.91 | 68.20 ± 0.66 | 65.77 ± 0.70 |"
+    )
+    assert "98.7" not in (runs / "report.md").read_text()  # no Omniglot figure
 
 
 def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys):

@@ -191,6 +191,58 @@ def test_torchrun_trains_reptile_and_refuses_pretrain_in_one_line(tiny_root, tmp
     assert not run.exists()
 
 
+PROTO_WORKER = """
+import sys, torch
+sys.path.insert(0, sys.argv[2])
+from metarun.algorithms.protomaml import ProtoMAML
+from metarun.algorithms.protonet import ProtoNet
+from metarun.models.conv4 import Conv4
+from metarun.runner import distributed
+from test_maml import random_episodes
+
+distributed.init()
+model = Conv4(3, filters=6, image_size=16)
+out = {}
+for algo in (ProtoNet(model, shot=1, train_way=4, impl="batched"),
+             ProtoMAML(model, 0.4, 1, 1, True, impl="batched")):
+    params = algo.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+    params = {k: v.requires_grad_(True) for k, v in params.items()}
+    optimizer = torch.optim.SGD(params.values(), lr=0.0)
+    way = 4 if algo.name == "protonet" else 3
+    distributed.train_step(algo, params, optimizer, random_episodes(5, way, 1, 2), False)
+    out[algo.name] = {k: v.grad for k, v in params.items()}
+torch.save(out, f"{sys.argv[1]}/rank{distributed.rank()}.pt")
+distributed.finish()
+"""
+
+
+def test_two_process_protonet_and_protomaml_gradients_equal_the_single_process_ones(tmp_path):
+    """ProtoNet (no inner loop, its own meta-gradient) and Proto-MAML (per-task heads) over 2 ranks:
+    each rank's share of the meta-batch, all-reduced, is the whole batch's gradient."""
+    from test_maml import random_episodes
+
+    from metarun.algorithms.protomaml import ProtoMAML
+    from metarun.algorithms.protonet import ProtoNet
+    from metarun.models.conv4 import Conv4
+
+    script = tmp_path / "worker.py"
+    script.write_text(PROTO_WORKER)
+    proc = torchrun(str(script), str(tmp_path), str(REPO / "tests"), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    model = Conv4(3, filters=6, image_size=16)
+    for algo, way in (
+        (ProtoNet(model, shot=1, train_way=4, impl="batched"), 4),
+        (ProtoMAML(model, 0.4, 1, 1, True, impl="batched"), 3),
+    ):
+        params = algo.init_meta_params(torch.Generator().manual_seed(0), dtype=torch.float64)
+        leaves = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+        algo.accumulate_meta_gradient(leaves, random_episodes(5, way, 1, 2))
+        for rank in (0, 1):
+            grads = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[algo.name]
+            for k in params:
+                assert torch.allclose(grads[k], leaves[k].grad, rtol=0, atol=1e-10), (rank, k)
+
+
 def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_path):
     # the default run dir (${now:...}): rank 0 claims it, rank 1 must work in it and create no other
     args = strip(tiny_args(tiny_root, tmp_path, "meta_batch=3"), "hydra.run.dir")

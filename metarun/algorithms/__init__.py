@@ -13,9 +13,14 @@ def registry() -> dict:
     from metarun.algorithms.mamlpp import MAMLPlusPlus
     from metarun.algorithms.metasgd import MetaSGD
     from metarun.algorithms.pretrain import Pretrain
+    from metarun.algorithms.protomaml import ProtoMAML
+    from metarun.algorithms.protonet import ProtoNet
     from metarun.algorithms.reptile import Reptile
 
-    return {cls.name: cls for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain, Joint)}
+    return {
+        cls.name: cls
+        for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain, Joint, ProtoNet, ProtoMAML)
+    }
 
 
 def algorithm_class(name: str):

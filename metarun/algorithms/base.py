@@ -14,6 +14,11 @@ Hooks (defaults = MAML, Finn et al. 2017):
 - `step_loss_weights`: weights of the query loss after each inner step in the outer objective (None: the
   last step only);
 - `second_order`: whether the inner gradients are differentiated (False = first order);
+- `task_init`: per-task starting values of weights that are not meta-parameters, computed from
+  the support set inside the autodiff graph, which the inner loop adapts too (default none;
+  Proto-MAML: the head from the class prototypes);
+- `check_curve`: refuses `metarun eval steps=` where accuracy after each inner step means nothing
+  (default: accepted; ProtoNet has no inner loop);
 - `begin_iteration`: a per-iteration hook for schedules (epochs, meta learning rate);
 - `scalars` / `histograms`: what the runner logs to TensorBoard.
 
@@ -75,6 +80,25 @@ def inner_update(weights: dict, grads: dict, lrs) -> dict:
     if isinstance(lrs, dict):
         return {k: weights[k] - lrs[k] * g for k, g in grads.items()}
     return {k: weights[k] - lrs * g for k, g in grads.items()}
+
+
+def head_of(model, head_layer: str) -> tuple[tuple[str, str], int]:
+    """The learner's last linear layer under the name prefix `head_layer`: ((weight name, bias
+    name), its input features). Raises MetarunError unless the learner has exactly
+    `<head_layer>.weight` [way, F] and `<head_layer>.bias` under that prefix."""
+    init = model.init_params(torch.Generator())
+    w, b = f"{head_layer}.weight", f"{head_layer}.bias"
+    if (
+        w not in init
+        or b not in init
+        or init[w].dim() != 2
+        or set(k for k in init if k.startswith(head_layer + ".")) != {w, b}
+    ):
+        raise MetarunError(
+            f"algorithm.head_layer={head_layer!r} must name the learner's last linear layer "
+            f"(with {w} [way, features] and {b}): use e.g. fc."
+        )
+    return (w, b), int(init[w].shape[1])
 
 
 class GradientMetaLearner:
@@ -195,6 +219,17 @@ class GradientMetaLearner:
     def second_order(self) -> bool:
         return not self.first_order
 
+    def task_init(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Per-task starting values {name: [T, ...]} of learner weights that are not
+        meta-parameters, computed from the support set x [T, N, C, H, W], y [T, N] inside the
+        autodiff graph (gradients reach `params` through them); the inner loop adapts them with
+        adapted_names. Default: none."""
+        return {}
+
+    def check_curve(self, steps: list[int]) -> None:
+        """Raises MetarunError where accuracy after each number of inner steps (`metarun eval
+        steps=`) cannot be scored; default: it can."""
+
     def begin_iteration(self, iteration: int, optimizer) -> None:
         """Called by the runner before meta-iteration `iteration` (0-based); schedules go here."""
 
@@ -249,6 +284,26 @@ class GradientMetaLearner:
         """A training batch of this algorithm's kind made from random episodes (scripts/bench.py)."""
         return ep
 
+    def embed(self, params: dict, x: torch.Tensor, head: tuple) -> torch.Tensor:
+        """x [T, N, C, H, W] -> features [T, N, F] of the learner without its head, from the
+        meta-parameters `params` (every learner weight but the head; no task dimension). `head`:
+        head_of's ((weight name, bias name), F). conv4 has its own embed; any other learner runs
+        with the head set to the identity (features @ I + 0: the same numbers)."""
+        (w, b), features = head
+        tasks = x.shape[0]
+        weights = {
+            k: params[k].unsqueeze(0).expand(tasks, *params[k].shape)
+            for k in self.learner_names()
+            if k not in (w, b)
+        }
+        own = getattr(self.model, "embed", None)
+        if own is not None:
+            return own(weights, x)
+        eye = torch.eye(features, dtype=x.dtype, device=x.device)
+        weights[w] = eye.unsqueeze(0).expand(tasks, features, features)
+        weights[b] = eye.new_zeros(tasks, features)
+        return self.model.forward(weights, x)
+
     def frozen_learner_weights(self, params: dict, fast: dict, tasks: int | None) -> dict:
         """The adapted weights `fast`, and every other learner weight from `params` (expanded to `tasks`
         copies; tasks=None: one task)."""
@@ -294,6 +349,17 @@ class GradientMetaLearner:
         return self.family.query_loss(logits, y)
 
     # -- inner loop -------------------------------------------------------------------------------------
+    def initial_fast(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """The inner loop's starting weights for the T tasks of x [T, N, C, H, W], y [T, N]: the
+        adapted meta-parameters (one view per task) and the task_init ones."""
+        tasks = x.shape[0]
+        fast = {
+            k: params[k].unsqueeze(0).expand(tasks, *params[k].shape)
+            for k in self.adapted_names(params)
+        }
+        fast.update(self.task_init(params, x, y))
+        return fast
+
     def adapt(
         self,
         params: dict,
@@ -307,10 +373,7 @@ class GradientMetaLearner:
         the adapted weights. Returns the adapted weights {name: [T, ...]} (trajectory=True: a list with
         those after each step)."""
         tasks, shot = x.shape[0], y.shape[1] // getattr(self.model, "way", 1)
-        fast = {
-            k: params[k].unsqueeze(0).expand(tasks, *params[k].shape)
-            for k in self.adapted_names(params)
-        }
+        fast = self.initial_fast(params, x, y)
         after = []
         for step in range(steps):
             loss = self.support_loss(
@@ -390,12 +453,14 @@ class GradientMetaLearner:
     def query_logits_curve(self, params: dict, ep: Episodes, steps: list[int]) -> torch.Tensor:
         """Query logits [len(steps), T, way*query, way] after each number of inner steps in `steps` (0: the
         meta-learned weights, unadapted), from one inner loop of max(steps) steps per task (cbfinn/maml's test
-        reports accuracy after 0..10 steps this way); keeps no graph. Raises MetarunError for a negative count."""
+        reports accuracy after 0..10 steps this way); keeps no graph. Raises MetarunError for a
+        negative count, or where check_curve refuses."""
         steps = [int(s) for s in steps]
         if not steps or min(steps) < 0:
             raise MetarunError(
                 f"steps={steps} must be numbers of inner steps >= 0 (0: no adaptation)."
             )
+        self.check_curve(steps)
         last = max(steps)
         start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
 
@@ -418,10 +483,7 @@ class GradientMetaLearner:
                     fast = (
                         after[s - 1]
                         if s > 0
-                        else {
-                            k: start[k].unsqueeze(0).expand(tasks, *start[k].shape)
-                            for k in self.adapted_names(start)
-                        }
+                        else self.initial_fast(start, ep.x_support[part], ep.y_support[part])
                     )
                     # step 0 uses the first step's weights (MAML++'s per-step batch norm: row 0)
                     out.append(

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metarun.algorithms.base import GradientMetaLearner, StepResult
+from metarun.algorithms.base import GradientMetaLearner, StepResult, head_of
 from metarun.data.episodes import Episodes, SeededDraws
 from metarun.errors import MetarunError
 
@@ -181,19 +181,8 @@ class Pretrain(GradientMetaLearner):
             weight_decay=float(finetune_weight_decay),
         )
         self.eval_seed, self.seed = int(eval_seed), int(seed)
-        init = self.model.init_params(torch.Generator())
-        w, b = f"{self.head_layer}.weight", f"{self.head_layer}.bias"
-        if (
-            w not in init
-            or b not in init
-            or init[w].dim() != 2
-            or set(k for k in init if k.startswith(self.head_layer + ".")) != {w, b}
-        ):
-            raise MetarunError(
-                f"algorithm.head_layer={self.head_layer!r} must name the learner's last linear layer "
-                f"(with {w} [way, features] and {b}): use e.g. fc."
-            )
-        self.head_names, self.features = (w, b), int(init[w].shape[1])
+        self.last_layer = head_of(self.model, self.head_layer)
+        self.head_names, self.features = self.last_layer
 
     @classmethod
     def from_config(cls, cfg, model, engine):
@@ -276,16 +265,8 @@ class Pretrain(GradientMetaLearner):
 
     # -- features and heads -----------------------------------------------------------------------------
     def body_features(self, params: dict, x: torch.Tensor) -> torch.Tensor:
-        """x [T, N, C, H, W] -> features [T, N, F]: the learner with its head set to the identity."""
-        tasks = x.shape[0]
-        w, b = self.head_names
-        ref = params["pretrain.weight"]
-        identity = {
-            w: torch.eye(self.features, dtype=ref.dtype, device=ref.device),
-            b: torch.zeros(self.features, dtype=ref.dtype, device=ref.device),
-        }
-        weights = self.frozen_learner_weights({**params, **identity}, {}, tasks)
-        return self.model.forward(weights, x)
+        """x [T, N, C, H, W] -> features [T, N, F]: the learner without its head (base embed)."""
+        return self.embed(params, x, self.last_layer)
 
     def scores(self, features, weight, second) -> torch.Tensor:
         """features [..., N, F] and a head (weight [..., K, F], bias or gain [..., K]) -> logits [..., N, K]."""

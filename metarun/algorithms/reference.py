@@ -64,7 +64,11 @@ def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
     loss_weights = algorithm.step_loss_weights(steps)
     losses = []
     for t in range(ep.x_support.shape[0]):
-        fast = {k: params[k] for k in algorithm.adapted_names(params)}
+        # views, as the engine's: the inner gradient w.r.t. them leaves out the path through
+        # task_init's weights (Proto-MAML's head), computed from params and adapted on their own
+        fast = {k: params[k].view_as(params[k]) for k in algorithm.adapted_names(params)}
+        start = algorithm.task_init(params, ep.x_support[t : t + 1], ep.y_support[t : t + 1])
+        fast.update({k: v[0] for k, v in start.items()})
         query_losses = []
         for step in range(steps):
             logits = conv4_forward(

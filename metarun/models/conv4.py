@@ -139,6 +139,15 @@ class Conv4:
 
     def forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """params: {name: [T, *shape]}; x: [T, N, C, H, W] -> logits [T, N, way]."""
+        # the embedding's [N, T, F] layout, as the head has always read it (the same bits)
+        feats = self.embed(params, x).transpose(0, 1)
+        logits = torch.einsum("ntf,twf->tnw", feats, params["fc.weight"])
+        return logits + params["fc.bias"].unsqueeze(1)
+
+    def embed(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """The embedding (the learner without its head `fc`): params {name: [T, *shape]} (fc.* not
+        read); x [T, N, C, H, W] -> features [T, N, self.features] (stride: the mean of the last
+        map; maxpool: the last map flattened)."""
         tasks, n = x.shape[0], x.shape[1]
         h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], x.shape[3], x.shape[4])
         stride = 2 if self.downsample == "stride" else 1
@@ -170,8 +179,7 @@ class Conv4:
             feats = h.mean(dim=(2, 3)).view(n, tasks, self.filters)
         else:
             feats = h.reshape(n, tasks, self.features)
-        logits = torch.einsum("ntf,twf->tnw", feats, params["fc.weight"])
-        return logits + params["fc.bias"].unsqueeze(1)
+        return feats.transpose(0, 1)
 
 
 def build_model(cfg) -> Conv4:

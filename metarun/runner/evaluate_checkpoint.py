@@ -152,6 +152,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     train_cfg, steps = eval_config(cfg, state)
     saved = state.algorithm if device.type == "cpu" else None  # the run's CPU execution, kept
     _, algorithm = build_algorithm(train_cfg, device, configure_execution(train_cfg, device, saved))
+    if curve is not None:
+        algorithm.check_curve(curve)  # before any data is loaded (ProtoNet: no inner loop)
     lake = cfg.get("benchmark") == "lake"
     if lake:  # its archive and checkpoint checks come before any data is decoded
         from metarun.data import sources
