@@ -252,8 +252,8 @@ def _parse(command: str, overrides: list[str]) -> list:
             parsed += parser.parse_overrides([text])
         except HydraException:
             raise MetarunError(
-                f"cannot read the setting {text!r}: write key=value, and quote a value with spaces or "
-                f"special characters, e.g. key='a value' (`metarun {command} --help` lists the "
+                f"cannot read the setting {text!r}: write key=value, and quote a value with spaces "
+                f"or special characters, e.g. key='a value' (`metarun {command} --help` lists the "
                 "settings)."
             )
     return parsed
@@ -315,7 +315,8 @@ def _split(command: str, cfg):
     missing = [k for k in cfg.keys() if OmegaConf.is_missing(cfg, k)]
     if missing:
         raise MetarunError(
-            f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run dir)"
+            f"{missing[0]} is required: metarun {command} {missing[0]}=PATH (a .pt file or a run "
+            "dir)"
         )
     return cfg, hydra_node
 
@@ -679,7 +680,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fail(str(exc))
     if command not in COMMANDS:
         return _fail(
-            f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun --help)."
+            f"unknown command {command!r}; use one of: {', '.join([*COMMANDS, 'report'])} (metarun "
+            "--help)."
         )
     try:
         rest = [_normalize(a) for a in rest]

@@ -1,7 +1,8 @@
 """The one exception type a user is meant to see.
 
-A MetarunError is a mistake the user can fix (a setting, a path, a file). The CLI prints its message as
-one line, without a traceback, and exits with status 2. Every message names the setting or file and the fix.
+A MetarunError is a mistake the user can fix (a setting, a path, a file). The CLI prints its message
+as one line, without a traceback, and exits with status 2. Every message names the setting or file
+and the fix.
 """
 
 import os
@@ -13,7 +14,8 @@ class MetarunError(Exception):
 
 
 def require_writable_dir(path: Path) -> None:
-    """Creates `path` if needed and proves it writable with a probe file; else a MetarunError with the fix."""
+    """Creates `path` if needed and proves it writable with a probe file; else a MetarunError with
+    the fix."""
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".metarun-write-test-{os.getpid()}"

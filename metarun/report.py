@@ -21,8 +21,8 @@ and listed under the table with how far it got. A cell whose runs all failed ("s
 reads "failed" and its reason is listed under the table. `--paper` adds the published Omniglot or
 miniImageNet figures (PAPER) as extra columns, each with its source, in the rows on the papers'
 protocol (PAPER_PROTOCOL); a figure measured under one protocol of an algorithm (Reptile's with and
-without transduction) shows only beside runs of that protocol. The table is printed and written as report.md and report.csv (one line per cell,
-numbers in %).
+without transduction) shows only beside runs of that protocol. The table is printed and written as
+report.md and report.csv (one line per cell, numbers in %).
 """
 
 from __future__ import annotations
@@ -57,9 +57,10 @@ ALGORITHM_NAMES = {
     "protomaml": "Proto-MAML",
 }
 
-# Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that could not be
-# confirmed from a second source is left out rather than guessed. An optional fourth item is the
-# protocol the figure was measured with: settings a run must have for the figure to stand beside it.
+# Published Omniglot test accuracies (%), as printed in each paper, by (way, shot). A figure that
+# could not be confirmed from a second source is left out rather than guessed. An optional fourth
+# item is the protocol the figure was measured with: settings a run must have for the figure to
+# stand beside it.
 REPTILE = "Nichol, Achiam & Schulman 2018 (arXiv:1803.02999v3)"
 NON_TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": False}
 TRANSDUCTIVE = {"algorithm.name": "reptile", "algorithm.transductive": True}
@@ -194,7 +195,6 @@ PAPER_PROTOCOL = {
     },
     "miniimagenet": {"dataset.name": "miniimagenet", "dataset.image_size": 84, "split": "test"},
 }
-
 
 
 @dataclass

@@ -1,30 +1,33 @@
 """Benchmark metarun's meta-training step; prints one JSON object per setting.
 
     python scripts/bench.py [overrides...] [--compare] [--threads N] [--iters N] [--warmup N]
-    python scripts/bench.py algorithm=mamlpp --compare                # any algorithm (algorithm=NAME)
-    python scripts/bench.py --suite [--first-order] [--compare]      # settings A, B, C (README, Performance)
-    python scripts/bench.py --sampler                                # the episode sampler on the real cache
-    python scripts/bench.py --gpu-check [device=cuda:N]              # GPU readiness, one JSON summary
+    python scripts/bench.py algorithm=mamlpp --compare                # any algorithm
+    (algorithm=NAME) python scripts/bench.py --suite [--first-order] [--compare]      # settings A,
+    B, C (README, Performance) python scripts/bench.py --sampler                                #
+    the episode sampler on the real cache python scripts/bench.py --gpu-check [device=cuda:N]
+    # GPU readiness, one JSON summary
 
-Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16 first_order=true
-algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is `meta_train_step`, exactly
-what `metarun train` runs (forward, inner loop, meta-backward, Adam step), on random episodes of the
-configured shapes (for algorithms that train on their own batches, e.g. reptile and pretrain, the
-algorithm's bench_batch of them; pretrain needs algorithm.num_classes=N). Any learner: model=resnet12
-dataset.image_size=84 dataset.channels=3. Each measurement runs in a fresh process, so that its peak memory is its own.
-`--compare` also times, in the same run and shapes, the plain per-task loop (algorithms/reference.py) of the
-same algorithm. Each side runs in its own process with the same `threads` setting (`--threads N`, default
-all cores), applied by the runner's own setup (metarun/runner/setup.py): metarun's `parallel` gets N workers
-of 1 intra-op thread, the loop N intra-op threads; each side reports the threads it really ran on, read
-inside its process after setup.
+Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16
+first_order=true algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is
+`meta_train_step`, exactly what `metarun train` runs (forward, inner loop, meta-backward, Adam
+step), on random episodes of the configured shapes (for algorithms that train on their own batches,
+e.g. reptile and pretrain, the algorithm's bench_batch of them; pretrain needs
+algorithm.num_classes=N). Any learner: model=resnet12 dataset.image_size=84 dataset.channels=3. Each
+measurement runs in a fresh process, so that its peak memory is its own. `--compare` also times, in
+the same run and shapes, the plain per-task loop (algorithms/reference.py) of the same algorithm.
+Each side runs in its own process with the same `threads` setting (`--threads N`, default all
+cores), applied by the runner's own setup (metarun/runner/setup.py): metarun's `parallel` gets N
+workers of 1 intra-op thread, the loop N intra-op threads; each side reports the threads it really
+ran on, read inside its process after setup.
 
-`--gpu-check` (for a machine with a GPU; device=cpu runs it on the CPU, for its test) runs in one call:
-the exactness checks on the device (every impl of every algorithm against the per-task reference of
-algorithms/reference.py, float64 within 1e-8 and float32 within 1e-4 of the float64 reference), the suite
-with --compare on the device (both orders), a timed LONG_ITERATIONS-iteration 20-way 1-shot run
-extrapolated to the paper's 60,000 iterations and, on CUDA, setting C with tf32=true and with
-autocast=bf16 and their gradient errors; then prints one JSON summary (exit 1 if an exactness check fails).
-Extra overrides apply to every timed part (e.g. model.filters=4 meta_batch=2 for a tiny check).
+`--gpu-check` (for a machine with a GPU; device=cpu runs it on the CPU, for its test) runs in one
+call: the exactness checks on the device (every impl of every algorithm against the per-task
+reference of algorithms/reference.py, float64 within 1e-8 and float32 within 1e-4 of the float64
+reference), the suite with --compare on the device (both orders), a timed LONG_ITERATIONS-iteration
+20-way 1-shot run extrapolated to the paper's 60,000 iterations and, on CUDA, setting C with
+tf32=true and with autocast=bf16 and their gradient errors; then prints one JSON summary (exit 1 if
+an exactness check fails). Extra overrides apply to every timed part (e.g. model.filters=4
+meta_batch=2 for a tiny check).
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from metarun.algorithms.base import meta_train_step as train_step  # noqa: E402  (the step metarun train runs)
+# noqa: E402  (the step metarun train runs)
+from metarun.algorithms.base import meta_train_step as train_step
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
 
@@ -119,7 +123,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         # exactly what `metarun train` does: resolve the impl and apply the `threads` setting once
         execution = configure_execution(cfg, device)
     else:
-        # the plain loop: one op stream with `threads` intra-op threads (the same setting as metarun's side)
+        # the plain loop: one op stream with `threads` intra-op threads (the same setting as
+        # metarun's side)
         threads = cpu_threads(cfg.threads)
         apply_threads(threads, "loop")
         apply_cpu_allocator(
@@ -138,7 +143,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
     }
     optimizer = algorithm.make_optimizer(list(params.values()), float(cfg.meta_lr))
     algorithm.begin_iteration(0, optimizer)
-    # the algorithm's own kind of training batch (episodes; Reptile's image sets; the baseline's images)
+    # the algorithm's own kind of training batch (episodes; Reptile's image sets; the baseline's
+    # images)
     ep = algorithm.bench_batch(random_episodes(cfg, device), torch.Generator().manual_seed(1))
     if which == "metarun":
         step = lambda: train_step(algorithm, params, optimizer, ep)  # noqa: E731
@@ -167,7 +173,8 @@ def measure(overrides: list[str], which: str, iters: int, warmup: int) -> dict:
         times.append(time.perf_counter() - start)
     if which == "metarun":
         # Every impl does the same arithmetic; count it in its ungrouped per-task form, because
-        # FlopCounterMode sees only this thread (parallel) and overcounts grouped-conv backward ~2.5x.
+        # FlopCounterMode sees only this thread (parallel) and overcounts grouped-conv backward
+        # ~2.5x.
         counting = copy.copy(algorithm)
         counting.engine = Engine("loop", 1, 0, device)
         step = lambda: train_step(counting, params, optimizer, ep)  # noqa: E731
@@ -242,8 +249,8 @@ def bench_setting(
         "algorithm": str(cfg.algorithm.name),
         "matmul_gflops_per_s": peak,
     }
-    # metarun and the reference alternate, `repeat` times each, and the median run of each is kept: these
-    # machines drift, and alternating keeps the drift out of the ratio.
+    # metarun and the reference alternate, `repeat` times each, and the median run of each is kept:
+    # these machines drift, and alternating keeps the drift out of the ratio.
     runs = {"metarun": [], "reference": []}
     for _ in range(repeat):
         for which in ("metarun", "reference") if compare else ("metarun",):
@@ -302,8 +309,9 @@ FLOAT64_TOLERANCE, FLOAT32_TOLERANCE = 1e-8, 1e-4
 
 
 def exactness_cases(device) -> list[dict]:
-    """Every (algorithm, order, steps, downsample, impl, task_chunk) checked on `device`: MAML in full, and
-    Meta-SGD and MAML++ (every feature on) on the batched path, plus `auto` picked by timing."""
+    """Every (algorithm, order, steps, downsample, impl, task_chunk) checked on `device`: MAML in
+    full, and Meta-SGD and MAML++ (every feature on) on the batched path, plus `auto` picked by
+    timing."""
     impls = [("batched", 0), ("batched", 2), ("loop", 0)]
     if device.type == "cpu":
         impls.append(("parallel", 1))
@@ -346,8 +354,9 @@ def exactness_cases(device) -> list[dict]:
 
 
 def check_exactness(device, cases: list[dict] | None = None, autocast: str = "none") -> dict:
-    """Meta-gradients of metarun's engine vs the plain per-task loop (algorithms/reference.py), on `device`
-    (cases: default exactness_cases; autocast: the engine's, for measuring bf16's error)."""
+    """Meta-gradients of metarun's engine vs the plain per-task loop (algorithms/reference.py), on
+    `device` (cases: default exactness_cases; autocast: the engine's, for measuring bf16's
+    error)."""
     from metarun.algorithms import algorithm_class
     from metarun.algorithms.engine import Engine
     from metarun.algorithms.reference import reference_meta_loss

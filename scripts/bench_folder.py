@@ -1,10 +1,13 @@
-"""Cold/warm load time, peak memory and sampler speed of `dataset=folder` on a generated miniImageNet-sized set.
+"""Cold/warm load time, peak memory and sampler speed of `dataset=folder` on a generated
+miniImageNet-sized set.
 
-    python scripts/bench_folder.py DIR [--classes 100] [--per-class 600] [--size 84] [--tasks-batches 50]
+    python scripts/bench_folder.py DIR [--classes 100] [--per-class 600] [--size 84]
+    [--tasks-batches 50]
 
-Writes DIR/{train,val,test}/<class>/*.jpg once (64/16/20 of the classes, random smooth colour images), then
-runs, each in a fresh process: a cold load (decode + write the cache), a warm load (the cache), and the train
-sampler (5-way 1-shot 15-query, meta_batch 4, as the MAML paper's miniImagenet cell). Prints one JSON line.
+Writes DIR/{train,val,test}/<class>/*.jpg once (64/16/20 of the classes, random smooth colour
+images), then runs, each in a fresh process: a cold load (decode + write the cache), a warm load
+(the cache), and the train sampler (5-way 1-shot 15-query, meta_batch 4, as the MAML paper's
+miniImagenet cell). Prints one JSON line.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""Pack the public Omniglot archives (or folders) into the file metarun ships: metarun/data/omniglot.npz.xz.
+"""Pack the public Omniglot archives (or folders) into the file metarun ships:
+metarun/data/omniglot.npz.xz.
 
     python scripts/pack_omniglot.py /path/to/omniglot [--out FILE]
 
-Reads images_background and images_evaluation (zip or extracted) from the given folder, stores every image
-as packed bits with its labels (see metarun/data/embedded.py), checks that unpacking gives the same pixels,
-and prints the file's sha256, which metarun/data/embedded.py and the README record.
+Reads images_background and images_evaluation (zip or extracted) from the given folder, stores every
+image as packed bits with its labels (see metarun/data/embedded.py), checks that unpacking gives the
+same pixels, and prints the file's sha256, which metarun/data/embedded.py and the README record.
 """
 
 import argparse
@@ -45,7 +46,8 @@ def main(argv=None):
         sys.exit("unpacked file differs from the archives")
     print(
         f"{args.out}: {len(strokes.masks)} images, {len(strokes.character_names)} characters, "
-        f"{len(strokes.alphabet_names)} alphabets, {args.out.stat().st_size} bytes, load {load_s:.2f} s"
+        f"{len(strokes.alphabet_names)} alphabets, {args.out.stat().st_size} bytes, load "
+        f"{load_s:.2f} s"
     )
     print(f"sha256 {digest}")
 

@@ -17,7 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def character_image(character_seed: int, drawer: int) -> Image.Image:
-    """A 105x105 1-bit image: the character's strokes (fixed per character) drawn with a per-drawer jitter."""
+    """A 105x105 1-bit image: the character's strokes (fixed per character) drawn with a per-drawer
+    jitter."""
     rng = random.Random(character_seed)
     strokes = [[(rng.randint(10, 95), rng.randint(10, 95)) for _ in range(3)] for _ in range(3)]
     jitter = random.Random(character_seed * 1000 + drawer)

@@ -1,6 +1,6 @@
-"""Meta-SGD and MAML++ against independent per-task references (float64), their identities with MAML, the
-MAML++ schedules, the registry and configs, and the rule that constructing an algorithm changes no
-process-wide state."""
+"""Meta-SGD and MAML++ against independent per-task references (float64), their identities with
+MAML, the MAML++ schedules, the registry and configs, and the rule that constructing an algorithm
+changes no process-wide state."""
 
 import pytest
 import torch
@@ -48,9 +48,10 @@ def reference(
     second_order=True,
     inner="sum_over_shot",
 ):
-    """The definition, one task at a time with the plain learner: `steps` SGD steps w <- w - lr_of(k, s) * g on
-    the `adapted` weights, forward passes with weights_at(leaves, fast, s); the outer objective is
-    sum_s loss_weights[s] * query loss after step s (None: the last step's). Returns {name: d mean / d meta}."""
+    """The definition, one task at a time with the plain learner: `steps` SGD steps w <- w -
+    lr_of(k, s) * g on the `adapted` weights, forward passes with weights_at(leaves, fast, s); the
+    outer objective is sum_s loss_weights[s] * query loss after step s (None: the last step's).
+    Returns {name: d mean / d meta}."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in meta.items()}
     totals = []
     for t in range(ep.x_support.shape[0]):
@@ -90,7 +91,7 @@ def learner(meta, model):
     return [k for k in model.init_params() if k in meta]
 
 
-# -- Meta-SGD ----------------------------------------------------------------------------------------------
+# -- Meta-SGD --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["batched", "parallel"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_metasgd_meta_gradient_equals_reference(impl, first_order):
@@ -137,7 +138,7 @@ def test_metasgd_alpha_init_is_the_papers_range_and_seeded():
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-# -- MAML++ ------------------------------------------------------------------------------------------------
+# -- MAML++ ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["batched", "parallel", "loop"])
 def test_mamlpp_with_every_switch_off_is_maml_bit_for_bit(impl):
     model, ep = setup()
@@ -170,7 +171,8 @@ def test_lslr_with_equal_frozen_rates_is_maml():
 
 @pytest.mark.parametrize("impl", ["batched", "parallel"])
 def test_mamlpp_all_fixes_equal_reference(impl):
-    """MSL + BNWB + LSLR, batch-norm weights not adapted (the authors' Omniglot config), second order."""
+    """MSL + BNWB + LSLR, batch-norm weights not adapted (the authors' Omniglot config), second
+    order."""
     model, ep = setup()
     algo = MAMLPlusPlus(
         model,
@@ -302,7 +304,7 @@ def test_cosine_annealing_of_the_meta_learning_rate():
     assert opt.param_groups[0]["lr"] < 1e-4
 
 
-# -- every algorithm ---------------------------------------------------------------------------------------
+# -- every algorithm -------------------------------------------------------------------------------
 def build(name, model, **kw):
     if name == "maml":
         return MAML(model, 0.4, 1, 1, impl="batched", **kw)
@@ -353,7 +355,8 @@ def test_each_algorithm_lowers_post_adaptation_query_loss(name):
     after = post_adaptation_loss(algo, params, held_out)
     # measured: metasgd 0.83 -> 0.41, mamlpp 0.96 -> 0.43
     assert after < 0.7 * before, (before, after)
-    # (a conv bias feeds batch norm, which cancels it: its gradient, and its rate's, is zero up to rounding)
+    # (a conv bias feeds batch norm, which cancels it: its gradient, and its rate's, is zero up to
+    # rounding)
     unchanged = [
         k
         for k, v in rates.items()

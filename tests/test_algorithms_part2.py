@@ -1,5 +1,5 @@
-"""ANIL, Reptile and the pre-training baseline against independent references (float64), and each one's
-post-adaptation query loss falling on the synthetic task family."""
+"""ANIL, Reptile and the pre-training baseline against independent references (float64), and each
+one's post-adaptation query loss falling on the synthetic task family."""
 
 import math
 
@@ -23,7 +23,7 @@ WAY = 3
 HEAD = ["fc.weight", "fc.bias"]
 
 
-# -- ANIL --------------------------------------------------------------------------------------------------
+# -- ANIL ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("impl", ["batched", "parallel"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_anil_meta_gradient_equals_head_only_reference(impl, first_order):
@@ -63,7 +63,7 @@ def test_anil_differs_from_maml_and_refuses_a_missing_head():
         ANIL(model, 0.4, 1, 1, head_layer="head")
 
 
-# -- Reptile -----------------------------------------------------------------------------------------------
+# -- Reptile ---------------------------------------------------------------------------------------
 class Linear(nn.Module):
     """A tiny linear learner: 2x2 images -> 3 logits."""
 
@@ -76,8 +76,9 @@ class Linear(nn.Module):
 
 
 def hand_reptile(phi, x, y, order, lr, optimizer, eps, betas=(0.0, 0.999), adam_eps=1e-8):
-    """Reptile by hand for the linear learner: per task, steps of SGD or TF-Adam on the mean cross-entropy,
-    whose gradient is (softmax - onehot)^T [x, 1] / batch; then phi + eps * (mean W - phi)."""
+    """Reptile by hand for the linear learner: per task, steps of SGD or TF-Adam on the mean
+    cross-entropy, whose gradient is (softmax - onehot)^T [x, 1] / batch; then phi + eps * (mean W -
+    phi)."""
     adapted = []
     for t in range(x.shape[0]):
         W, b = phi["fc.weight"].clone(), phi["fc.bias"].clone()
@@ -169,7 +170,7 @@ def test_reptile_mini_batches_follow_their_order_and_non_transductive_eval_isola
     assert not torch.allclose(trans.query_logits(meta, ep2)[:, 0], b[:, 0], atol=1e-6)
 
 
-# -- the pre-training baseline -----------------------------------------------------------------------------
+# -- the pre-training baseline ---------------------------------------------------------------------
 class Flat(nn.Module):
     """Identity body and a linear head `fc`: the baseline's features are the inputs themselves."""
 
@@ -242,7 +243,7 @@ def test_baseline_pretraining_gradient_is_plain_classification():
         assert relative_error(got, expected) < 1e-10
 
 
-# -- every new algorithm lowers the post-adaptation query loss -----------------------------------------------
+# -- every new algorithm lowers the post-adaptation query loss -------------------------------------
 def post_loss(algo, params, ep):
     logits = algo.query_logits(params, ep)
     return F.cross_entropy(logits.flatten(0, 1), ep.y_query.flatten()).item()

@@ -69,7 +69,8 @@ def test_benchmark_prints_valid_json_with_every_field():
         assert m["s_per_iter"]["min"] <= m["s_per_iter"]["median"] <= m["s_per_iter"]["max"]
         assert 0 < m["fraction_of_matmul_peak"] and m["gflops_per_s"] > 0
     # each side in its own process, on the threads it reports (read inside the worker after setup):
-    # metarun's default impl here is `parallel`: 2 workers of 1 thread; the plain loop: 2 intra-op threads
+    # metarun's default impl here is `parallel`: 2 workers of 1 thread; the plain loop: 2 intra-op
+    # threads
     assert result["metarun"]["threads"] == result["reference"]["threads"] == result["threads"] == 2
     assert result["metarun"]["impl"] == "parallel" and result["metarun"]["workers"] == 2
     assert (
@@ -84,8 +85,8 @@ def test_benchmark_times_the_training_step():
 
 
 def test_runner_applies_the_threads_setting_once(monkeypatch):
-    """`threads` resolves the execution: parallel = N workers of one thread, else N intra-op threads; a
-    resumed run keeps its saved impl and workers."""
+    """`threads` resolves the execution: parallel = N workers of one thread, else N intra-op
+    threads; a resumed run keeps its saved impl and workers."""
     from omegaconf import OmegaConf
 
     from metarun.runner.setup import configure_execution
@@ -111,8 +112,9 @@ def test_runner_applies_the_threads_setting_once(monkeypatch):
 
 
 def test_gpu_check_on_the_cpu_prints_every_field():
-    """`--gpu-check` (written for a GPU) runs end to end with device=cpu on a tiny setting: exactness of
-    every impl against the per-task reference, the suite with --compare, the long run extrapolated."""
+    """`--gpu-check` (written for a GPU) runs end to end with device=cpu on a tiny setting:
+    exactness of every impl against the per-task reference, the suite with --compare, the long run
+    extrapolated."""
     proc = subprocess.run(
         [
             sys.executable,
@@ -175,7 +177,8 @@ def test_gpu_check_on_the_cpu_prints_every_field():
 
 
 def test_benchmark_runs_algorithms_with_their_own_batches():
-    """Reptile and the baseline train on their own batches (bench_batch); the per-task reference is refused."""
+    """Reptile and the baseline train on their own batches (bench_batch); the per-task reference is
+    refused."""
     common = [
         "way=2",
         "shot=1",

@@ -1,6 +1,6 @@
-"""Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit), `metarun eval`
-reproducing a run's test score, the top-K checkpoints and `metarun eval ensemble=K`, and one-line errors for
-impossible algorithm settings and bad learners."""
+"""Real `metarun` runs of every algorithm in a subprocess: resume == uninterrupted (bit for bit),
+`metarun eval` reproducing a run's test score, the top-K checkpoints and `metarun eval ensemble=K`,
+and one-line errors for impossible algorithm settings and bad learners."""
 
 import json
 
@@ -10,8 +10,8 @@ from conftest import run_metarun, tiny_args
 from test_robustness import assert_clean_error
 
 # Every MAML++ schedule changes inside the 6 iterations: epochs of 2 iterations, MSL over 2 epochs,
-# first order in epoch 0, cosine annealing over 3 epochs (given, so that the 3-iteration first part is
-# the same run cut short).
+# first order in epoch 0, cosine annealing over 3 epochs (given, so that the 3-iteration first part
+# is the same run cut short).
 ALGORITHMS = {
     "metasgd": ["algorithm=metasgd"],
     "mamlpp": [
@@ -78,8 +78,9 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     run_metarun(*args(tiny_root, whole, *extra), cwd=tmp_path, check=True)
     run_metarun(*args(tiny_root, parts, *extra, "iterations=3"), cwd=tmp_path, check=True)
-    # the resumed run keeps its saved execution (a resume that gives algorithm.impl or threads changes it,
-    # recorded in its history: #11); repeating the run's own settings, algorithm= included, is no change
+    # the resumed run keeps its saved execution (a resume that gives algorithm.impl or threads
+    # changes it, recorded in its history: #11); repeating the run's own settings, algorithm=
+    # included, is no change
     proc = run_metarun(
         *[a for a in args(tiny_root, parts, *extra) if not a.startswith("hydra.run.dir")],
         f"resume={parts}",
@@ -103,7 +104,8 @@ def test_resume_equals_uninterrupted(tiny_root, tmp_path, name):
     if name in ("anil", "reptile", "pretrain", "protonet", "protomaml"):
         # `metarun eval` scores the best checkpoint on the same fixed tasks as the run's own test
         results = json.loads((whole / "results.json").read_text())
-        # the logged speed counts what an iteration trains on: the baseline's images, not unused meta_batch tasks
+        # the logged speed counts what an iteration trains on: the baseline's images, not unused
+        # meta_batch tasks
         speed, other = (
             ("images_per_s", "tasks_per_s")
             if name == "pretrain"

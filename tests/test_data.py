@@ -106,7 +106,8 @@ def labelled_classes(num_classes=10, per_class=20, side=6):
 
 
 def ids(x):
-    """(class, image, turns) of every image of an episode tensor [..., 1, H, W] (pixel values were id+1)."""
+    """(class, image, turns) of every image of an episode tensor [..., 1, H, W] (pixel values were
+    id+1)."""
     x = (x.squeeze(-3) * 255).round().long()
     out = []
     for img in x.reshape(-1, *x.shape[-2:]):

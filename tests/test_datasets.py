@@ -1,4 +1,5 @@
-"""Datasets beyond Omniglot (folder, miniImageNet, CIFAR-FS, FC100), each built tiny in its real layout."""
+"""Datasets beyond Omniglot (folder, miniImageNet, CIFAR-FS, FC100), each built tiny in its real
+layout."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def make_folder(
             folder = root / split / name if layout == "subfolders" else root / name
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(n):
-                # PNG bytes in the .jpg files too: exact pixels, and the suffix alone decides what is listed
+                # PNG bytes in the .jpg files too: exact pixels, and the suffix alone decides what
+                # is listed
                 write_image(
                     folder / f"img{i:03d}.{'png' if i % 2 else 'jpg'}", colour(k, i), size, "PNG"
                 )
@@ -235,11 +237,12 @@ def test_sampler_on_unequal_rgb_classes(tmp_path):
     )
 
 
-# ---- miniImageNet ------------------------------------------------------------------------------------------------
+# ---- miniImageNet --------------------------------------------------------------------------------
 
 
 def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) -> Path:
-    """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label rows."""
+    """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label
+    rows."""
     k = 0
     for split, n_classes in zip(("train", "val", "test"), classes):
         rows = [("filename", "label")]
@@ -289,7 +292,7 @@ def test_miniimagenet_layout(tmp_path):
         load_dataset(cfg)
 
 
-# ---- CIFAR-FS and FC100 ------------------------------------------------------------------------------------------
+# ---- CIFAR-FS and FC100 --------------------------------------------------------------------------
 
 FINE = sorted(
     c for members in SUPERCLASSES.values() for c in members
@@ -298,7 +301,8 @@ COARSE = sorted(SUPERCLASSES)
 
 
 def make_cifar100(root: Path, train_per_class=2, test_per_class=1) -> Path:
-    """A tiny `cifar-100-python` folder in torchvision's format: pickles with data [N, 3072] and labels."""
+    """A tiny `cifar-100-python` folder in torchvision's format: pickles with data [N, 3072] and
+    labels."""
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
     coarse_of = {c: COARSE.index(s) for s, members in SUPERCLASSES.items() for c in members}
@@ -384,11 +388,12 @@ def test_cifar_datasets_from_torchvision_folder(tmp_path, name, module, counts):
         load_dataset(OmegaConf.merge(cfg, {"root": str(tmp_path / "none")}))
 
 
-# ---- RGB end to end ----------------------------------------------------------------------------------------------
+# ---- RGB end to end ------------------------------------------------------------------------------
 
 
 def test_rgb_84_episode_through_training_and_evaluation(tmp_path):
-    """miniImageNet's 5-way 1-shot experiment config, shrunk, via the real CLI: train, then eval the checkpoint."""
+    """miniImageNet's 5-way 1-shot experiment config, shrunk, via the real CLI: train, then eval the
+    checkpoint."""
     root = make_miniimagenet(tmp_path / "mini", per_class=16)
     from hydra import compose, initialize_config_dir
 
@@ -479,7 +484,8 @@ def test_miniimagenet_experiment_configs_have_the_papers_settings(shot, meta_bat
 
 
 def test_equal_classes_draw_exactly_the_dense_tasks():
-    """Omniglot (equal classes, one channel) gets bit for bit the tasks of the dense [classes, per_class] draw."""
+    """Omniglot (equal classes, one channel) gets bit for bit the tasks of the dense [classes,
+    per_class] draw."""
     K, P, side, B, way, shot, query = 12, 20, 6, 5, 4, 2, 3
     dense = torch.randint(
         0, 256, (K, P, side, side), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)

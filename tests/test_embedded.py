@@ -82,7 +82,8 @@ def test_embedded_source_trains_on_the_real_splits(tmp_path):
     assert len(lake["train"]) + len(lake["val"]) == 964 and len(lake["test"]) == 659
     for split in (maml, lake):
         assert len(set(split["train"]) | set(split["val"]) | set(split["test"])) == 1623
-    # the README's example error is what the shipped data really gives (train has 1,100 classes, val 100)
+    # the README's example error is what the shipped data really gives (train has 1,100 classes, val
+    # 100)
     from metarun.data.episodes import check_episode_shape
     from metarun.errors import MetarunError
 

@@ -1,5 +1,6 @@
-"""Issue 15: the paper-faithful settings, the paper presets, the learning-curve evaluation, and a short run of
-cbfinn/maml's Omniglot protocol on the CPU whose learning curve must stay where it was measured."""
+"""Issue 15: the paper-faithful settings, the paper presets, the learning-curve evaluation, and a
+short run of cbfinn/maml's Omniglot protocol on the CPU whose learning curve must stay where it was
+measured."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ def compose(*overrides):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
-# -- 1. Each preset is exactly the documented protocol (README "Faithfulness") ------------------------------
-# The settings every maml_paper cell shares (cbfinn/maml: main.py, maml.py, utils.py, data_generator.py).
+# -- 1. Each preset is exactly the documented protocol (README "Faithfulness") ---------------------
+# The settings every maml_paper cell shares (cbfinn/maml: main.py, maml.py, utils.py,
+# data_generator.py).
 MAML_PAPER = {
     "algorithm.name": "maml",
     "algorithm.inner_loss": "sum_over_shot",
@@ -184,9 +186,10 @@ def test_nested_presets_are_packaged():
         )
 
 
-# -- 2. adapt_bn=false: batch norm meta-learned, not adapted --------------------------------------------------
+# -- 2. adapt_bn=false: batch norm meta-learned, not adapted ---------------------------------------
 def offset_only_forward(p, x, bn_scale):
-    """One task, written out: conv -> batch norm (batch statistics, eps 1e-3, scale only if bn_scale) -> ReLU."""
+    """One task, written out: conv -> batch norm (batch statistics, eps 1e-3, scale only if
+    bn_scale) -> ReLU."""
     h = x
     for i in range(4):
         h = F.conv2d(h, p[f"conv{i}.weight"], p[f"conv{i}.bias"], stride=2, padding=1)
@@ -202,8 +205,9 @@ def offset_only_forward(p, x, bn_scale):
 
 
 def frozen_bn_reference(params, ep, way, lr, steps, bn_scale):
-    """Per task: `steps` SGD steps on every weight but the batch-norm ones (they stay the meta-parameters, as in
-    cbfinn/maml), second order; d(mean query loss)/d(params) for every parameter."""
+    """Per task: `steps` SGD steps on every weight but the batch-norm ones (they stay the
+    meta-parameters, as in cbfinn/maml), second order; d(mean query loss)/d(params) for every
+    parameter."""
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
     losses = []
     for t in range(ep.x_support.shape[0]):
@@ -262,8 +266,8 @@ def test_frozen_batch_norm_meta_gradient_equals_reference(bn_scale, impl):
 
 @pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp"])
 def test_every_algorithm_leaves_frozen_batch_norm_out_of_the_inner_loop(name):
-    """The algorithms whose inner loop adapts `adapted_names` (ANIL adapts the head only; the baseline fine-tunes
-    a new head; Reptile refuses the setting, below)."""
+    """The algorithms whose inner loop adapts `adapted_names` (ANIL adapts the head only; the
+    baseline fine-tunes a new head; Reptile refuses the setting, below)."""
     from test_algorithms import build
 
     model = Conv4(3, filters=4, image_size=16, adapt_bn=False)
@@ -297,7 +301,7 @@ def test_bad_model_settings_are_refused():
         Conv4(5, activation="tanh")
 
 
-# -- 3. dataset.resize and the cache ---------------------------------------------------------------------------
+# -- 3. dataset.resize and the cache ---------------------------------------------------------------
 def test_resize_nearest_is_binary_and_lanczos_has_grey_levels(tiny_root, tmp_path):
     from metarun.data.omniglot import load_omniglot
 
@@ -312,7 +316,8 @@ def test_resize_nearest_is_binary_and_lanczos_has_grey_levels(tiny_root, tmp_pat
     lanczos = load_omniglot(OmegaConf.create({**base, "resize": "lanczos"}))
     assert set(np.unique(nearest.images.numpy())) == {0, 255}
     assert len(np.unique(lanczos.images.numpy())) > 10
-    # one cache per method; the Lanczos one keeps the name older metarun wrote, and each is reused as is
+    # one cache per method; the Lanczos one keeps the name older metarun wrote, and each is reused
+    # as is
     assert {p.name for p in tmp_path.glob("*.pt")} == {"omniglot_28.pt", "omniglot_28_nearest.pt"}
     again = load_omniglot(OmegaConf.create({**base, "resize": "nearest"}))
     assert torch.equal(again.images, nearest.images)
@@ -369,8 +374,8 @@ def test_split_sizes_and_rotated_evaluation_tasks(tiny_root):
 
 @pytest.mark.parametrize("rotate_eval", [False, True])
 def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
-    """dataset.rotate_eval must change what evaluate_tasks (validation, test, metarun eval) scores: every
-    scored image unrotated without it, all four rotations with it."""
+    """dataset.rotate_eval must change what evaluate_tasks (validation, test, metarun eval) scores:
+    every scored image unrotated without it, all four rotations with it."""
     from test_data import ids, labelled_classes
 
     from metarun.runner.evaluate import evaluate_tasks
@@ -398,7 +403,7 @@ def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
     assert set(turns) == ({0, 1, 2, 3} if rotate_eval else {0})
 
 
-# -- 4. The learning curve: accuracy after 0, 1, 3 inner steps in one pass -----------------------------------
+# -- 4. The learning curve: accuracy after 0, 1, 3 inner steps in one pass -------------------------
 def test_curve_gives_one_accuracy_per_step_count_and_chance_before_adaptation(tiny_root):
     from metarun.runner.evaluate import evaluate_curve, evaluate_tasks
     from metarun.runner.setup import build_algorithm, load_splits
@@ -469,7 +474,8 @@ def test_eval_steps_from_the_cli_and_old_checkpoints_still_load(tiny_root, tmp_p
         check=True,
     )
     assert json.loads((tmp_path / "e2" / "eval.json").read_text())["curve"] == result["curve"]
-    # the headline accuracy (update_step_test=2 steps), computed in the curve's pass, is a plain eval's
+    # the headline accuracy (update_step_test=2 steps), computed in the curve's pass, is a plain
+    # eval's
     run_metarun(
         "eval",
         f"checkpoint={old / 'best.pt'}",
@@ -485,25 +491,26 @@ def test_eval_steps_from_the_cli_and_old_checkpoints_still_load(tiny_root, tmp_p
     assert bad.returncode == 2 and "steps=" in bad.stderr
 
 
-# -- 5. cbfinn/maml's protocol for a short budget on this CPU: learning must not silently break ---------------
-# What it runs: `+experiment=maml_paper/omniglot_5way_1shot` (binary 28x28 Omniglot from the copy inside
-# metarun, 1,100/100/423 characters, rotations in training and testing, offset-only batch norm that the inner
-# loop does not adapt, N(0, 1) head, one inner step of 0.4, sum-over-shot support loss, second order) with a
-# reduced budget: model.filters=32, meta_batch=8, 600 iterations, seed 0, threads as pytest's; then the learning
-# curve on 300 fixed (rotated) test tasks, eval_seed 1234, after 0, 1 and 3 inner steps.
-# Measured once (2026-11-29, this project's 2-core CPU) with
-#   cd tests && PYTHONPATH=.. python -c "from test_faithfulness import *; print(short_protocol_run(**SHORT_RUN))"
-# after 600 iterations: steps 0: 20.2% ± 1.5%, 1: 56.0% ± 2.6%, 3: 60.4% ± 2.7%;
-# after 300 iterations: 18.1%, 41.3%, 53.5%; untrained (0 iterations): 19.4%, 26.6%, 49.0%.
-# So a learner that stops meta-learning stays near 27% after one step (the step it is trained for) and fails.
+# -- 5. cbfinn/maml's protocol for a short budget on this CPU: learning must not silently break ----
+# What it runs: `+experiment=maml_paper/omniglot_5way_1shot` (binary 28x28 Omniglot from the copy
+# inside metarun, 1,100/100/423 characters, rotations in training and testing, offset-only batch
+# norm that the inner loop does not adapt, N(0, 1) head, one inner step of 0.4, sum-over-shot
+# support loss, second order) with a reduced budget: model.filters=32, meta_batch=8, 600 iterations,
+# seed 0, threads as pytest's; then the learning curve on 300 fixed (rotated) test tasks, eval_seed
+# 1234, after 0, 1 and 3 inner steps. Measured once (2026-11-29, this project's 2-core CPU) with
+#   cd tests && PYTHONPATH=.. python -c "from test_faithfulness import *;
+# print(short_protocol_run(**SHORT_RUN))" after 600 iterations: steps 0: 20.2% ± 1.5%, 1: 56.0% ±
+# 2.6%, 3: 60.4% ± 2.7%; after 300 iterations: 18.1%, 41.3%, 53.5%; untrained (0 iterations): 19.4%,
+# 26.6%, 49.0%. So a learner that stops meta-learning stays near 27% after one step (the step it is
+# trained for) and fails.
 SHORT_RUN = dict(filters=32, meta_batch=8, iterations=600, tasks=300)
 MEASURED = {1: 0.560, 3: 0.604}  # accuracy after 1 and 3 steps, from the measurement above
 MARGIN = 0.08
 
 
 def short_protocol_run(filters, meta_batch, iterations, tasks, *overrides):
-    """[(accuracy, ci95)] after 0, 1, 3 inner steps; `overrides`: further settings (to measure one setting's
-    effect)."""
+    """[(accuracy, ci95)] after 0, 1, 3 inner steps; `overrides`: further settings (to measure one
+    setting's effect)."""
     from metarun.algorithms.base import meta_train_step
     from metarun.runner.evaluate import evaluate_curve
     from metarun.runner.setup import build_algorithm, load_splits, train_sampler
@@ -553,7 +560,8 @@ def test_short_run_of_the_papers_protocol_learns_as_measured():
 
 
 def test_reptile_refuses_frozen_batch_norm():
-    """Reptile's outer step moves phi along what its inner loop trained: frozen batch norm would never learn."""
+    """Reptile's outer step moves phi along what its inner loop trained: frozen batch norm would
+    never learn."""
     from metarun.algorithms.reptile import Reptile
     from metarun.errors import MetarunError
 

@@ -1,6 +1,7 @@
-"""Issue #11's field reports, each as the user meets it (a real CLI run) plus the general form of its kind:
-resume keeps its run, device-independent sampler state, fixed evaluation tasks, non-finite weights, run
-dirs never shared, sweeps that survive a bad cell, `~` paths, the run's log file, and what a run records."""
+"""Issue #11's field reports, each as the user meets it (a real CLI run) plus the general form of
+its kind: resume keeps its run, device-independent sampler state, fixed evaluation tasks, non-finite
+weights, run dirs never shared, sweeps that survive a bad cell, `~` paths, the run's log file, and
+what a run records."""
 
 import json
 import multiprocessing
@@ -36,8 +37,9 @@ def strip(args, *prefixes):
 
 @pytest.fixture(scope="module")
 def run(tiny_root, tmp_path_factory):
-    """One 3-way run with a non-default update_lr, 3 iterations, then resumed (by the bare command) to 6
-    with another validation cadence. Returns (run dir, the first segment's files, the resume's output)."""
+    """One 3-way run with a non-default update_lr, 3 iterations, then resumed (by the bare command)
+    to 6 with another validation cadence. Returns (run dir, the first segment's files, the resume's
+    output)."""
     base = tmp_path_factory.mktemp("field")
     run = base / "run"
     first = run_metarun(
@@ -64,7 +66,7 @@ def run(tiny_root, tmp_path_factory):
     return run, before, resumed
 
 
-# 1. Resume continues the run it names ---------------------------------------------------------------
+# 1. Resume continues the run it names -------------------------------------------------------------
 
 
 def test_bare_resume_continues_the_run_as_configured(run):
@@ -169,7 +171,7 @@ def test_every_setting_is_either_resumable_and_applied_or_refused():
     assert resume_config(older, compose_train("eval_chunk=7"), [], "x")[0].eval_chunk == 7
 
 
-# 2. Sampler state fits any device ---------------------------------------------------------------------
+# 2. Sampler state fits any device -----------------------------------------------------------------
 
 
 def test_sampler_state_is_device_independent(labelled_classes):
@@ -201,7 +203,8 @@ def labelled_classes():
 
 
 def test_resume_of_a_checkpoint_with_another_devices_generator_state(run, tmp_path):
-    """A checkpoint written on CUDA by an older metarun carries a 16-byte Philox state; the CPU continues."""
+    """A checkpoint written on CUDA by an older metarun carries a 16-byte Philox state; the CPU
+    continues."""
     run, _, _ = run
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns(rundir.MARKER))
@@ -216,7 +219,7 @@ def test_resume_of_a_checkpoint_with_another_devices_generator_state(run, tmp_pa
     assert "device-specific sampler state" in (copy / "metarun-train.log").read_text()
 
 
-# 3. Fixed evaluation tasks do not depend on eval_chunk -----------------------------------------------
+# 3. Fixed evaluation tasks do not depend on eval_chunk --------------------------------------------
 
 
 def test_fixed_tasks_depend_only_on_seed_split_and_shape(labelled_classes):
@@ -273,7 +276,7 @@ def test_eval_scores_equal_for_any_eval_chunk(run, tiny_root, tmp_path):
     assert accuracies[0] == accuracies[1]
 
 
-# 4. Non-finite weights are refused wherever weights are loaded ---------------------------------------
+# 4. Non-finite weights are refused wherever weights are loaded ------------------------------------
 
 
 def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
@@ -291,7 +294,8 @@ def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
 
 
 def test_resume_refuses_a_damaged_best_checkpoint_before_training(run, tmp_path):
-    """best.pt is scored at the end of training: a resume finds a damaged one before any iteration runs."""
+    """best.pt is scored at the end of training: a resume finds a damaged one before any iteration
+    runs."""
     import shutil
 
     run, _, _ = run
@@ -311,8 +315,8 @@ def test_resume_refuses_a_damaged_best_checkpoint_before_training(run, tmp_path)
 
 @pytest.mark.parametrize("setting", ["checkpoint", "resume"])
 def test_every_loaded_tensor_is_checked(run, tmp_path, setting):
-    """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf, and
-    the check is in load_checkpoint, which eval, resume and the end-of-training test all use."""
+    """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf,
+    and the check is in load_checkpoint, which eval, resume and the end-of-training test all use."""
     run, _, _ = run
     for tree, name, value in (
         ("params", "fc.bias", float("inf")),
@@ -433,11 +437,13 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
     )
     assert ckpt(branch)["iteration"] == 7 and (run / "checkpoints" / "last.pt").read_bytes() == last
     assert ckpt(branch)["history"][-1]["resumed_from"] == str(run)
-    # 1. an execution setting given on resume is applied for real, not overridden by the saved execution
+    # 1. an execution setting given on resume is applied for real, not overridden by the saved
+    #    execution
     assert ckpt(run)["algorithm"]["impl"] != "loop" and ckpt(branch)["algorithm"]["impl"] == "loop"
     assert ckpt(branch)["history"][-1]["changes"]["algorithm.impl"] == ["auto", "loop"]
     assert (branch / "checkpoints" / "best.pt").is_file()  # the run's best checkpoint goes with it
-    # into a dir that belongs to another run (here: the branch) it is refused, and that run is untouched
+    # into a dir that belongs to another run (here: the branch) it is refused, and that run is
+    # untouched
     files = {p: p.read_bytes() for p in branch.rglob("*") if p.is_file()}
     proc = run_metarun(
         "train", f"resume={run}", "iterations=8", f"hydra.run.dir={branch}", cwd=tmp_path
@@ -452,8 +458,9 @@ def test_resume_into_another_runs_dir_is_refused(run, tmp_path):
 
 
 def test_rejected_run_in_the_default_dir_leaves_nothing(tiny_root, tmp_path):
-    """way=40 is only found impossible once the data is loaded, after the dir was claimed: it is removed
-    again, with the outputs/train/ folders its claim created, but not a folder another run made."""
+    """way=40 is only found impossible once the data is loaded, after the dir was claimed: it is
+    removed again, with the outputs/train/ folders its claim created, but not a folder another run
+    made."""
     args = strip(tiny_args(tiny_root, tmp_path, "way=40"), "hydra.run.dir")
     assert_clean_error(run_metarun(*args, cwd=tmp_path), "way=40 is larger than the 33 classes")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
@@ -462,7 +469,7 @@ def test_rejected_run_in_the_default_dir_leaves_nothing(tiny_root, tmp_path):
     assert [p.name for p in (tmp_path / "outputs" / "train").iterdir()] == ["other"]
 
 
-# 6. A sweep survives a bad cell ---------------------------------------------------------------------
+# 6. A sweep survives a bad cell -------------------------------------------------------------------
 
 
 def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
@@ -487,7 +494,8 @@ def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
     )
     assert cells["2"]["status"] == "completed" and cells["2"]["config"]["way"] == 3
     assert "larger than the 33 classes" in (sweep / "0" / "metarun-train.log").read_text()
-    # the report of that sweep: the finished cell filled, the failed ones marked with their reasons (#16)
+    # the report of that sweep: the finished cell filled, the failed ones marked with their reasons
+    # (#16)
     report = run_metarun("report", str(sweep), cwd=tmp_path)
     assert report.returncode == 0, report.stderr
     table = report.stdout
@@ -504,7 +512,7 @@ def test_sweep_with_a_mistyped_setting_fails_before_any_cell(tiny_root, tmp_path
     assert not (tmp_path / "sweep").exists()
 
 
-# 7. `~` in every path setting ------------------------------------------------------------------------
+# 7. `~` in every path setting ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key", cli.PATH_SETTINGS)
@@ -568,7 +576,7 @@ def test_tilde_paths_from_the_cli(tiny_root, tmp_path):
     assert sorted(p.name for p in cwd.iterdir()) == []  # no folder named `~`, nothing else either
 
 
-# 8. The run's log file ----------------------------------------------------------------------------------
+# 8. The run's log file ----------------------------------------------------------------------------
 
 
 def test_log_file_holds_the_runs_messages(run):
@@ -589,7 +597,7 @@ def test_log_file_holds_the_runs_messages(run):
     )  # 9. where a cache goes, its size
 
 
-# 9. What a run tells its user, and keeps ------------------------------------------------------------------
+# 9. What a run tells its user, and keeps ----------------------------------------------------------
 
 
 def test_resolved_settings_are_recorded(run):
@@ -657,8 +665,9 @@ def test_eval_says_what_it_scored(run, tmp_path):
 
 
 def test_time_limit_ends_training_with_a_test_and_results(tiny_root, tmp_path):
-    """time_limit (minutes) ends a run early as if its iterations were reached: last validation, test of
-    the best checkpoint, results.json saying how far it got; the run continues with resume."""
+    """time_limit (minutes) ends a run early as if its iterations were reached: last validation,
+    test of the best checkpoint, results.json saying how far it got; the run continues with
+    resume."""
     run = tmp_path / "run"
     proc = run_metarun(
         *tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "time_limit=0.02"),

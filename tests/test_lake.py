@@ -1,11 +1,12 @@
-"""`metarun eval benchmark=lake`: Lake et al.'s one-shot runs, on a tiny archive in the real all_runs layout.
+"""`metarun eval benchmark=lake`: Lake et al.'s one-shot runs, on a tiny archive in the real
+all_runs layout.
 
-The constructed case: every test image IS one of its run's training images (test item i shows training class
-shown[i]) while class_labels.txt names labelled[i]. A learner adapted until it fits the 20 training images
-classifies each test image as the class whose training image it is, so the number of errors of a run is exactly
-the number of items with shown[i] != labelled[i]. (The 20 test images of a run are a permutation of its 20
-training images, so the query batch has the support batch's batch-norm statistics and each test image gets
-exactly the logits of its training image.)
+The constructed case: every test image IS one of its run's training images (test item i shows
+training class shown[i]) while class_labels.txt names labelled[i]. A learner adapted until it fits
+the 20 training images classifies each test image as the class whose training image it is, so the
+number of errors of a run is exactly the number of items with shown[i] != labelled[i]. (The 20 test
+images of a run are a permutation of its 20 training images, so the query batch has the support
+batch's batch-norm statistics and each test image gets exactly the logits of its training image.)
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ STEPS = 40
 
 
 def _runs_spec() -> list[tuple[list[int], list[int]]]:
-    """(labelled, shown) per run: run01 all right, run02 a 3-cycle among 3 items, run03 every item wrong."""
+    """(labelled, shown) per run: run01 all right, run02 a 3-cycle among 3 items, run03 every item
+    wrong."""
     spec = []
     for r, wrong in ((1, "none"), (2, "three"), (3, "all")):
         labelled = list(range(20))
@@ -51,8 +53,9 @@ EXPECTED_ERRORS = [0, 3, 20]
 
 
 def make_all_runs(root: Path, as_zip: bool = True) -> Path:
-    """The constructed case in the all_runs layout: all_runs.zip (members runNN/..., labels with the runNN/
-    prefix, as the public file) or an extracted all_runs/ folder (labels without the prefix)."""
+    """The constructed case in the all_runs layout: all_runs.zip (members runNN/..., labels with the
+    runNN/ prefix, as the public file) or an extracted all_runs/ folder (labels without the
+    prefix)."""
     members = {}
     for r, (labelled, shown) in enumerate(_runs_spec(), start=1):
         run, lines = f"run{r:02d}", []
@@ -82,7 +85,8 @@ def make_all_runs(root: Path, as_zip: bool = True) -> Path:
 
 
 def make_checkpoint(path: Path, *overrides: str) -> Path:
-    """A 20-way checkpoint at its random initialisation, with the config `metarun train` would store."""
+    """A 20-way checkpoint at its random initialisation, with the config `metarun train` would
+    store."""
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose(
             config_name="train",
@@ -135,13 +139,13 @@ def test_cli_counts_exactly_the_constructed_errors(tmp_path):
         check=True,
     ).stdout
     assert (
-        "  run01: 0/20 errors (0.0%)\n  run02: 3/20 errors (15.0%)\n  run03: 20/20 errors (100.0%)\n"
-        in out
+        "  run01: 0/20 errors (0.0%)\n  run02: 3/20 errors (15.0%)\n  run03: 20/20 errors "
+        "(100.0%)\n" in out
     )
     assert "Lake one-shot error 38.33% (23/60 test images, 3 runs)" in out
     assert (
-        "published (Lake et al. 2015): people 4.5%, Bayesian Program Learning 3.3%, Siamese ConvNet 8.0%"
-        in out
+        "published (Lake et al. 2015): people 4.5%, Bayesian Program Learning 3.3%, Siamese "
+        "ConvNet 8.0%" in out
     )
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert [r["errors"] for r in result["runs"]] == EXPECTED_ERRORS
@@ -166,8 +170,8 @@ def test_extracted_folder_and_unprefixed_labels_give_the_same_errors(tmp_path):
 
 
 def test_images_are_preprocessed_exactly_as_the_training_data(tiny_root, tmp_path):
-    """A PNG of the tiny Omniglot (character 1, drawer 1: conftest's character_image(1, 1)) put into a run
-    comes out as the training pipeline's tensor of that image (decoded cache, /255)."""
+    """A PNG of the tiny Omniglot (character 1, drawer 1: conftest's character_image(1, 1)) put into
+    a run comes out as the training pipeline's tensor of that image (decoded cache, /255)."""
     from metarun.data.omniglot import load_omniglot
 
     data = load_omniglot(

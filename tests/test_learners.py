@@ -1,5 +1,6 @@
-"""Any nn.Module as the learner (models/learner.py): the functional_call path equals conv4's grouped path,
-ResNet-12 equals an independent functional write-up, and bad modules are refused with one clear error."""
+"""Any nn.Module as the learner (models/learner.py): the functional_call path equals conv4's grouped
+path, ResNet-12 equals an independent functional write-up, and bad modules are refused with one
+clear error."""
 
 import pytest
 import torch

@@ -193,8 +193,9 @@ def test_evaluation_keeps_no_graph():
 
 
 def test_timed_auto_picks_an_impl_and_keeps_the_gradient(caplog):
-    """`auto` picked by timing (CUDA's rule; timed_auto=True here): the timing runs leave no trace in the
-    gradient, the pick is logged with its timings, and later meta-batches use the picked impl."""
+    """`auto` picked by timing (CUDA's rule; timed_auto=True here): the timing runs leave no trace
+    in the gradient, the pick is logged with its timings, and later meta-batches use the picked
+    impl."""
     import logging
 
     from metarun.algorithms.engine import Engine

@@ -74,9 +74,9 @@ def write_run(
 
 
 def make_sweep(root: Path) -> Path:
-    """A 2x2 sweep (way 5/20 x first_order) in Hydra's layout: 5-way 1-shot MAML with three seeds, a failed
-    20-way first-order cell whose results.json has no config (read from .hydra/config.yaml), and a 20-way MAML
-    cell with one seed done and one failed."""
+    """A 2x2 sweep (way 5/20 x first_order) in Hydra's layout: 5-way 1-shot MAML with three seeds, a
+    failed 20-way first-order cell whose results.json has no config (read from .hydra/config.yaml),
+    and a 20-way MAML cell with one seed done and one failed."""
     sweep = root / "sweep" / "2026-11-29_10-00-00"
     write_run(sweep / "0", config(5, 1, 0, n=0), 0.95, 0.011)
     write_run(sweep / "1", config(5, 1, 1, n=1), 0.93, 0.013)
@@ -184,9 +184,10 @@ def test_paper_figures_follow_the_dataset_and_name_the_training_protocol(tmp_pat
 
 
 def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys):
-    """Run dirs given one by one; algorithm.name differs (and Meta-SGD's own setting is constant, so it does not
-    split its column); update_lr differs too, so it becomes a row setting; an eval.json of benchmark=lake is
-    left out of the table, and a plain eval.json takes its settings from its checkpoint's run dir."""
+    """Run dirs given one by one; algorithm.name differs (and Meta-SGD's own setting is constant, so
+    it does not split its column); update_lr differs too, so it becomes a row setting; an eval.json
+    of benchmark=lake is left out of the table, and a plain eval.json takes its settings from its
+    checkpoint's run dir."""
     runs = tmp_path / "train"
     write_run(runs / "a", config(5, 1, 0, algorithm={"name": "maml"}, n=0), 0.9, 0.01)
     write_run(
@@ -265,7 +266,8 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 
 
 def test_runs_that_share_a_seed_are_not_called_seeds(tmp_path, capsys):
-    """Two runs of one cell with the same seed (a repeat, not a seed study) are labelled runs; two seeds, seeds."""
+    """Two runs of one cell with the same seed (a repeat, not a seed study) are labelled runs; two
+    seeds, seeds."""
     runs = tmp_path / "train"
     write_run(runs / "a", config(5, 1, 0, n=0), 0.90, 0.01)
     write_run(runs / "b", config(5, 1, 0, n=1), 0.92, 0.01)

@@ -173,8 +173,8 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_pat
     run = tmp_path / "run"
     run_metarun(*tiny_args(tiny_root, run, "iterations=3"), cwd=tmp_path, check=True)
     good = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
-    # a huge inner step size overflows the adapted weights (update_lr cannot change on resume: the run's
-    # saved config is edited instead)
+    # a huge inner step size overflows the adapted weights (update_lr cannot change on resume: the
+    # run's saved config is edited instead)
     good["config"]["update_lr"] = 1e38
     atomic_torch_save(good, run / "checkpoints" / "last.pt")
     proc = run_metarun("train", f"resume={run}", "iterations=6", cwd=tmp_path)
@@ -257,7 +257,8 @@ def test_sigterm_then_resume_equals_uninterrupted(tiny_root, tmp_path):
 
 
 def test_atomic_save_gives_the_permissions_of_a_plain_write(tmp_path):
-    """Caches and checkpoints in shared folders stay readable as the umask allows (mkstemp alone gives 0600)."""
+    """Caches and checkpoints in shared folders stay readable as the umask allows (mkstemp alone
+    gives 0600)."""
     plain = tmp_path / "plain"
     plain.write_bytes(b"")
     atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "saved.pt")
@@ -265,8 +266,9 @@ def test_atomic_save_gives_the_permissions_of_a_plain_write(tmp_path):
 
 
 def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
-    """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler (torchrun's
-    other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them into one handler."""
+    """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler
+    (torchrun's other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them
+    into one handler."""
     import logging
 
     from metarun.runner.logs import BelowWarning, console_through_tqdm

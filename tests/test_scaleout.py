@@ -1,5 +1,6 @@
-"""Issue #16, scale-out and sweepers: data parallelism with torchrun (gloo on the CPU), preemption (SIGUSR2)
-and `resume=auto`, Hydra's Optuna sweeper and its `hparams_search` config, Hydra's launchers."""
+"""Issue #16, scale-out and sweepers: data parallelism with torchrun (gloo on the CPU), preemption
+(SIGUSR2) and `resume=auto`, Hydra's Optuna sweeper and its `hparams_search` config, Hydra's
+launchers."""
 
 import json
 import os
@@ -265,7 +266,8 @@ def test_torchrun_run_leaves_one_run_dir_with_one_set_of_logs(tiny_root, tmp_pat
 
 
 def test_time_limit_under_torchrun_stops_every_rank_at_the_same_iteration(tiny_root, tmp_path):
-    # each rank's clock differs: rank 0's decides, through the all-reduce, so both ranks leave the loop together
+    # each rank's clock differs: rank 0's decides, through the all-reduce, so both ranks leave the
+    # loop together
     run = tmp_path / "run"
     proc = torchrun(
         "-m",
@@ -347,7 +349,8 @@ def test_a_dead_torchrun_process_is_one_line_from_rank_0(tiny_root, tmp_path):
 
 def test_sigusr2_then_resume_auto_equals_uninterrupted(tiny_root, tmp_path):
     run = tmp_path / "run"
-    run.mkdir()  # an empty dir: resume=auto starts a fresh run in it (checked below: history, no "resumed")
+    # an empty dir: resume=auto starts a fresh run in it (checked below: history, no "resumed")
+    run.mkdir()
     args = tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "resume=auto")
     proc = subprocess.Popen(
         [sys.executable, "-m", "metarun.cli", *args],
@@ -395,7 +398,8 @@ def test_optuna_search_picks_the_best_returned_accuracy_and_survives_a_failed_tr
     args = strip(
         tiny_args(tiny_root, tmp_path, "iterations=4", "eval_every=2"), "hydra.run.dir", "way="
     )
-    # the shipped search (update_lr, meta_lr) plus way, so that a trial can fail (way=5000); TPE's seed is 0
+    # the shipped search (update_lr, meta_lr) plus way, so that a trial can fail (way=5000); TPE's
+    # seed is 0
     proc = run_metarun(
         *args,
         "-m",
@@ -467,7 +471,8 @@ def test_submitit_local_sweep_and_its_requeue_resume(tiny_root, tmp_path):
     assert all(
         r["status"] == "completed" and ckpt(sweep / c)["iteration"] == 3 for c, r in first.items()
     )
-    # what a requeue does: the cell's overrides again, into its dir; it continues its run (here, to 5 iterations)
+    # what a requeue does: the cell's overrides again, into its dir; it continues its run (here, to
+    # 5 iterations)
     requeued = [a if a != "way=2,3" else "way=2" for a in cells]
     run_metarun(*requeued, "iterations=5", cwd=tmp_path, check=True)
     history = json.loads((sweep / "0" / "results.json").read_text())["history"]

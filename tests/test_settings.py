@@ -186,7 +186,10 @@ def test_train_help_lists_every_setting_with_its_default_and_description():
     for s in settings.for_command("train"):
         assert s.help in text, s.name
     assert "  way=5 " in text and "update_lr=0.4 " in text and "[int >= 2]" in text
-    assert "algorithm.inner_loss=sum_over_shot (mamlpp, metasgd, pretrain, protonet, reptile: mean)" in text
+    assert (
+        "algorithm.inner_loss=sum_over_shot (mamlpp, metasgd, pretrain, protonet, reptile: mean)"
+        in text
+    )
     assert "algorithm.msl=true (mamlpp)" in text
     assert "iterations=60000" in text and "may change on resume" in text
 

@@ -19,7 +19,17 @@ def registry() -> dict:
 
     return {
         cls.name: cls
-        for cls in (MAML, MetaSGD, MAMLPlusPlus, ANIL, Reptile, Pretrain, Joint, ProtoNet, ProtoMAML)
+        for cls in (
+            MAML,
+            MetaSGD,
+            MAMLPlusPlus,
+            ANIL,
+            Reptile,
+            Pretrain,
+            Joint,
+            ProtoNet,
+            ProtoMAML,
+        )
     }
 
 

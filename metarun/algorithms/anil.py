@@ -1,11 +1,12 @@
-"""ANIL, "Almost No Inner Loop" (Raghu, Raghu, Bengio & Vinyals 2020, "Rapid Learning or Feature Reuse?",
-Sec. 4): MAML whose inner loop adapts only the head (the learner's last linear layer), at training and at
-test; the outer loop meta-learns every weight (the body through the head's adaptation, second order by
-default, as their MAML-based code; `first_order` drops those terms as in MAML).
+"""ANIL, "Almost No Inner Loop" (Raghu, Raghu, Bengio & Vinyals 2020, "Rapid Learning or Feature
+Reuse?", Sec. 4): MAML whose inner loop adapts only the head (the learner's last linear layer), at
+training and at test; the outer loop meta-learns every weight (the body through the head's
+adaptation, second order by default, as their MAML-based code; `first_order` drops those terms as in
+MAML).
 
-The head is the learner's weights under `head_layer` (conv4 and resnet12: `fc`). The body's forward pass
-is repeated at every inner step (the generic inner loop of algorithms/base.py); the features could be
-computed once, which is a speed-up, not a different result.
+The head is the learner's weights under `head_layer` (conv4 and resnet12: `fc`). The body's forward
+pass is repeated at every inner step (the generic inner loop of algorithms/base.py); the features
+could be computed once, which is a speed-up, not a different result.
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from metarun.errors import MetarunError
 class ANIL(GradientMetaLearner):
     """ANIL: only the head adapts in the inner loop.
 
-    Args (beyond GradientMetaLearner's): head_layer: the name prefix of the head's weights (`fc`: fc.weight,
-    fc.bias). Raises MetarunError if it names no weight of the learner, or all of them.
+    Args (beyond GradientMetaLearner's): head_layer: the name prefix of the head's weights (`fc`:
+    fc.weight, fc.bias). Raises MetarunError if it names no weight of the learner, or all of them.
     """
 
     name = "anil"

@@ -1,18 +1,21 @@
-"""What every gradient-based meta-learner of the MAML family shares: the inner loop, the losses, the outer
-objective over a meta-batch (run by the engine), evaluation, and the hooks an algorithm overrides.
+"""What every gradient-based meta-learner of the MAML family shares: the inner loop, the losses, the
+outer objective over a meta-batch (run by the engine), evaluation, and the hooks an algorithm
+overrides.
 
-An algorithm's meta-parameters are ONE flat dict {name: tensor}: the learner's weights under the model's
-names, plus the algorithm's own (learned learning rates, per-step batch-norm weights, ...) under prefixed
-names. The optimizer updates that dict and checkpoints store it as `params`.
+An algorithm's meta-parameters are ONE flat dict {name: tensor}: the learner's weights under the
+model's names, plus the algorithm's own (learned learning rates, per-step batch-norm weights, ...)
+under prefixed names. The optimizer updates that dict and checkpoints store it as `params`.
 
 Hooks (defaults = MAML, Finn et al. 2017):
 - `extra_params`: the algorithm's own meta-parameters (default none);
-- `adapted_names`: which learner weights the inner loop adapts (default all but the model's frozen_names,
-  e.g. batch norm with model.adapt_bn=false as cbfinn/maml);
-- `learner_weights`: the learner's weights at an inner step (adapted ones + the others, e.g. per-step BN);
-- `inner_lrs`: the inner learning rates of a step: one float, or {name: tensor broadcastable to the weight};
-- `step_loss_weights`: weights of the query loss after each inner step in the outer objective (None: the
-  last step only);
+- `adapted_names`: which learner weights the inner loop adapts (default all but the model's
+  frozen_names, e.g. batch norm with model.adapt_bn=false as cbfinn/maml);
+- `learner_weights`: the learner's weights at an inner step (adapted ones + the others, e.g.
+  per-step BN);
+- `inner_lrs`: the inner learning rates of a step: one float, or {name: tensor broadcastable to the
+  weight};
+- `step_loss_weights`: weights of the query loss after each inner step in the outer objective (None:
+  the last step only);
 - `second_order`: whether the inner gradients are differentiated (False = first order);
 - `task_init`: per-task starting values of weights that are not meta-parameters, computed from
   the support set inside the autodiff graph, which the inner loop adapts too (default none;
@@ -23,15 +26,18 @@ Hooks (defaults = MAML, Finn et al. 2017):
 - `scalars` / `histograms`: what the runner logs to TensorBoard.
 
 Hooks of the runner's generic capabilities (defaults = episodes and Adam, as MAML):
-- `bind_data`: sees the loaded splits before the meta-parameters are made (the pre-training baseline sizes
-  its classifier by the training classes; Reptile checks train_shots);
-- `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train split;
-  the baseline: mini-batches of labelled images), a TrainingBatch; its state() is checkpointed;
+- `bind_data`: sees the loaded splits before the meta-parameters are made (the pre-training baseline
+  sizes its classifier by the training classes; Reptile checks train_shots);
+- `train_sampler`: what training draws each iteration (default: N-way K-shot episodes of the train
+  split; the baseline: mini-batches of labelled images), a TrainingBatch; its state() is
+  checkpointed;
 - `data_parallel`: None when a batch's shares can be computed apart (torchrun), else why not;
-- `train_unit`: what one training iteration processes, for the logged speed (default meta_batch tasks);
+- `train_unit`: what one training iteration processes, for the logged speed (default meta_batch
+  tasks);
 - `make_optimizer`: the outer update (default Adam at meta_lr; Reptile: SGD on phi - mean adapted
   weights), whose every step first clips the gradient elementwise with `meta_grad_clip` (`clipped`);
-- `bench_batch`: a training batch of the algorithm's kind made from random episodes (scripts/bench.py).
+- `bench_batch`: a training batch of the algorithm's kind made from random episodes
+  (scripts/bench.py).
 """
 
 from __future__ import annotations
@@ -74,9 +80,10 @@ class StepResult:
 
 
 def inner_update(weights: dict, grads: dict, lrs) -> dict:
-    """One SGD step of the inner loop: w - lr * g for every weight in `grads` (learn2learn's update rule).
-    lrs: one float for all, or {name: tensor} broadcastable to the weight (Meta-SGD: the weight's shape;
-    MAML++ LSLR: a scalar per weight and step). Pure: returns new tensors, never modifies its inputs."""
+    """One SGD step of the inner loop: w - lr * g for every weight in `grads` (learn2learn's update
+    rule). lrs: one float for all, or {name: tensor} broadcastable to the weight (Meta-SGD: the
+    weight's shape; MAML++ LSLR: a scalar per weight and step). Pure: returns new tensors, never
+    modifies its inputs."""
     if isinstance(lrs, dict):
         return {k: weights[k] - lrs[k] * g for k, g in grads.items()}
     return {k: weights[k] - lrs * g for k, g in grads.items()}
@@ -107,9 +114,10 @@ class GradientMetaLearner:
 
     Args:
         model: the learner (forward(params [T, ...], x [T, N, C, H, W]) -> logits [T, N, way]).
-        update_lr: inner step size (positive); update_step / update_step_test: inner steps in training /
-        evaluation; first_order: drop the second-order terms; inner_loss: sum_over_shot (cbfinn/maml) | mean;
-        engine: how meta-batches are executed (default: Engine(impl, workers, task_chunk, device)).
+        update_lr: inner step size (positive); update_step / update_step_test: inner steps in
+        training / evaluation; first_order: drop the second-order terms; inner_loss: sum_over_shot
+        (cbfinn/maml) | mean; engine: how meta-batches are executed (default: Engine(impl, workers,
+        task_chunk, device)).
     Raises MetarunError for an impossible setting.
     """
 
@@ -142,7 +150,8 @@ class GradientMetaLearner:
             )
         if not float(update_lr) > 0:
             raise MetarunError(
-                f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for 20-way)."
+                f"update_lr={update_lr} must be positive (the paper uses 0.4 for 5-way, 0.1 for "
+                "20-way)."
             )
         for name, value in (("update_step", update_step), ("update_step_test", update_step_test)):
             if int(value) <= 0:
@@ -169,11 +178,12 @@ class GradientMetaLearner:
         clip = f", meta-gradient clipped to ±{self.meta_grad_clip:g}" if self.meta_grad_clip else ""
         return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order{clip}"
 
-    # -- meta-parameters --------------------------------------------------------------------------------
+    # -- meta-parameters ---------------------------------------------------------------------------
     def init_meta_params(
         self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"
     ) -> dict:
-        """The learner's initial weights (model.init_params) followed by the algorithm's own meta-parameters."""
+        """The learner's initial weights (model.init_params) followed by the algorithm's own
+        meta-parameters."""
         params = self.model.init_params(generator, dtype=dtype, device=device)
         params = {k: v for k, v in params.items() if k not in self.replaced_names()}
         params.update(self.extra_params(dtype, device))
@@ -186,7 +196,7 @@ class GradientMetaLearner:
         """Learner weights the algorithm replaces by its own meta-parameters (MAML++ BNWB)."""
         return set()
 
-    # -- hooks ------------------------------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------------------
     def learner_names(self) -> list:
         """The learner's weight names (a local generator: no global RNG is touched)."""
         if not hasattr(self, "_learner_names"):
@@ -203,9 +213,9 @@ class GradientMetaLearner:
         return [k for k in params if k in names]
 
     def learner_weights(self, params: dict, fast: dict, step: int, tasks: int | None) -> dict:
-        """The learner's weights for inner step `step` (the support pass of that step, and the query pass
-        after it): the adapted ones, and every other learner weight from `params` (expanded to `tasks`
-        copies; tasks=None: one task, no task dimension)."""
+        """The learner's weights for inner step `step` (the support pass of that step, and the query
+        pass after it): the adapted ones, and every other learner weight from `params` (expanded to
+        `tasks` copies; tasks=None: one task, no task dimension)."""
         if len(fast) == len(self.learner_names()):
             return fast
         return self.frozen_learner_weights(params, fast, tasks)
@@ -242,8 +252,8 @@ class GradientMetaLearner:
         return {}
 
     def bind_data(self, splits: dict) -> None:
-        """Called by the runner with {split: ClassImages} after the data loads, before init_meta_params;
-        raises MetarunError for a setting the data cannot satisfy."""
+        """Called by the runner with {split: ClassImages} after the data loads, before
+        init_meta_params; raises MetarunError for a setting the data cannot satisfy."""
 
     def train_sampler(self, cfg, classes, device):
         """The training batches: an object with sample(meta_batch), state() and load_state(state);
@@ -253,8 +263,8 @@ class GradientMetaLearner:
         return EpisodeSampler.training(cfg, classes, device)
 
     def train_unit(self, cfg) -> tuple[int, str]:
-        """(items per training iteration, their name) for the speed the runner logs: `meta_batch` tasks by
-        default (the baseline: its mini-batch of images)."""
+        """(items per training iteration, their name) for the speed the runner logs: `meta_batch`
+        tasks by default (the baseline: its mini-batch of images)."""
         return int(cfg.meta_batch), "tasks"
 
     def make_optimizer(self, params, meta_lr: float) -> torch.optim.Optimizer:
@@ -305,8 +315,8 @@ class GradientMetaLearner:
         return self.model.forward(weights, x)
 
     def frozen_learner_weights(self, params: dict, fast: dict, tasks: int | None) -> dict:
-        """The adapted weights `fast`, and every other learner weight from `params` (expanded to `tasks`
-        copies; tasks=None: one task)."""
+        """The adapted weights `fast`, and every other learner weight from `params` (expanded to
+        `tasks` copies; tasks=None: one task)."""
         weights = {}
         for k in self.learner_names():
             if k in fast:
@@ -334,7 +344,7 @@ class GradientMetaLearner:
         self.check_family(family)
         self.family = family
 
-    # -- losses -----------------------------------------------------------------------------------------
+    # -- losses ------------------------------------------------------------------------------------
     def support_loss(self, logits: torch.Tensor, y: torch.Tensor, shot: int) -> torch.Tensor:
         """Sum over tasks of each task's inner loss (the task family's: metarun/tasks.py).
         Classification's `sum_over_shot` is cbfinn/maml's xent/update_batch_size summed over the
@@ -348,7 +358,7 @@ class GradientMetaLearner:
         """Per-task query loss (mean cross-entropy | MSE) and metric (accuracy | MSE), [T] each."""
         return self.family.query_loss(logits, y)
 
-    # -- inner loop -------------------------------------------------------------------------------------
+    # -- inner loop --------------------------------------------------------------------------------
     def initial_fast(self, params: dict, x: torch.Tensor, y: torch.Tensor) -> dict:
         """The inner loop's starting weights for the T tasks of x [T, N, C, H, W], y [T, N]: the
         adapted meta-parameters (one view per task) and the task_init ones."""
@@ -369,9 +379,9 @@ class GradientMetaLearner:
         create_graph: bool,
         trajectory: bool = False,
     ):
-        """`steps` SGD steps on the support set of each of the T tasks in x [T, N, C, H, W], from copies of
-        the adapted weights. Returns the adapted weights {name: [T, ...]} (trajectory=True: a list with
-        those after each step)."""
+        """`steps` SGD steps on the support set of each of the T tasks in x [T, N, C, H, W], from
+        copies of the adapted weights. Returns the adapted weights {name: [T, ...]}
+        (trajectory=True: a list with those after each step)."""
         tasks, shot = x.shape[0], y.shape[1] // getattr(self.model, "way", 1)
         fast = self.initial_fast(params, x, y)
         after = []
@@ -384,11 +394,11 @@ class GradientMetaLearner:
             after.append(fast)
         return after if trajectory else fast
 
-    # -- meta-training ----------------------------------------------------------------------------------
+    # -- meta-training -----------------------------------------------------------------------------
     def accumulate_meta_gradient(self, params: dict, ep: Episodes) -> StepResult:
-        """Adds d(meta-loss)/d(params) to each param's .grad; returns the detached meta-loss and accuracies.
-        Meta-loss: mean over tasks of sum_s w_s * (query loss after step s), w from step_loss_weights (the
-        last step only by default)."""
+        """Adds d(meta-loss)/d(params) to each param's .grad; returns the detached meta-loss and
+        accuracies. Meta-loss: mean over tasks of sum_s w_s * (query loss after step s), w from
+        step_loss_weights (the last step only by default)."""
         meta_batch, steps = ep.x_support.shape[0], self.update_step
         leaves = list(params.values())
         weights = self.step_loss_weights(steps)
@@ -428,10 +438,10 @@ class GradientMetaLearner:
             torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
         )
 
-    # -- evaluation -------------------------------------------------------------------------------------
+    # -- evaluation --------------------------------------------------------------------------------
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
-        """Post-adaptation query logits [T, way*query, way] after `steps` (default update_step_test) inner
-        steps on each task's support set; keeps no graph."""
+        """Post-adaptation query logits [T, way*query, way] after `steps` (default update_step_test)
+        inner steps on each task's support set; keeps no graph."""
         steps = self.update_step_test if steps is None else int(steps)
         # Fresh leaves: the inner loop's graph ends here, never reaching the caller's parameters.
         start = {k: v.detach().requires_grad_(True) for k, v in params.items()}
@@ -451,10 +461,10 @@ class GradientMetaLearner:
         return torch.cat(self.engine.map_chunks(chunk_logits, ep.x_support.shape[0], images))
 
     def query_logits_curve(self, params: dict, ep: Episodes, steps: list[int]) -> torch.Tensor:
-        """Query logits [len(steps), T, way*query, way] after each number of inner steps in `steps` (0: the
-        meta-learned weights, unadapted), from one inner loop of max(steps) steps per task (cbfinn/maml's test
-        reports accuracy after 0..10 steps this way); keeps no graph. Raises MetarunError for a
-        negative count, or where check_curve refuses."""
+        """Query logits [len(steps), T, way*query, way] after each number of inner steps in `steps`
+        (0: the meta-learned weights, unadapted), from one inner loop of max(steps) steps per task
+        (cbfinn/maml's test reports accuracy after 0..10 steps this way); keeps no graph. Raises
+        MetarunError for a negative count, or where check_curve refuses."""
         steps = [int(s) for s in steps]
         if not steps or min(steps) < 0:
             raise MetarunError(
@@ -502,9 +512,10 @@ class GradientMetaLearner:
         update_step_test) steps; keeps no graph."""
         return self.query_loss(self.query_logits(params, ep, steps), ep.y_query)[1]
 
-    # -- checkpoints ------------------------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """The algorithm's resolved execution (a resumed run keeps it); everything learned is in params."""
+        """The algorithm's resolved execution (a resumed run keeps it); everything learned is in
+        params."""
         return {"name": self.name, "impl": self.impl, "workers": self.workers}
 
 
@@ -524,8 +535,8 @@ def check_meta_grad_clip(value) -> float | None:
 def meta_train_step(
     algorithm: GradientMetaLearner, params: dict, optimizer: torch.optim.Optimizer, ep: Episodes
 ) -> StepResult:
-    """One meta-iteration: meta-gradient of a meta-batch, then one optimizer step. `metarun train` and
-    scripts/bench.py both call exactly this."""
+    """One meta-iteration: meta-gradient of a meta-batch, then one optimizer step. `metarun train`
+    and scripts/bench.py both call exactly this."""
     optimizer.zero_grad(set_to_none=True)
     result = algorithm.accumulate_meta_gradient(params, ep)
     optimizer.step()

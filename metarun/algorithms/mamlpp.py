@@ -4,21 +4,22 @@ AntreasAntoniou/HowToTrainYourMAMLPytorch, few_shot_learning_system.py), every f
 - `msl` (multi-step loss): the outer objective is sum_s v_s * (query loss after inner step s) while
   epoch < msl_epochs, then the last step's loss only; v is annealed per epoch exactly as their
   get_per_step_loss_importance_vector (msl_weights below).
-- `first_order_epochs` (derivative-order annealing): first order while epoch < first_order_epochs, second
-  order after (their `first_order_to_second_order_epoch` E is first_order_epochs = E + 1; their Omniglot
-  configs use E = -1, i.e. 0 here).
+- `first_order_epochs` (derivative-order annealing): first order while epoch < first_order_epochs,
+  second order after (their `first_order_to_second_order_epoch` E is first_order_epochs = E + 1;
+  their Omniglot configs use E = -1, i.e. 0 here).
 - `bnwb`: per-step batch-norm weights and biases: `step_bn.bn<i>.weight|bias` [update_step, filters]
-  replace the learner's `bn<i>.*`; step s's forward passes (support, and query after it) use row s. As in
-  their code (enable_inner_loop_optimizable_bn_params=false) they are meta-learned, not adapted.
-- `bnrs` (per-step running statistics): their code keeps per-step running statistics but always calls
-  F.batch_norm(training=True), so the statistics never reach an output (batch statistics are used in
-  training and evaluation alike). metarun normalises with batch statistics as theirs and keeps no running
-  statistics; `bnrs=true` is refused with that explanation.
-- `lslr`: learned per-layer (per weight tensor, as their LSLRGradientDescentLearningRule) per-step inner
-  learning rates `lslr.<weight name>` [update_step], initialised to update_lr.
-- `cosine_annealing`: the meta learning rate follows cosine annealing over `cosine_epochs` (default: the
-  run's epochs) to `min_meta_lr` (their CosineAnnealingLR(T_max=total_epochs) stepped with the epoch each
-  iteration), and stays at min_meta_lr after it (torch's closed form would rise again).
+  replace the learner's `bn<i>.*`; step s's forward passes (support, and query after it) use row s.
+  As in their code (enable_inner_loop_optimizable_bn_params=false) they are meta-learned, not
+  adapted.
+- `bnrs` (per-step running statistics): their code keeps per-step running statistics but always
+  calls F.batch_norm(training=True), so the statistics never reach an output (batch statistics are
+  used in training and evaluation alike). metarun normalises with batch statistics as theirs and
+  keeps no running statistics; `bnrs=true` is refused with that explanation.
+- `lslr`: learned per-layer (per weight tensor, as their LSLRGradientDescentLearningRule) per-step
+  inner learning rates `lslr.<weight name>` [update_step], initialised to update_lr.
+- `cosine_annealing`: the meta learning rate follows cosine annealing over `cosine_epochs` (default:
+  the run's epochs) to `min_meta_lr` (their CosineAnnealingLR(T_max=total_epochs) stepped with the
+  epoch each iteration), and stays at min_meta_lr after it (torch's closed form would rise again).
 - `inner_bn`: whether batch-norm weights adapt in the inner loop (MAML: yes; their code: no).
 An epoch is `iterations_per_epoch` iterations (their total_iter_per_epoch, 500).
 With every switch off (and inner_bn=true) this is MAML, bit for bit.
@@ -47,9 +48,10 @@ log = logging.getLogger("metarun")
 
 
 def msl_weights(steps: int, epoch: int, msl_epochs: int) -> list[float]:
-    """The authors' per-step loss weights at `epoch` (get_per_step_loss_importance_vector): all 1/S at epoch
-    0; each non-final weight falls by epoch/(S*msl_epochs) to at least 0.03/S; the final one rises by
-    epoch*(S-1)/(S*msl_epochs) to at most 1 - (S-1)*0.03/S. Float64, as their numpy code."""
+    """The authors' per-step loss weights at `epoch` (get_per_step_loss_importance_vector): all 1/S
+    at epoch 0; each non-final weight falls by epoch/(S*msl_epochs) to at least 0.03/S; the final
+    one rises by epoch*(S-1)/(S*msl_epochs) to at most 1 - (S-1)*0.03/S. Float64, as their numpy
+    code."""
     weights = np.ones(steps) * (1.0 / steps)
     decay = 1.0 / steps / msl_epochs
     floor = 0.03 / steps
@@ -126,9 +128,10 @@ class MAMLPlusPlus(GradientMetaLearner):
             )
         if bnrs:
             raise MetarunError(
-                "algorithm.bnrs=true: the authors' code keeps per-step running statistics but always "
-                "normalises with batch statistics, so they never change an output; metarun uses batch "
-                "statistics and keeps none: set algorithm.bnrs=false."
+                "algorithm.bnrs=true: the authors' code keeps per-step running statistics but "
+                "always "
+                "normalises with batch statistics, so they never change an output; metarun uses "
+                "batch statistics and keeps none: set algorithm.bnrs=false."
             )
         # fitted already: even one iteration per epoch is too long for the epoch counts
         fix = (
@@ -144,24 +147,27 @@ class MAMLPlusPlus(GradientMetaLearner):
             )
         if not 0 <= self.first_order_epochs <= self.total_epochs:
             raise MetarunError(
-                f"algorithm.first_order_epochs={first_order_epochs} must be between 0 and the run's "
-                f"{self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch): lower "
-                f"it, {fix}."
+                f"algorithm.first_order_epochs={first_order_epochs} must be between 0 and the "
+                f"run's {self.total_epochs} epochs (iterations / algorithm.iterations_per_epoch): "
+                f"lower it, {fix}."
             )
         if self.cosine_annealing and not 0 < self.min_meta_lr <= self.meta_lr:
             raise MetarunError(
-                f"algorithm.min_meta_lr={min_meta_lr} must be positive and at most meta_lr={meta_lr} "
+                f"algorithm.min_meta_lr={min_meta_lr} must be positive and at most "
+                f"meta_lr={meta_lr} "
                 "(their code: 0.00001)."
             )
         if (self.bnwb or self.lslr) and self.update_step_test > self.update_step:
             raise MetarunError(
-                f"update_step_test={update_step_test} > update_step={update_step}: per-step weights "
-                "(algorithm.bnwb / lslr) exist for the training steps only; use update_step_test<=update_step."
+                f"update_step_test={update_step_test} > update_step={update_step}: per-step "
+                "weights "
+                "(algorithm.bnwb / lslr) exist for the training steps only; use "
+                "update_step_test<=update_step."
             )
         if self.bnwb and self.inner_bn:
             raise MetarunError(
-                "algorithm.bnwb=true with inner_bn=true: per-step batch-norm weights are meta-learned, "
-                "not adapted (as the authors' code); set algorithm.inner_bn=false."
+                "algorithm.bnwb=true with inner_bn=true: per-step batch-norm weights are "
+                "meta-learned, not adapted (as the authors' code); set algorithm.inner_bn=false."
             )
         self.epoch = 0
 
@@ -209,7 +215,7 @@ class MAMLPlusPlus(GradientMetaLearner):
         ]
         return f"{super().describe()}; {'+'.join(fixes) or 'no fixes'}"
 
-    # -- meta-parameters --------------------------------------------------------------------------------
+    # -- meta-parameters ---------------------------------------------------------------------------
     def _bn_names(self) -> list:
         return [k for k in self.learner_names() if k.startswith("bn")]
 
@@ -237,7 +243,7 @@ class MAMLPlusPlus(GradientMetaLearner):
             k for k in self.learner_names() if (self.inner_bn or k not in bn) and k not in frozen
         ]
 
-    # -- hooks ------------------------------------------------------------------------------------------
+    # -- hooks -------------------------------------------------------------------------------------
     def adapted_names(self, params: dict) -> list:
         names = set(self._lslr_names())
         return [k for k in params if k in names]
@@ -268,8 +274,8 @@ class MAMLPlusPlus(GradientMetaLearner):
         return not self.first_order and self.epoch >= self.first_order_epochs
 
     def meta_lr_at(self, epoch: int) -> float:
-        """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = cosine_epochs, by default the
-        run's epochs as their total_epochs), held at min_meta_lr from epoch T_max on."""
+        """Cosine annealing (torch's CosineAnnealingLR closed form with T_max = cosine_epochs, by
+        default the run's epochs as their total_epochs), held at min_meta_lr from epoch T_max on."""
         epoch = min(int(epoch), self.cosine_epochs)
         return (
             self.min_meta_lr

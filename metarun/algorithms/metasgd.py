@@ -1,10 +1,11 @@
-"""Meta-SGD (Li, Zhou, Chen & Li 2017, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning", Sec. 3).
+"""Meta-SGD (Li, Zhou, Chen & Li 2017, "Meta-SGD: Learning to Learn Quickly for Few-Shot Learning",
+Sec. 3).
 
-The inner update is theta' = theta - alpha * grad (elementwise): alpha has the shape of each weight and is
-meta-learned together with the initialisation theta (the same meta-gradient, the same Adam). The paper
-initialises alpha uniformly at random in [0.005, 0.1] (Sec. 4.1) and adapts in one step; learn2learn's
-MetaSGD initialises it to a constant lr (set alpha_init_low = alpha_init_high for that). The alphas are
-meta-parameters named `alpha.<weight name>`.
+The inner update is theta' = theta - alpha * grad (elementwise): alpha has the shape of each weight
+and is meta-learned together with the initialisation theta (the same meta-gradient, the same Adam).
+The paper initialises alpha uniformly at random in [0.005, 0.1] (Sec. 4.1) and adapts in one step;
+learn2learn's MetaSGD initialises it to a constant lr (set alpha_init_low = alpha_init_high for
+that). The alphas are meta-parameters named `alpha.<weight name>`.
 
 The paper's task loss is the average over the task's training examples (Sec. 3.1), which is
 `inner_loss=mean` (conf/algorithm/metasgd.yaml and its presets). `inner_loss=sum_over_shot`
@@ -23,8 +24,8 @@ from metarun.errors import MetarunError
 class MetaSGD(GradientMetaLearner):
     """Meta-SGD: MAML plus a learned inner learning rate per weight element.
 
-    Args (beyond GradientMetaLearner's): alpha_init_low, alpha_init_high: alpha ~ U[low, high] elementwise
-    (positive, low <= high); alpha_seed: the seed of that draw (a local generator).
+    Args (beyond GradientMetaLearner's): alpha_init_low, alpha_init_high: alpha ~ U[low, high]
+    elementwise (positive, low <= high); alpha_seed: the seed of that draw (a local generator).
     Raises MetarunError for a non-positive or empty range.
     """
 

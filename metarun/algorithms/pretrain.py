@@ -1,25 +1,27 @@
 """The pre-training baseline of Chen, Liu, Kira, Wang & Huang 2019, "A Closer Look at Few-shot
-Classification" (Sec. 3.1; their code github.com/wyharveychen/CloserLookFewShot: methods/baselinetrain.py,
-baselinefinetune.py, backbone.distLinear).
+Classification" (Sec. 3.1; their code github.com/wyharveychen/CloserLookFewShot:
+methods/baselinetrain.py, baselinefinetune.py, backbone.distLinear).
 
 Training: ordinary mini-batch classification of single images over every meta-training class (with
-dataset.rotate=true each rotation by k*90 degrees is a class of its own, as Omniglot's augmentation):
-the learner's body and a classifier over all those classes, cross-entropy, Adam (their lr 1e-3, batch 16).
-Evaluation, per test task: the body is frozen, its features of the support set train a new head of `way`
-outputs for `finetune_epochs` epochs of mini-batches of `finetune_batch` support images with SGD (lr 0.01,
-momentum 0.9, dampening 0.9, weight decay 0.001; their set_forward_adaptation), and the head classifies the
-query features. `head=linear`: the Baseline; `head=cosine`: Baseline++ (their distLinear: cosine similarity
-of L2-normalised features and weight-normalised class weights, times 2 for <= 200 classes, else 10),
-used both in pre-training and for the new heads.
+dataset.rotate=true each rotation by k*90 degrees is a class of its own, as Omniglot's
+augmentation): the learner's body and a classifier over all those classes, cross-entropy, Adam
+(their lr 1e-3, batch 16). Evaluation, per test task: the body is frozen, its features of the
+support set train a new head of `way` outputs for `finetune_epochs` epochs of mini-batches of
+`finetune_batch` support images with SGD (lr 0.01, momentum 0.9, dampening 0.9, weight decay 0.001;
+their set_forward_adaptation), and the head classifies the query features. `head=linear`: the
+Baseline; `head=cosine`: Baseline++ (their distLinear: cosine similarity of L2-normalised features
+and weight-normalised class weights, times 2 for <= 200 classes, else 10), used both in pre-training
+and for the new heads.
 
-The body is the learner without its last linear layer `head_layer` (conv4/resnet12: fc), run with that
-layer set to the identity (so the learner's own forward, conv4's grouped pass included, gives features).
-Meta-parameters: the body's weights and `pretrain.weight` [classes, features], plus `pretrain.bias`
-(linear) or `pretrain.gain` (cosine, the weight norm's g).
+The body is the learner without its last linear layer `head_layer` (conv4/resnet12: fc), run with
+that layer set to the identity (so the learner's own forward, conv4's grouped pass included, gives
+features). Meta-parameters: the body's weights and `pretrain.weight` [classes, features], plus
+`pretrain.bias` (linear) or `pretrain.gain` (cosine, the weight norm's g).
 
-Differences from their code (README): batch norm uses batch statistics (metarun's learners keep no running
-statistics), so support and query features are normalised over the support and query sets; training images
-are drawn independently with replacement (theirs: shuffled epochs); update_step_test is not used.
+Differences from their code (README): batch norm uses batch statistics (metarun's learners keep no
+running statistics), so support and query features are normalised over the support and query sets;
+training images are drawn independently with replacement (theirs: shuffled epochs); update_step_test
+is not used.
 """
 
 from __future__ import annotations
@@ -54,9 +56,9 @@ class ImageBatch:
 
 
 class ImageSampler(SeededDraws):
-    """Mini-batches of `batch_size` labelled images drawn uniformly from all images of a split, each rotated
-    by a random multiple of 90 degrees when rotate=true (a new class per rotation). Its state is the
-    device-independent draw counter of SeededDraws (checkpointed)."""
+    """Mini-batches of `batch_size` labelled images drawn uniformly from all images of a split, each
+    rotated by a random multiple of 90 degrees when rotate=true (a new class per rotation). Its
+    state is the device-independent draw counter of SeededDraws (checkpointed)."""
 
     def __init__(self, classes, batch_size: int, device, seed: int, rotate: bool):
         self.device = torch.device(device)
@@ -95,8 +97,9 @@ class ImageSampler(SeededDraws):
 
 
 def cosine_scores(features: torch.Tensor, weight: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """Their distLinear: features [..., N, F], weight [..., K, F], gain [..., K] -> scale * cos [..., N, K];
-    the class weights are weight-normalised (gain * v / ||v||), the features divided by (||x|| + 1e-5)."""
+    """Their distLinear: features [..., N, F], weight [..., K, F], gain [..., K] -> scale * cos
+    [..., N, K]; the class weights are weight-normalised (gain * v / ||v||), the features divided by
+    (||x|| + 1e-5)."""
     scale = 2.0 if weight.shape[-2] <= 200 else 10.0
     x = features / (features.norm(dim=-1, keepdim=True) + 1e-5)
     w = gain.unsqueeze(-1) * weight / weight.norm(dim=-1, keepdim=True)
@@ -106,11 +109,12 @@ def cosine_scores(features: torch.Tensor, weight: torch.Tensor, gain: torch.Tens
 class Pretrain(GradientMetaLearner):
     """Baseline / Baseline++ (see the module docstring).
 
-    Args: model, head (linear | cosine), head_layer (the learner's last linear layer, e.g. fc), batch_size
-    (images per training iteration), num_classes (None: set by bind_data from the train split), rotate,
-    finetune_epochs / finetune_batch / finetune_lr / finetune_momentum / finetune_dampening /
-    finetune_weight_decay (their test-time recipe), eval_seed (the new heads' initialisation and batch
-    order), seed (the classifier's initialisation), and GradientMetaLearner's update_lr / steps (not used). Raises MetarunError for bad settings.
+    Args: model, head (linear | cosine), head_layer (the learner's last linear layer, e.g. fc),
+    batch_size (images per training iteration), num_classes (None: set by bind_data from the train
+    split), rotate, finetune_epochs / finetune_batch / finetune_lr / finetune_momentum /
+    finetune_dampening / finetune_weight_decay (their test-time recipe), eval_seed (the new heads'
+    initialisation and batch order), seed (the classifier's initialisation), and
+    GradientMetaLearner's update_lr / steps (not used). Raises MetarunError for bad settings.
     """
 
     name = "pretrain"
@@ -211,17 +215,20 @@ class Pretrain(GradientMetaLearner):
 
     def describe(self) -> str:
         return (
-            f"pretrain ({'Baseline++, cosine' if self.head == 'cosine' else 'Baseline, linear'} head, "
-            f"{self.num_classes} classes), new head per task: {self.finetune['epochs']} epochs of SGD"
+            f"pretrain ({'Baseline++, cosine' if self.head == 'cosine' else 'Baseline, linear'} "
+            "head, "
+            f"{self.num_classes} classes), new head per task: {self.finetune['epochs']} epochs of "
+            "SGD"
         )
 
-    # -- the runner's hooks -----------------------------------------------------------------------------
+    # -- the runner's hooks ------------------------------------------------------------------------
     def bind_data(self, splits: dict) -> None:
         classes = splits["train"].num_classes * (4 if self.rotate else 1)
         if self.num_classes is not None and self.num_classes != classes:
             raise MetarunError(
-                f"algorithm.num_classes={self.num_classes} but the train split has {classes} classes"
-                f"{' (with rotations)' if self.rotate else ''}: set algorithm.num_classes=null."
+                f"algorithm.num_classes={self.num_classes} but the train split has {classes} "
+                f"classes{' (with rotations)' if self.rotate else ''}: set "
+                "algorithm.num_classes=null."
             )
         self.num_classes = classes
 
@@ -263,21 +270,23 @@ class Pretrain(GradientMetaLearner):
     def adapted_names(self, params: dict) -> list:
         return []
 
-    # -- features and heads -----------------------------------------------------------------------------
+    # -- features and heads ------------------------------------------------------------------------
     def body_features(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """x [T, N, C, H, W] -> features [T, N, F]: the learner without its head (base embed)."""
         return self.embed(params, x, self.last_layer)
 
     def scores(self, features, weight, second) -> torch.Tensor:
-        """features [..., N, F] and a head (weight [..., K, F], bias or gain [..., K]) -> logits [..., N, K]."""
+        """features [..., N, F] and a head (weight [..., K, F], bias or gain [..., K]) -> logits
+        [..., N, K]."""
         if self.head == "cosine":
             return cosine_scores(features, weight, second)
         return features @ weight.transpose(-1, -2) + second.unsqueeze(-2)
 
-    # -- training ---------------------------------------------------------------------------------------
+    # -- training ----------------------------------------------------------------------------------
     def accumulate_meta_gradient(self, params: dict, batch: ImageBatch) -> StepResult:
-        """Adds the gradient of the mean cross-entropy of the batch over all training classes to each
-        parameter's .grad; returns that loss and the batch's accuracy (as a one-element tensor)."""
+        """Adds the gradient of the mean cross-entropy of the batch over all training classes to
+        each parameter's .grad; returns that loss and the batch's accuracy (as a one-element
+        tensor)."""
         features = self.body_features(params, batch.x.unsqueeze(0))[0]
         second = params["pretrain.gain" if self.head == "cosine" else "pretrain.bias"]
         logits = self.scores(features, params["pretrain.weight"], second)
@@ -290,14 +299,14 @@ class Pretrain(GradientMetaLearner):
         accuracy = (logits.detach().argmax(-1) == batch.y).to(logits.dtype).mean()
         return StepResult(loss.detach(), accuracy.view(1))
 
-    # -- evaluation -------------------------------------------------------------------------------------
+    # -- evaluation --------------------------------------------------------------------------------
     def fit_heads(
         self, support: torch.Tensor, y: torch.Tensor, way: int, generator: torch.Generator
     ):
-        """Their set_forward_adaptation for T tasks at once: support features [T, S, F], labels [T, S] ->
-        each task's new head (weight [T, way, F], bias or gain [T, way]). Each task's loss is its own mean
-        cross-entropy; summing them keeps the tasks' gradients, and SGD's update is elementwise, so this is
-        T independent fine-tunings."""
+        """Their set_forward_adaptation for T tasks at once: support features [T, S, F], labels [T,
+        S] -> each task's new head (weight [T, way, F], bias or gain [T, way]). Each task's loss is
+        its own mean cross-entropy; summing them keeps the tasks' gradients, and SGD's update is
+        elementwise, so this is T independent fine-tunings."""
         tasks, shots, feats = support.shape
         dtype, device = support.dtype, support.device
         bound = 1.0 / math.sqrt(feats)
@@ -338,7 +347,8 @@ class Pretrain(GradientMetaLearner):
 
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
         """A new head per task on the frozen features of its support set, then the query logits
-        [T, way*query, way]. Deterministic: the heads' initialisation and batch order come from eval_seed."""
+        [T, way*query, way]. Deterministic: the heads' initialisation and batch order come from
+        eval_seed."""
         way = self.model.way
         frozen = {k: v.detach() for k, v in params.items()}
 

@@ -2,9 +2,9 @@
 
 Each task runs an ordinary (ungrouped) conv4 forward on its own weights; the inner loop uses
 `torch.autograd.grad(create_graph=True)`; the meta-loss is the mean of the tasks' objectives and its
-gradient is taken once. For MAML this is the textbook loop of the common PyTorch ports; other algorithms
-plug in their rules through the hooks of algorithms/base.py. `scripts/bench.py --compare` times it (the
-tests keep their own independent references).
+gradient is taken once. For MAML this is the textbook loop of the common PyTorch ports; other
+algorithms plug in their rules through the hooks of algorithms/base.py. `scripts/bench.py --compare`
+times it (the tests keep their own independent references).
 """
 
 from __future__ import annotations
@@ -51,10 +51,11 @@ def task_support_loss(logits, y, way: int, inner_loss: str) -> torch.Tensor:
 
 
 def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
-    """Mean over tasks of the algorithm's outer objective, one task at a time with the plain conv4 above,
-    differentiable w.r.t. params. The algorithm supplies only its rules (which weights adapt, the learning
-    rates and per-step weights of a step, the per-step loss weights, the derivative order) through its
-    hooks; the execution (grouped passes, chunks, threads) of metarun's engine is not used."""
+    """Mean over tasks of the algorithm's outer objective, one task at a time with the plain conv4
+    above, differentiable w.r.t. params. The algorithm supplies only its rules (which weights adapt,
+    the learning rates and per-step weights of a step, the per-step loss weights, the derivative
+    order) through its hooks; the execution (grouped passes, chunks, threads) of metarun's engine is
+    not used."""
     way, downsample = algorithm.model.way, algorithm.model.downsample
     act, eps = (
         getattr(algorithm.model, "activation", "relu"),

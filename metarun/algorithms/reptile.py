@@ -1,18 +1,20 @@
 """Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms", Algorithm 2;
 their code github.com/openai/supervised-reptile, supervised_reptile/reptile.py).
 
-Per task: `update_step` (their inner_iters) steps of SGD or Adam (their default: Adam with beta1=0) from the
-meta-weights phi on mini-batches of `inner_batch` images drawn from `train_shots` images per class (their
-_mini_batches: consecutive reshuffles of the task's images, without replacement); no query loss. Outer
-step: phi <- phi + eps * (mean over the meta-batch of the adapted weights W - phi), with eps annealed
-linearly from `meta_step` to `meta_step_final` over the run (frac_done = iteration / iterations). metarun
-runs the outer step as plain SGD at learning rate eps on the "gradient" phi - mean W (make_optimizer,
-begin_iteration), so checkpoints and resume are the generic ones.
+Per task: `update_step` (their inner_iters) steps of SGD or Adam (their default: Adam with beta1=0)
+from the meta-weights phi on mini-batches of `inner_batch` images drawn from `train_shots` images
+per class (their _mini_batches: consecutive reshuffles of the task's images, without replacement);
+no query loss. Outer step: phi <- phi + eps * (mean over the meta-batch of the adapted weights W -
+phi), with eps annealed linearly from `meta_step` to `meta_step_final` over the run (frac_done =
+iteration / iterations). metarun runs the outer step as plain SGD at learning rate eps on the
+"gradient" phi - mean W (make_optimizer, begin_iteration), so checkpoints and resume are the generic
+ones.
 
-Evaluation (their evaluate / _test_predictions): `update_step_test` steps of the same inner optimizer on
-mini-batches of `eval_inner_batch` support images (0: the whole support set), then the query images are
-classified all at once (`transductive=true`: batch norm uses the query batch's statistics) or one at a
-time with the support set in the same batch (`transductive=false`, the paper's non-transductive setting).
+Evaluation (their evaluate / _test_predictions): `update_step_test` steps of the same inner
+optimizer on mini-batches of `eval_inner_batch` support images (0: the whole support set), then the
+query images are classified all at once (`transductive=true`: batch norm uses the query batch's
+statistics) or one at a time with the support set in the same batch (`transductive=false`, the
+paper's non-transductive setting).
 
 The inner Adam's state (`inner_state`): theirs is built once (models.py L30:
 `optimizer(...).minimize` in the model's constructor), so its TensorFlow slots (moments) and beta
@@ -87,8 +89,9 @@ class ReptileBatch:
 def mini_batch_order(
     tasks: int, images: int, steps: int, batch: int, generator, device
 ) -> torch.Tensor:
-    """Their _mini_batches without replacement, per task: the images of consecutive random permutations,
-    cut into `steps` batches of `batch` (a batch may span two permutations, as theirs). [tasks, steps, batch]."""
+    """Their _mini_batches without replacement, per task: the images of consecutive random
+    permutations, cut into `steps` batches of `batch` (a batch may span two permutations, as
+    theirs). [tasks, steps, batch]."""
     need = steps * batch
     reps = math.ceil(need / images)
     perms = torch.rand(tasks, reps, images, generator=generator, device=generator.device).argsort(
@@ -98,9 +101,10 @@ def mini_batch_order(
 
 
 class ReptileSampler:
-    """Reptile's training batches: `train_shots` distinct images of each of `way` classes per task (drawn by
-    the episode sampler as support + query, so no image repeats) and each task's inner mini-batch order, all
-    from the episode sampler's generator (checkpointed: a resumed run draws what it would have drawn)."""
+    """Reptile's training batches: `train_shots` distinct images of each of `way` classes per task
+    (drawn by the episode sampler as support + query, so no image repeats) and each task's inner
+    mini-batch order, all from the episode sampler's generator (checkpointed: a resumed run draws
+    what it would have drawn)."""
 
     def __init__(self, classes, way, train_shots, steps, batch, device, seed, rotate):
         shot, self.keep_query = (train_shots - 1, True) if train_shots > 1 else (1, False)
@@ -135,14 +139,15 @@ def to_batch(
 class Reptile(GradientMetaLearner):
     """Reptile (see the module docstring).
 
-    Args (beyond GradientMetaLearner's; update_lr is the inner optimizer's learning rate, update_step its
-    steps in training): train_shots (images per class of a training task; None: shot), inner_batch (images
-    per inner step), inner_optimizer (adam | sgd), adam_beta1 / adam_beta2 / adam_eps (their Adam: 0, 0.999,
-    1e-8), meta_step / meta_step_final (the outer step size, annealed linearly), iterations (the run's
-    length, or algorithm.meta_step_iterations: the annealing's length, after which eps stays at
-    meta_step_final), eval_inner_batch (0: the whole support set), transductive, shot, inner_state
-    (per_task | shared: one inner Adam for the run, tasks in order, as their code).
-    Raises MetarunError for an impossible setting (inner_state=shared with SGD or under torchrun).
+    Args (beyond GradientMetaLearner's; update_lr is the inner optimizer's learning rate,
+    update_step its steps in training): train_shots (images per class of a training task; None:
+    shot), inner_batch (images per inner step), inner_optimizer (adam | sgd), adam_beta1 /
+    adam_beta2 / adam_eps (their Adam: 0, 0.999, 1e-8), meta_step / meta_step_final (the outer step
+    size, annealed linearly), iterations (the run's length, or algorithm.meta_step_iterations: the
+    annealing's length, after which eps stays at meta_step_final), eval_inner_batch (0: the whole
+    support set), transductive, shot, inner_state (per_task | shared: one inner Adam for the run,
+    tasks in order, as their code). Raises MetarunError for an impossible setting
+    (inner_state=shared with SGD or under torchrun).
     """
 
     name = "reptile"
@@ -181,8 +186,8 @@ class Reptile(GradientMetaLearner):
             self.frozen_names()
         ):  # Reptile's outer step moves phi only along what its inner loop trained
             raise MetarunError(
-                "algorithm=reptile trains every weight in its inner loop: model.adapt_bn=false would "
-                "freeze batch norm for the whole run; use model.adapt_bn=true."
+                "algorithm=reptile trains every weight in its inner loop: model.adapt_bn=false "
+                "would freeze batch norm for the whole run; use model.adapt_bn=true."
             )
         if inner_optimizer not in INNER_OPTIMIZERS:
             raise MetarunError(
@@ -198,7 +203,8 @@ class Reptile(GradientMetaLearner):
                 )
         if int(eval_inner_batch) < 0:
             raise MetarunError(
-                f"algorithm.eval_inner_batch={eval_inner_batch} must be >= 0 (0: the whole support set)."
+                f"algorithm.eval_inner_batch={eval_inner_batch} must be >= 0 (0: the whole support "
+                "set)."
             )
         if not (0 <= float(adam_beta1) < 1 and 0 <= float(adam_beta2) < 1 and float(adam_eps) > 0):
             raise MetarunError(
@@ -481,7 +487,8 @@ class Reptile(GradientMetaLearner):
             with torch.no_grad():
                 if self.transductive:
                     return self.model.forward(fast, ep.x_query[part])
-                # each query image alone with the support set, so batch norm sees no other query image
+                # each query image alone with the support set, so batch norm sees no other query
+                # image
                 both = torch.cat(
                     [
                         x.unsqueeze(1).expand(tasks, queries, *x.shape[1:]),

@@ -1,8 +1,9 @@
 """CIFAR-100 (Krizhevsky 2009) as class images, the source of CIFAR-FS and FC100.
 
 Reads the `cifar-100-python` folder (pickles `train`, `test`, `meta`) that torchvision's `CIFAR100`
-downloads and extracts; when it is missing and dataset.download=true, torchvision fetches it (checking its
-md5). Both the 50,000 train and 10,000 test images are used (600 per class), as the few-shot splits do.
+downloads and extracts; when it is missing and dataset.download=true, torchvision fetches it
+(checking its md5). Both the 50,000 train and 10,000 test images are used (600 per class), as the
+few-shot splits do.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from metarun.errors import MetarunError
 
 FOLDER = "cifar-100-python"
 FILES = ("train", "test", "meta")
-# CIFAR-100's 20 superclasses and their 5 classes each (Krizhevsky 2009, www.cs.toronto.edu/~kriz/cifar.html);
-# the pickles' `coarse_labels` must agree with it.
+# CIFAR-100's 20 superclasses and their 5 classes each (Krizhevsky 2009,
+# www.cs.toronto.edu/~kriz/cifar.html); the pickles' `coarse_labels` must agree with it.
 SUPERCLASSES = {
     "aquatic_mammals": ("beaver", "dolphin", "otter", "seal", "whale"),
     "fish": ("aquarium_fish", "flatfish", "ray", "shark", "trout"),
@@ -58,8 +59,8 @@ def find_or_download(root: Path, download: bool) -> Path:
     if not download:
         raise MetarunError(
             f"CIFAR-100 not found: dataset.root={root} has no {FOLDER}/ with train, test and meta. "
-            "Set dataset.download=true (torchvision fetches it), or point dataset.root at the folder "
-            f"holding {FOLDER}/."
+            "Set dataset.download=true (torchvision fetches it), or point dataset.root at the "
+            f"folder holding {FOLDER}/."
         )
     from torchvision.datasets import CIFAR100
 
@@ -132,8 +133,8 @@ def load_cifar_split(
                     )
                 if c not in SUPERCLASSES.get(superclass.get(c, ""), ()):
                     raise MetarunError(
-                        f"class {c!r} has superclass {superclass.get(c)!r} in {folder}, not CIFAR-100's: "
-                        "the copy is not CIFAR-100; replace it with torchvision's."
+                        f"class {c!r} has superclass {superclass.get(c)!r} in {folder}, not "
+                        "CIFAR-100's: the copy is not CIFAR-100; replace it with torchvision's."
                     )
                 members = np.flatnonzero(labels == index[c])
                 if len(members) == 0:

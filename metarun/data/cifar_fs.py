@@ -1,9 +1,11 @@
-"""CIFAR-FS (Bertinetto et al. 2019, "Meta-learning with differentiable closed-form solvers", Sec. 4):
-CIFAR-100's 100 classes split at random into 64 train, 16 validation and 20 test classes, 600 images each.
+"""CIFAR-FS (Bertinetto et al. 2019, "Meta-learning with differentiable closed-form solvers", Sec.
+4): CIFAR-100's 100 classes split at random into 64 train, 16 validation and 20 test classes, 600
+images each.
 
-The class lists are the published split files (data/cifar100/splits/bertinetto/{train,val,test}.txt of
-github.com/bertinetto/r2d2's data), as transcribed in torchmeta (github.com/tristandeleu/pytorch-meta,
-torchmeta/datasets/assets/cifar100/cifar-fs/*.json, commit d55d89e).
+The class lists are the published split files (data/cifar100/splits/bertinetto/{train,val,test}.txt
+of github.com/bertinetto/r2d2's data), as transcribed in torchmeta
+(github.com/tristandeleu/pytorch-meta, torchmeta/datasets/assets/cifar100/cifar-fs/*.json, commit
+d55d89e).
 """
 
 from __future__ import annotations
@@ -122,5 +124,6 @@ CLASSES = {
 
 
 def load_cifar_fs(cfg) -> tuple[dict[str, ClassImages], str]:
-    """{split: ClassImages} uint8 [600 per class, 3, S, S] of CIFAR-FS (S = dataset.image_size, 32 native)."""
+    """{split: ClassImages} uint8 [600 per class, 3, S, S] of CIFAR-FS (S = dataset.image_size, 32
+    native)."""
     return load_cifar_split(cfg, CLASSES, "CIFAR-FS")

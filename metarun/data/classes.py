@@ -1,8 +1,9 @@
 """The one thing every dataset gives the episode sampler: a split's images grouped by class.
 
-`ClassImages` holds all images of one split in a flat uint8 tensor [N, C, H, W] with a ragged class index
-(`starts`, `counts`: class c owns images[starts[c] : starts[c] + counts[c]]), so classes may have different
-numbers of images. A dense [classes, per_class, (C,) H, W] tensor (Omniglot) is accepted and flattened.
+`ClassImages` holds all images of one split in a flat uint8 tensor [N, C, H, W] with a ragged class
+index (`starts`, `counts`: class c owns images[starts[c] : starts[c] + counts[c]]), so classes may
+have different numbers of images. A dense [classes, per_class, (C,) H, W] tensor (Omniglot) is
+accepted and flattened.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from metarun.errors import MetarunError
 class ClassImages:
     """The images of one split, grouped by class.
 
-    images: uint8 [N, C, H, W] (or dense [classes, per_class, H, W] / [classes, per_class, C, H, W], flattened
-    on construction); starts, counts: long [classes]; class_names: one per class.
+    images: uint8 [N, C, H, W] (or dense [classes, per_class, H, W] / [classes, per_class, C, H, W],
+    flattened on construction); starts, counts: long [classes]; class_names: one per class.
     """
 
     images: torch.Tensor
@@ -64,7 +65,8 @@ class ClassImages:
 
 
 def check_splits(splits: dict[str, list[str]], where: str) -> None:
-    """Each split names at least one class and no class is in two splits; else a MetarunError naming `where`."""
+    """Each split names at least one class and no class is in two splits; else a MetarunError naming
+    `where`."""
     seen: dict[str, str] = {}
     for split, names in splits.items():
         if not names:

@@ -1,9 +1,10 @@
 """The whole Omniglot inside the package, as packed bits (lossless: the images are 1-bit).
 
-Format: an uncompressed `np.savez` archive (no pickles), compressed as a whole with xz (lzma). Keys: `bits` uint8 [N, ceil(105*105/8)]
-(np.packbits of each flattened stroke mask), `archive`, `alphabet`, `character`, `drawer` (per image),
-`alphabet_names`, `character_names` (unicode arrays). Measured on the real data: xz makes 3.0 MB and loads
-(decompress + unpack) in the same ~0.85 s as np.savez_compressed's 5.3 MB zlib file, so xz wins.
+Format: an uncompressed `np.savez` archive (no pickles), compressed as a whole with xz (lzma). Keys:
+`bits` uint8 [N, ceil(105*105/8)] (np.packbits of each flattened stroke mask), `archive`,
+`alphabet`, `character`, `drawer` (per image), `alphabet_names`, `character_names` (unicode arrays).
+Measured on the real data: xz makes 3.0 MB and loads (decompress + unpack) in the same ~0.85 s as
+np.savez_compressed's 5.3 MB zlib file, so xz wins.
 """
 
 from __future__ import annotations

@@ -36,8 +36,8 @@ def check_episode_shape(
     query: int,
     more_classes: str = "another dataset.split",
 ) -> None:
-    """way, shot and query fit the split: errors name the setting and the fix (`more_classes`: where a user
-    gets more classes for this dataset, e.g. Omniglot's dataset.split)."""
+    """way, shot and query fit the split: errors name the setting and the fix (`more_classes`: where
+    a user gets more classes for this dataset, e.g. Omniglot's dataset.split)."""
     for name, value in (("way", way), ("shot", shot), ("query", query)):
         if int(value) <= 0:
             raise MetarunError(f"{name}={value} must be a positive integer.")
@@ -58,10 +58,10 @@ def check_episode_shape(
 
 
 class SeededDraws:
-    """A generator on `device` re-seeded before every draw from (seed, number of draws so far): the whole
-    state is that counter, a plain dict that fits any device (a raw generator state is device-specific), so
-    a resumed run draws what it would have drawn, also on another device type (there with that device's
-    generator: deterministic, not the same numbers)."""
+    """A generator on `device` re-seeded before every draw from (seed, number of draws so far): the
+    whole state is that counter, a plain dict that fits any device (a raw generator state is
+    device-specific), so a resumed run draws what it would have drawn, also on another device type
+    (there with that device's generator: deterministic, not the same numbers)."""
 
     def __init__(self, seed: int, device):
         self.generator = torch.Generator(device=device)
@@ -74,11 +74,13 @@ class SeededDraws:
         return self.generator
 
     def state(self) -> dict:
-        """{"seed", "draws"}: plain ints, the same on every device (generator states are device-specific)."""
+        """{"seed", "draws"}: plain ints, the same on every device (generator states are
+        device-specific)."""
         return {"seed": self.seed, "draws": self.draws}
 
     def load_state(self, state: dict) -> None:
-        """Continues from `state()`; raises MetarunError for anything else (e.g. a raw generator state)."""
+        """Continues from `state()`; raises MetarunError for anything else (e.g. a raw generator
+        state)."""
         if not (
             isinstance(state, dict)
             and isinstance(state.get("seed"), int)
@@ -95,15 +97,16 @@ class SeededDraws:
 class EpisodeSampler(SeededDraws):
     """Draws meta-batches of tasks from one split.
 
-    Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image is in
-    both support and query; classes may differ in size), optionally one rotation by k*90 degrees per class
-    (the MAML paper's augmentation: a rotated character is a new class), and a random assignment of labels
-    0..way-1. Images: uint8 [N, C, H, W] on `device`; episodes: float [B, way*(shot|query), C, H, W].
-    Random numbers come from the sampler's own generator (on `index_device`), re-seeded before every draw
-    from (seed, number of draws so far): the same seed gives the same tasks, and the sampler's whole state is
-    that counter (`state()`), a plain dict that fits any device, so a resumed run draws what it would have
-    drawn, and a run continued on another device type continues too (there the draws after the resume come
-    from that device's generator, deterministic but not the same numbers as the old device's).
+    Per task: `way` classes without replacement, `shot`+`query` distinct images of each (so no image
+    is in both support and query; classes may differ in size), optionally one rotation by k*90
+    degrees per class (the MAML paper's augmentation: a rotated character is a new class), and a
+    random assignment of labels 0..way-1. Images: uint8 [N, C, H, W] on `device`; episodes: float
+    [B, way*(shot|query), C, H, W]. Random numbers come from the sampler's own generator (on
+    `index_device`), re-seeded before every draw from (seed, number of draws so far): the same seed
+    gives the same tasks, and the sampler's whole state is that counter (`state()`), a plain dict
+    that fits any device, so a resumed run draws what it would have drawn, and a run continued on
+    another device type continues too (there the draws after the resume come from that device's
+    generator, deterministic but not the same numbers as the old device's).
     """
 
     def __init__(
@@ -131,8 +134,9 @@ class EpisodeSampler(SeededDraws):
         )  # uint8 [N, C, H, W]: 4x less memory, cast per episode
         self.starts, self.counts = classes.starts.to(self.device), classes.counts.to(self.device)
         self.max_count = int(classes.counts.max())
-        # Classes of unequal size: positions past a class's count get a key above every rand() draw, so argsort
-        # picks only real images; with equal classes nothing changes (and neither do the random streams).
+        # Classes of unequal size: positions past a class's count get a key above every rand() draw,
+        # so argsort picks only real images; with equal classes nothing changes (and neither do the
+        # random streams).
         self.ragged = int(classes.counts.min()) != self.max_count
         self.index_device = torch.device(index_device) if index_device is not None else self.device
         super().__init__(seed, self.index_device)
@@ -145,8 +149,8 @@ class EpisodeSampler(SeededDraws):
 
     @classmethod
     def training(cls, cfg, classes: ClassImages, device) -> EpisodeSampler:
-        """A run's training episodes: the train split at cfg.way/shot/query, seeded by cfg.seed, rotated by
-        cfg.dataset.rotate."""
+        """A run's training episodes: the train split at cfg.way/shot/query, seeded by cfg.seed,
+        rotated by cfg.dataset.rotate."""
         return cls(
             classes,
             "train",
@@ -196,8 +200,9 @@ class EpisodeSampler(SeededDraws):
 
 
 def draw_seed(seed: int, draw: int) -> int:
-    """The generator seed of draw number `draw` of a sampler seeded with `seed`: splitmix64 of the pair, so
-    nearby (seed, draw) pairs give unrelated streams (Steele, Lea & Flood 2014, SplitMix)."""
+    """The generator seed of draw number `draw` of a sampler seeded with `seed`: splitmix64 of the
+    pair, so nearby (seed, draw) pairs give unrelated streams (Steele, Lea & Flood 2014,
+    SplitMix)."""
     z = (int(seed) * 0x9E3779B97F4A7C15 + (int(draw) + 1) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
@@ -218,11 +223,11 @@ def fixed_tasks(
 ):
     """A fixed, seeded list of evaluation tasks, yielded in chunks of `chunk` tasks.
 
-    Task i is drawn alone, from the generator seeded by (seed, i), on the CPU: the list depends only on the
-    seed, the split's classes and the episode shape, never on the device, `chunk` or `tasks` (the first
-    100 of 600 tasks are the 100 tasks), so two checkpoints are compared on the same tasks. rotate=True
-    rotates each task's classes by a random multiple of 90 degrees as in training (cbfinn/maml's validation
-    and test tasks; dataset.rotate_eval): other tasks than rotate=False's.
+    Task i is drawn alone, from the generator seeded by (seed, i), on the CPU: the list depends only
+    on the seed, the split's classes and the episode shape, never on the device, `chunk` or `tasks`
+    (the first 100 of 600 tasks are the 100 tasks), so two checkpoints are compared on the same
+    tasks. rotate=True rotates each task's classes by a random multiple of 90 degrees as in training
+    (cbfinn/maml's validation and test tasks; dataset.rotate_eval): other tasks than rotate=False's.
     """
     sampler = EpisodeSampler(
         classes, split, way, shot, query, device, seed, rotate=rotate, index_device="cpu"

@@ -2,10 +2,11 @@
 
 Two layouts (the first found wins):
 - sub-folders: root/train/<class>/*.png|jpg, root/val/<class>/..., root/test/<class>/...
-- split files: root/<class>/*.png|jpg and one text file per split listing its classes, one folder name a
-  line (dataset.split_files.{train,val,test}; relative paths are under root; default root/train.txt etc.).
-Images are converted to `dataset.channels` (1: grayscale, 3: RGB), resized to dataset.image_size squared and
-decoded once into a uint8 cache (`imagecache`).
+- split files: root/<class>/*.png|jpg and one text file per split listing its classes, one folder
+  name a line (dataset.split_files.{train,val,test}; relative paths are under root; default
+  root/train.txt etc.).
+Images are converted to `dataset.channels` (1: grayscale, 3: RGB), resized to dataset.image_size
+squared and decoded once into a uint8 cache (`imagecache`).
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ def find_classes(root: Path, split_files) -> tuple[dict[str, dict[str, list[Path
                 )
             if name in out[s]:
                 raise MetarunError(
-                    f"class {name!r} is listed twice in the {s} split file {paths[s]}: list it once."
+                    f"class {name!r} is listed twice in the {s} split file {paths[s]}: list it "
+                    "once."
                 )
             out[s][name] = class_files(folder)
     return out, "split files " + ", ".join(str(p) for p in paths.values())

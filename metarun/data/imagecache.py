@@ -1,8 +1,9 @@
-"""Decoding image files once into a uint8 cache, shared by the file-based datasets (folder, miniImageNet).
+"""Decoding image files once into a uint8 cache, shared by the file-based datasets (folder,
+miniImageNet).
 
-Same style as Omniglot's cache: one `torch.save` file of plain tensors, lists and strings (loads with
-`weights_only=True`), written atomically, keyed by a fingerprint of the source files and the settings, and
-rebuilt when that fingerprint changes or the file is unreadable.
+Same style as Omniglot's cache: one `torch.save` file of plain tensors, lists and strings (loads
+with `weights_only=True`), written atomically, keyed by a fingerprint of the source files and the
+settings, and rebuilt when that fingerprint changes or the file is unreadable.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ DECODE_VERSION = 2
 
 
 def default_cache_dir(root: Path, cache_dir) -> Path:
-    """dataset.cache_dir if set, else the data root if writable, else ~/.cache/metarun (as Omniglot)."""
+    """dataset.cache_dir if set, else the data root if writable, else ~/.cache/metarun (as
+    Omniglot)."""
     if cache_dir:
         return Path(cache_dir).expanduser()
     if root.is_dir() and os.access(root, os.W_OK):
@@ -146,8 +148,8 @@ def read_cache(path: Path, fingerprint: str) -> dict | None:
         ok = False
     if not ok:
         log.warning(
-            f"metarun: cache {path} does not match the data (changed files or settings) or is corrupt; "
-            "rebuilding it"
+            f"metarun: cache {path} does not match the data (changed files or settings) or is "
+            "corrupt; rebuilding it"
         )
         return None
     return blob
@@ -167,10 +169,11 @@ def cached_class_images(
     build=None,
     fingerprint: str | None = None,
 ) -> dict[str, ClassImages]:
-    """{split: ClassImages} from the cache at `cache` when its fingerprint matches, else decoded and cached.
+    """{split: ClassImages} from the cache at `cache` when its fingerprint matches, else decoded and
+    cached.
 
-    splits: {split: {class name: [image files]}} (checked: no empty split, no class in two splits, no empty
-    class); `build()` may replace file decoding (it returns the blob of `decode_splits`).
+    splits: {split: {class name: [image files]}} (checked: no empty split, no class in two splits,
+    no empty class); `build()` may replace file decoding (it returns the blob of `decode_splits`).
     """
     check_splits({s: list(splits[s]) for s in SPLITS}, where)
     for split in SPLITS:
@@ -194,8 +197,8 @@ def cached_class_images(
         blob = build() if build is not None else decode_splits(splits, size, channels, desc)
         if build is not None:
             log.info(
-                f"metarun: decoded {len(blob['images'])} images of {desc} once into the cache {cache} "
-                f"({mib(blob['images'].numel())} uint8)"
+                f"metarun: decoded {len(blob['images'])} images of {desc} once into the cache "
+                f"{cache} ({mib(blob['images'].numel())} uint8)"
             )
         blob.update(format=CACHE_FORMAT, fingerprint=fingerprint)
         save_cache(blob, cache)  # a read-only or full place only costs the next run a decode

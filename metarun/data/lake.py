@@ -1,16 +1,18 @@
-"""Lake et al.'s original 20-way one-shot classification benchmark (`all_runs.zip`), read as tensors.
+"""Lake et al.'s original 20-way one-shot classification benchmark (`all_runs.zip`), read as
+tensors.
 
-Source: B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, "Human-level concept learning through probabilistic
-program induction", Science 350 (2015), "One-shot classification" and Fig. 6A; files and layout from
-github.com/brendenlake/omniglot (python/one-shot-classification/all_runs.zip). 20 runs; each has 20
-training images (one per class, `runNN/training/classNN.png`), 20 test images (`runNN/test/itemNN.png`) and
-`runNN/class_labels.txt`, whose lines pair a test image with its class: `runNN/test/item01.png
-runNN/training/class08.png` (the `runNN/` prefix may be absent). The images are 105x105 1-bit PNGs, black
-strokes on white, from the evaluation alphabets (images_evaluation).
+Source: B. M. Lake, R. Salakhutdinov, J. B. Tenenbaum, "Human-level concept learning through
+probabilistic program induction", Science 350 (2015), "One-shot classification" and Fig. 6A; files
+and layout from github.com/brendenlake/omniglot (python/one-shot-classification/all_runs.zip). 20
+runs; each has 20 training images (one per class, `runNN/training/classNN.png`), 20 test images
+(`runNN/test/itemNN.png`) and `runNN/class_labels.txt`, whose lines pair a test image with its
+class: `runNN/test/item01.png runNN/training/class08.png` (the `runNN/` prefix may be absent). The
+images are 105x105 1-bit PNGs, black strokes on white, from the evaluation alphabets
+(images_evaluation).
 
 Images go through exactly the preprocessing of the training data (`sources.decode_png`: ink = True;
-`omniglot.resize`: ink = 255 uint8, resized to `image_size` with the training data's dataset.resize), then /255
-as the episode sampler does.
+`omniglot.resize`: ink = 255 uint8, resized to `image_size` with the training data's
+dataset.resize), then /255 as the episode sampler does.
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class LakeRun:
 
 
 def find_all_runs(root: Path) -> Path:
-    """`root/all_runs.zip` or an extracted `root/all_runs/` folder; else a MetarunError with the fix."""
+    """`root/all_runs.zip` or an extracted `root/all_runs/` folder; else a MetarunError with the
+    fix."""
     if (root / ARCHIVE).is_dir():
         return root / ARCHIVE
     if (root / f"{ARCHIVE}.zip").is_file():
@@ -88,8 +91,8 @@ def _read_members(path: Path) -> dict[str, bytes]:
 
 
 def read_all_runs(path: Path, image_size: int, method: str = "lanczos") -> list[LakeRun]:
-    """Every run of the archive (zip or folder) at `path`, in run-name order, images at image_size, resized
-    with `method` (the training data's dataset.resize)."""
+    """Every run of the archive (zip or folder) at `path`, in run-name order, images at image_size,
+    resized with `method` (the training data's dataset.resize)."""
     members = _read_members(path)
     runs: dict[str, dict] = {}
     for key, data in members.items():
@@ -133,7 +136,8 @@ def _build_run(
         fields = line.split()
         if not fields:
             continue
-        # "run01/test/item01.png run01/training/class08.png" or "test/item01.png training/class08.png"
+        # "run01/test/item01.png run01/training/class08.png" or "test/item01.png
+        # training/class08.png"
         m = [_TEST.search(fields[0]), _TRAINING.search(fields[1])] if len(fields) == 2 else [None]
         if not all(m):
             raise MetarunError(

@@ -1,9 +1,10 @@
 """miniImageNet (Vinyals et al. 2016) with Ravi & Larochelle's (2017) 64/16/20 class split.
 
 The layout most copies use: root/images/<filename> (84x84 JPEGs) and root/{train,val,test}.csv with
-`filename,label` rows (a header line first), the split files of github.com/twitter/meta-learning-lstm.
-metarun never downloads ImageNet (its licence needs a sign-up): the error says where to put the files.
-Decoded once into a uint8 [N, 3, 84, 84] cache (about 1.2 GiB for the 60,000 images).
+`filename,label` rows (a header line first), the split files of
+github.com/twitter/meta-learning-lstm. metarun never downloads ImageNet (its licence needs a
+sign-up): the error says where to put the files. Decoded once into a uint8 [N, 3, 84, 84] cache
+(about 1.2 GiB for the 60,000 images).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ from metarun.errors import MetarunError
 
 def missing_message(root: Path, what: str) -> str:
     return (
-        f"miniImageNet not found in dataset.root={root} ({what}): put Ravi & Larochelle's train.csv, val.csv, "
-        "test.csv (filename,label rows) and the images/ folder of 84x84 images there, or set dataset.root to "
-        "the folder that holds them. metarun does not download ImageNet."
+        f"miniImageNet not found in dataset.root={root} ({what}): put Ravi & Larochelle's "
+        "train.csv, val.csv, "
+        "test.csv (filename,label rows) and the images/ folder of 84x84 images there, or set "
+        "dataset.root to the folder that holds them. metarun does not download ImageNet."
     )
 
 

@@ -1,8 +1,8 @@
 """Omniglot as tensors: find a source, keep a decoded cache, cut the splits.
 
 `load_omniglot(cfg.dataset)` returns an `Omniglot`; `split_characters` cuts it into splits and
-`Omniglot.class_images` gives a split's `ClassImages`: a uint8 tensor [classes, images_per_class, H, W]
-(255 = ink) that the episode sampler indexes on the device.
+`Omniglot.class_images` gives a split's `ClassImages`: a uint8 tensor [classes, images_per_class, H,
+W] (255 = ink) that the episode sampler indexes on the device.
 """
 
 from __future__ import annotations
@@ -20,12 +20,14 @@ from PIL import Image
 from metarun.data import embedded, sources
 from metarun.data.classes import ClassImages
 from metarun.errors import MetarunError
-from metarun.io import atomic_torch_save  # noqa: F401  (re-exported: scripts and tests import it here)
+
+# noqa: F401  (re-exported: scripts and tests import it here)
+from metarun.io import atomic_torch_save
 
 log = logging.getLogger("metarun")
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
-# The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of which
-# the last 100 are held out for validation; the other 423 are for testing.
+# The MAML paper's protocol (cbfinn/maml data_generator.py): 1,200 characters for meta-training, of
+# which the last 100 are held out for validation; the other 423 are for testing.
 MAML_TRAIN, MAML_VAL, MAML_TOTAL = 1100, 100, 1623
 RESIZES = ("lanczos", "nearest")
 
@@ -62,13 +64,14 @@ class Omniglot:
 def split_characters(
     data: Omniglot, protocol: str, seed: int, lake_val_alphabets: int, sizes=(MAML_TRAIN, MAML_VAL)
 ) -> dict[str, list[int]]:
-    """Character indices of each split. No character is in two splits. sizes: split=maml's (train, val)
-    characters of the full 1,623 (the MAML paper's 1,100/100; MAML++'s code 1,150/50), the rest test.
-    Raises MetarunError for sizes that leave no test characters."""
+    """Character indices of each split. No character is in two splits. sizes: split=maml's (train,
+    val) characters of the full 1,623 (the MAML paper's 1,100/100; MAML++'s code 1,150/50), the rest
+    test. Raises MetarunError for sizes that leave no test characters."""
     total = len(data.character_names)
     g = torch.Generator().manual_seed(seed)
     if protocol == "maml":
-        # Characters in a fixed order (sorted names), shuffled with a fixed seed, like the paper's code.
+        # Characters in a fixed order (sorted names), shuffled with a fixed seed, like the paper's
+        # code.
         perm = torch.randperm(total, generator=g).tolist()
         n_train, n_val = (int(n) for n in sizes)
         if n_train <= 0 or n_val <= 0 or n_train + n_val >= MAML_TOTAL:
@@ -85,7 +88,8 @@ def split_characters(
             "test": perm[n_train + n_val :],
         }
     if protocol == "lake":
-        # Background alphabets train (some held out whole for validation), evaluation alphabets test.
+        # Background alphabets train (some held out whole for validation), evaluation alphabets
+        # test.
         char_alphabet = torch.zeros(total, dtype=torch.long)
         char_archive = torch.zeros(total, dtype=torch.long)
         char_alphabet[data.character.long()] = data.alphabet.long()
@@ -113,15 +117,16 @@ def split_characters(
 
 
 def resize(masks: np.ndarray, size: int, method: str = "lanczos") -> np.ndarray:
-    """Stroke masks [N, S, S] -> uint8 [N, size, size] intensities (255 = ink). lanczos: Lanczos-resampled
-    grey levels; nearest: nearest neighbour, only 0 and 255 (cbfinn/maml's resize_images.py asks PIL for
-    Lanczos, but PIL resizes its 1-bit PNGs with nearest neighbour, so the paper's network saw binary images)."""
+    """Stroke masks [N, S, S] -> uint8 [N, size, size] intensities (255 = ink). lanczos:
+    Lanczos-resampled grey levels; nearest: nearest neighbour, only 0 and 255 (cbfinn/maml's
+    resize_images.py asks PIL for Lanczos, but PIL resizes its 1-bit PNGs with nearest neighbour, so
+    the paper's network saw binary images)."""
     from tqdm import tqdm
 
     if method not in RESIZES:
         raise MetarunError(
-            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
-            "MAML paper's data)."
+            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as "
+            "the MAML paper's data)."
         )
     resample = Image.Resampling.LANCZOS if method == "lanczos" else Image.Resampling.NEAREST
     ink = masks.astype(np.uint8) * 255
@@ -215,7 +220,8 @@ def save_cache(blob: dict, path: Path) -> bool:
 
 
 def load_omniglot(cfg) -> Omniglot:
-    """Omniglot at cfg.image_size, from the decoded cache when it is valid, else decoded once and cached."""
+    """Omniglot at cfg.image_size, from the decoded cache when it is valid, else decoded once and
+    cached."""
     size = int(cfg.image_size)
     if size <= 0:
         raise MetarunError(
@@ -224,8 +230,8 @@ def load_omniglot(cfg) -> Omniglot:
     method = str(cfg.get("resize", "lanczos"))
     if method not in RESIZES:
         raise MetarunError(
-            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as the "
-            "MAML paper's data)."
+            f"unknown dataset.resize={method!r}: use lanczos (grey levels) or nearest (binary, as "
+            "the MAML paper's data)."
         )
     fingerprint, read = resolve_source(cfg)
     # one cache per resize method (Lanczos keeps the name it had before dataset.resize existed)

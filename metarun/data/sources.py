@@ -1,8 +1,9 @@
-"""Where Omniglot's pixels come from: the public archives, their extracted folders, or the embedded copy.
+"""Where Omniglot's pixels come from: the public archives, their extracted folders, or the embedded
+copy.
 
-Every source is read into the same thing: a `Strokes` record of 105x105 boolean stroke masks (True = ink)
-in one fixed order (archive, alphabet, character, drawer) with per-image labels. The decoded cache
-(`cache.py`) is built from it the same way whichever source it came from.
+Every source is read into the same thing: a `Strokes` record of 105x105 boolean stroke masks (True =
+ink) in one fixed order (archive, alphabet, character, drawer) with per-image labels. The decoded
+cache (`cache.py`) is built from it the same way whichever source it came from.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from PIL import Image
 from metarun.errors import MetarunError
 
 ARCHIVES = ("images_background", "images_evaluation")
-# Published md5 of the public archives (github.com/brendenlake/omniglot); only checked on files we download.
+# Published md5 of the public archives (github.com/brendenlake/omniglot); only checked on files we
+# download.
 DOWNLOAD_URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 DOWNLOAD_MD5 = {
     "images_background": "68d2efa1b9178cc56df9314c21c6e718",
@@ -97,7 +99,8 @@ def _assemble(entries: list[tuple[int, str, str, int, str]], read) -> Strokes:
 
 
 def find_archives(root: Path) -> dict[str, Path] | None:
-    """Each of the two archives as a zip or an extracted folder under root, or None if one is missing."""
+    """Each of the two archives as a zip or an extracted folder under root, or None if one is
+    missing."""
     found = {}
     for name in ARCHIVES:
         if (root / name).is_dir():
@@ -182,7 +185,8 @@ def archives_fingerprint(found: dict[str, Path]) -> str:
 
 
 def download_archives(root: Path) -> dict[str, Path]:
-    """Fetch the public archives into root, checking their published md5 (never used by tests or CI)."""
+    """Fetch the public archives into root, checking their published md5 (never used by tests or
+    CI)."""
     from torchvision.datasets.utils import download_url
 
     root.mkdir(parents=True, exist_ok=True)

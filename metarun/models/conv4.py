@@ -1,22 +1,25 @@
-"""The MAML paper's conv4 learner, as a pure function of a parameter dict, for a whole meta-batch at once.
+"""The MAML paper's conv4 learner, as a pure function of a parameter dict, for a whole meta-batch at
+once.
 
-Four blocks of [3x3 conv with `filters` channels, batch norm on the current batch's statistics, ReLU] with
-downsampling, then a linear layer to `way` logits. As in cbfinn/maml: Omniglot downsamples with stride-2
-convolutions and averages the last feature map (`downsample=stride`, the default); MiniImagenet uses 2x2
-max-pooling after each block and flattens (`downsample=maxpool`). Batch norm always uses the statistics of
-the batch it sees (the paper's code never uses running averages), with epsilon 1e-3 as tf.contrib's.
+Four blocks of [3x3 conv with `filters` channels, batch norm on the current batch's statistics,
+ReLU] with downsampling, then a linear layer to `way` logits. As in cbfinn/maml: Omniglot
+downsamples with stride-2 convolutions and averages the last feature map (`downsample=stride`, the
+default); MiniImagenet uses 2x2 max-pooling after each block and flattens (`downsample=maxpool`).
+Batch norm always uses the statistics of the batch it sees (the paper's code never uses running
+averages), with epsilon 1e-3 as tf.contrib's.
 
 `forward(params, x)` takes per-task parameters with a leading task dimension [T, ...] and inputs
-[T, N, C, H, W] and runs all T tasks in one pass: tasks are folded into the channel dimension and each
-convolution is a grouped convolution (groups=T), so batch norm's per-channel statistics are per task and
-per channel. T=1 is an ordinary network.
+[T, N, C, H, W] and runs all T tasks in one pass: tasks are folded into the channel dimension and
+each convolution is a grouped convolution (groups=T), so batch norm's per-channel statistics are per
+task and per channel. T=1 is an ordinary network.
 
-Faithfulness switches (cbfinn/maml maml.py + utils.py; README "Faithfulness"): `bn_scale=False` gives batch
-norm an offset only (tf.contrib's batch_norm default, scale=False: no `bn<i>.weight`); `head_init=normal`
-draws the last layer from a standard normal (cbfinn's Omniglot `w5 = tf.random_normal`, std 1) instead of
-Xavier-uniform; `activation=leaky_relu` (slope 0.01) and `bn_eps=1e-5` are the MAML++ code's; `adapt_bn=False`
-marks the batch-norm weights as not adapted in the inner loop (cbfinn: they are not in the `weights` dict the inner
-loop updates), which the algorithms read through their `adapted_names` hook.
+Faithfulness switches (cbfinn/maml maml.py + utils.py; README "Faithfulness"): `bn_scale=False`
+gives batch norm an offset only (tf.contrib's batch_norm default, scale=False: no `bn<i>.weight`);
+`head_init=normal` draws the last layer from a standard normal (cbfinn's Omniglot `w5 =
+tf.random_normal`, std 1) instead of Xavier-uniform; `activation=leaky_relu` (slope 0.01) and
+`bn_eps=1e-5` are the MAML++ code's; `adapt_bn=False` marks the batch-norm weights as not adapted in
+the inner loop (cbfinn: they are not in the `weights` dict the inner loop updates), which the
+algorithms read through their `adapted_names` hook.
 """
 
 from __future__ import annotations
@@ -102,9 +105,9 @@ class Conv4:
     def init_params(
         self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"
     ) -> dict:
-        """Xavier-uniform conv weights (cbfinn/maml's xavier_initializer_conv2d), zero biases, unit batch-norm
-        scales (none with bn_scale=False), and a head drawn Xavier-uniform or, head_init=normal, from N(0, 1)
-        as cbfinn/maml's Omniglot `w5`."""
+        """Xavier-uniform conv weights (cbfinn/maml's xavier_initializer_conv2d), zero biases, unit
+        batch-norm scales (none with bn_scale=False), and a head drawn Xavier-uniform or,
+        head_init=normal, from N(0, 1) as cbfinn/maml's Omniglot `w5`."""
         params = {}
         c_in = self.in_channels
         for i in range(self.blocks):
@@ -134,7 +137,8 @@ class Conv4:
         return [f"bn{i}.{part}" for i in range(self.blocks) for part in parts]
 
     def frozen_names(self) -> set:
-        """Learner weights the inner loop must not adapt (meta-learned only): the batch-norm ones if not adapt_bn."""
+        """Learner weights the inner loop must not adapt (meta-learned only): the batch-norm ones if
+        not adapt_bn."""
         return set() if self.adapt_bn else set(self.bn_names())
 
     def forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
@@ -161,7 +165,8 @@ class Conv4:
                 padding=1,
                 groups=tasks,
             )
-            # offset only: a constant unit scale (torch's batch-norm double backward fails with weight=None)
+            # offset only: a constant unit scale (torch's batch-norm double backward fails with
+            # weight=None)
             scale = params[f"bn{i}.weight"].reshape(-1) if self.bn_scale else h.new_ones(h.shape[1])
             h = F.batch_norm(
                 h,
@@ -183,8 +188,8 @@ class Conv4:
 
 
 def build_model(cfg) -> Conv4:
-    """The learner of cfg.model; settings newer than a checkpoint's config take their defaults (the behaviour
-    before they existed)."""
+    """The learner of cfg.model; settings newer than a checkpoint's config take their defaults (the
+    behaviour before they existed)."""
     m = cfg.model
     return Conv4(
         way=int(cfg.way),

@@ -1,11 +1,12 @@
-"""Any torch.nn.Module as a metarun learner: a model config with a Hydra `_target_` (conf/model/resnet12.yaml).
+"""Any torch.nn.Module as a metarun learner: a model config with a Hydra `_target_`
+(conf/model/resnet12.yaml).
 
 `ModuleLearner` gives a module the learner interface of models/conv4.py (init_params, forward over a
 leading task dimension) by running it once per task with torch.func.functional_call on that task's
 weights. conv4 (no `_target_`) keeps its grouped whole-meta-batch pass.
 
-Batch norm: the inner loop adapts on the support set with batch statistics (the MAML paper's code), so
-every normalisation layer must be in training mode and keep no running statistics
+Batch norm: the inner loop adapts on the support set with batch statistics (the MAML paper's code),
+so every normalisation layer must be in training mode and keep no running statistics
 (track_running_stats=False): running statistics would be changed by every forward pass of every task
 (and by several engine threads at once) and used at evaluation. Such a module is refused.
 """
@@ -23,8 +24,8 @@ from metarun.errors import MetarunError
 
 
 def _first_line(exc: Exception) -> str:
-    """The root cause of an exception in one line (Hydra wraps import and argument errors: its own message
-    ends with `full_key: model`, the cause is in __cause__)."""
+    """The root cause of an exception in one line (Hydra wraps import and argument errors: its own
+    message ends with `full_key: model`, the cause is in __cause__)."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = [
@@ -36,11 +37,11 @@ def _first_line(exc: Exception) -> str:
 
 
 class ModuleLearner:
-    """A module built by `factory()` (called with the global RNG forked and seeded, so building it changes
-    no process-wide state), run per task with functional_call.
+    """A module built by `factory()` (called with the global RNG forked and seeded, so building it
+    changes no process-wide state), run per task with functional_call.
 
-    Args: factory (-> nn.Module whose forward maps [N, C, H, W] to logits [N, way]), way, in_channels,
-    image_size (for the output check), target (its name in messages).
+    Args: factory (-> nn.Module whose forward maps [N, C, H, W] to logits [N, way]), way,
+    in_channels, image_size (for the output check), target (its name in messages).
     Raises MetarunError if the factory fails, returns no Module, has batch norm that keeps running
     statistics or is not in training mode, or does not return [N, way] logits.
     """
@@ -103,8 +104,10 @@ class ModuleLearner:
             if isinstance(m, nn.modules.batchnorm._NormBase):
                 if not m.training:
                     raise MetarunError(
-                        f"model._target_={self.target}: {name} ({type(m).__name__}) stays in eval mode "
-                        "after .train(), so it would not use batch statistics: let it follow .train()."
+                        f"model._target_={self.target}: {name} ({type(m).__name__}) stays in eval "
+                        "mode "
+                        "after .train(), so it would not use batch statistics: let it follow "
+                        ".train()."
                     )
                 if m.track_running_stats:
                     raise MetarunError(
@@ -117,7 +120,8 @@ class ModuleLearner:
     def init_params(
         self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"
     ) -> dict:
-        """The module's own initialisation, seeded from `generator` (a local generator; None: seed 0)."""
+        """The module's own initialisation, seeded from `generator` (a local generator; None: seed
+        0)."""
         seed = 0 if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
         module = self._build(seed)
         return {
@@ -133,7 +137,8 @@ class ModuleLearner:
         return module.to(device)
 
     def forward(self, params: dict, x: torch.Tensor) -> torch.Tensor:
-        """params: {name: [T, *shape]}; x: [T, N, C, H, W] -> logits [T, N, way], one functional_call per task."""
+        """params: {name: [T, *shape]}; x: [T, N, C, H, W] -> logits [T, N, way], one
+        functional_call per task."""
         module = self._thread_module(x.device)
         return torch.stack(
             [

@@ -2,14 +2,15 @@
 models/resnet.py, resnet12(avg_pool=True)), for larger images (84x84 MiniImagenet: 5x5 final maps).
 
 Four residual blocks of [3x3 conv (no bias) -> BN -> LeakyReLU(0.1)] x 2, 3x3 conv -> BN, plus a
-1x1 conv (no bias) -> BN shortcut, LeakyReLU(0.1), then 2x2 max-pooling; channels 64-160-320-640; global
-average pooling; a linear head `fc` to `way` logits. Kaiming-normal (fan_out, leaky_relu) convolutions,
-unit BN scales, zero BN offsets, torch's default nn.Linear head (rfs's initialisation).
+1x1 conv (no bias) -> BN shortcut, LeakyReLU(0.1), then 2x2 max-pooling; channels 64-160-320-640;
+global average pooling; a linear head `fc` to `way` logits. Kaiming-normal (fan_out, leaky_relu)
+convolutions, unit BN scales, zero BN offsets, torch's default nn.Linear head (rfs's
+initialisation).
 
-Differences from rfs (README): batch norm keeps no running statistics (track_running_stats=False), so it
-always normalises with the statistics of the batch it sees (what metarun's inner loops need, and what
-the MAML paper's conv4 does); no DropBlock / dropout (rfs: drop_rate=0.1 in pre-training, a stochastic
-regulariser outside the inner loop's functional setting).
+Differences from rfs (README): batch norm keeps no running statistics (track_running_stats=False),
+so it always normalises with the statistics of the batch it sees (what metarun's inner loops need,
+and what the MAML paper's conv4 does); no DropBlock / dropout (rfs: drop_rate=0.1 in pre-training, a
+stochastic regulariser outside the inner loop's functional setting).
 """
 
 from __future__ import annotations
@@ -46,16 +47,16 @@ class Block(nn.Module):
 class ResNet12(nn.Module):
     """x [N, in_channels, H, W] (H, W >= 16) -> logits [N, way].
 
-    Args: way (logits), in_channels (1 or 3), channels (the four blocks' widths; rfs: 64, 160, 320, 640).
-    Raises MetarunError for a non-positive size."""
+    Args: way (logits), in_channels (1 or 3), channels (the four blocks' widths; rfs: 64, 160, 320,
+    640). Raises MetarunError for a non-positive size."""
 
     def __init__(self, way: int, in_channels: int = 3, channels=(64, 160, 320, 640)):
         super().__init__()
         channels = [int(c) for c in channels]
         if len(channels) != 4 or min(channels) <= 0 or int(way) <= 0 or int(in_channels) <= 0:
             raise MetarunError(
-                f"model.channels={channels} (way={way}, in_channels={in_channels}): ResNet-12 needs "
-                "four positive block widths, e.g. [64, 160, 320, 640]."
+                f"model.channels={channels} (way={way}, in_channels={in_channels}): ResNet-12 "
+                "needs four positive block widths, e.g. [64, 160, 320, 640]."
             )
         widths = [int(in_channels)] + channels
         self.blocks = nn.Sequential(*[Block(a, b) for a, b in zip(widths, widths[1:])])

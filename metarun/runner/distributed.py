@@ -8,10 +8,11 @@ over the whole meta-batch (the single-process one, up to the order of a float su
 stay identical. An algorithm whose batch cannot be split so (its `data_parallel` says why) is
 refused.
 Parameters are broadcast from rank 0 at the start (and after a resume). Only rank 0 logs, validates,
-checkpoints and writes results; all ranks work in the one run dir that rank 0 claimed (metarun/cli.py).
+checkpoints and writes results; all ranks work in the one run dir that rank 0 claimed
+(metarun/cli.py).
 
-Backends: gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK); the process group also gets a
-gloo side for the CPU objects exchanged before training (the run dir, a user error).
+Backends: gloo on the CPU, nccl on CUDA (each rank on cuda:LOCAL_RANK); the process group also gets
+a gloo side for the CPU objects exchanged before training (the run dir, a user error).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def share(meta_batch: int) -> slice:
     world, me = world_size(), rank()
     if meta_batch < world:
         raise MetarunError(
-            f"meta_batch={meta_batch} is smaller than the {world} torchrun processes: every process "
-            f"needs a task; use meta_batch>={world} or fewer processes (--nproc-per-node)."
+            f"meta_batch={meta_batch} is smaller than the {world} torchrun processes: every "
+            f"process needs a task; use meta_batch>={world} or fewer processes (--nproc-per-node)."
         )
     return slice(me * meta_batch // world, (me + 1) * meta_batch // world)
 

@@ -73,10 +73,10 @@ def evaluate_tasks(
     seed: int | None = None,
     check: Callable[[], None] | None = None,
 ) -> tuple[float, float]:
-    """Accuracy on `tasks` fixed tasks of a split (the same tasks for the same seed, on every device).
-    params: one meta-parameter dict, or a list of them: an ensemble scored by the mean of its members'
-    post-adaptation query logits (MAML++'s top-K ensemble). check: called before each chunk of
-    eval_chunk tasks; it may raise to stop (a signal: runner/signals.py)."""
+    """Accuracy on `tasks` fixed tasks of a split (the same tasks for the same seed, on every
+    device). params: one meta-parameter dict, or a list of them: an ensemble scored by the mean of
+    its members' post-adaptation query logits (MAML++'s top-K ensemble). check: called before each
+    chunk of eval_chunk tasks; it may raise to stop (a signal: runner/signals.py)."""
     members = params if isinstance(params, list) else [params]
     accuracies = []
     for ep in _fixed_tasks(classes, split, cfg, device, tasks, seed):
@@ -102,9 +102,9 @@ def evaluate_curve(
     seed: int | None = None,
     check: Callable[[], None] | None = None,
 ) -> list[tuple[float, float]]:
-    """(accuracy, 95% CI) after each number of inner steps in `steps` (0: no adaptation), from one inner loop
-    per task, on the fixed tasks of evaluate_tasks (cbfinn/maml's test: accuracy after 0..10 steps).
-    params: one dict or an ensemble, and check, as evaluate_tasks."""
+    """(accuracy, 95% CI) after each number of inner steps in `steps` (0: no adaptation), from one
+    inner loop per task, on the fixed tasks of evaluate_tasks (cbfinn/maml's test: accuracy after
+    0..10 steps). params: one dict or an ensemble, and check, as evaluate_tasks."""
     members = params if isinstance(params, list) else [params]
     per_step = [[] for _ in steps]
     for ep in _fixed_tasks(classes, split, cfg, device, tasks, seed):

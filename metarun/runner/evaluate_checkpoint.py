@@ -53,8 +53,8 @@ def ensemble_paths(path: Path, state: TrainState, k: int) -> list[Path]:
 
 
 def curve_steps(value) -> list[int] | None:
-    """The `steps` setting as a sorted list of distinct inner-step counts >= 0 (None when not given).
-    Accepts an int, a list, or text like "0,1,3"; raises MetarunError otherwise."""
+    """The `steps` setting as a sorted list of distinct inner-step counts >= 0 (None when not
+    given). Accepts an int, a list, or text like "0,1,3"; raises MetarunError otherwise."""
     if value is None:
         return None
     if isinstance(value, str):

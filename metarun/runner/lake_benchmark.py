@@ -1,10 +1,12 @@
-"""`metarun eval checkpoint=PATH benchmark=lake`: Lake et al.'s 20 original one-shot runs, scored with the
-checkpoint's own adaptation (the algorithm's `evaluate`, the same code path as every other evaluation).
+"""`metarun eval checkpoint=PATH benchmark=lake`: Lake et al.'s 20 original one-shot runs, scored
+with the checkpoint's own adaptation (the algorithm's `evaluate`, the same code path as every other
+evaluation).
 
-Per run (Lake, Salakhutdinov & Tenenbaum 2015, "One-shot classification"): adapt the learner on the 20
-training images (one per class: 20-way 1-shot) with `update_step_test` inner steps, then classify the 20 test
-images; the score is the error rate per run and over all runs. As in MAML's evaluation, the 20 test images of
-a run are classified together, so batch norm sees their batch statistics (transductive, Finn et al. 2017).
+Per run (Lake, Salakhutdinov & Tenenbaum 2015, "One-shot classification"): adapt the learner on the
+20 training images (one per class: 20-way 1-shot) with `update_step_test` inner steps, then classify
+the 20 test images; the score is the error rate per run and over all runs. As in MAML's evaluation,
+the 20 test images of a run are classified together, so batch norm sees their batch statistics
+(transductive, Finn et al. 2017).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ WAY = 20
 
 
 def check_lake_checkpoint(cfg, train_cfg, path) -> str | None:
-    """Refuses a checkpoint that cannot take the benchmark; returns the warning to record for one trained on
-    alphabets of the benchmark (dataset.split=maml) when allow_seen_alphabets=true, else None."""
+    """Refuses a checkpoint that cannot take the benchmark; returns the warning to record for one
+    trained on alphabets of the benchmark (dataset.split=maml) when allow_seen_alphabets=true, else
+    None."""
     dataset = train_cfg.dataset.get("name", "omniglot")
     if dataset != "omniglot":
         raise MetarunError(
-            f"benchmark=lake is Omniglot's one-shot benchmark, but checkpoint {path} was trained on "
-            f"dataset={dataset}: use a checkpoint trained on Omniglot."
+            f"benchmark=lake is Omniglot's one-shot benchmark, but checkpoint {path} was trained "
+            f"on dataset={dataset}: use a checkpoint trained on Omniglot."
         )
     if int(train_cfg.way) != WAY:
         raise MetarunError(
@@ -48,13 +51,16 @@ def check_lake_checkpoint(cfg, train_cfg, path) -> str | None:
     if not cfg.get("allow_seen_alphabets", False):
         raise MetarunError(
             f"checkpoint {path} was trained with dataset.split={split}, whose training characters "
-            "come from all 50 alphabets, including the evaluation alphabets the benchmark's runs are "
-            "drawn from: train with dataset.split=lake, or add allow_seen_alphabets=true to score it "
-            "anyway (the result is then marked as not comparable)."
+            "come from all 50 alphabets, including the evaluation alphabets the benchmark's runs "
+            "are "
+            "drawn from: train with dataset.split=lake, or add allow_seen_alphabets=true to score "
+            "it anyway (the result is then marked as not comparable)."
         )
     return (
-        f"checkpoint trained with dataset.split={split}: it has seen characters of the evaluation alphabets that "
-        "the benchmark's runs are drawn from, so this error rate is NOT comparable to the published ones"
+        f"checkpoint trained with dataset.split={split}: it has seen characters of the evaluation "
+        "alphabets that "
+        "the benchmark's runs are drawn from, so this error rate is NOT comparable to the "
+        "published ones"
     )
 
 

@@ -1,5 +1,5 @@
-"""Logging of a run (configured by Hydra's job logging, conf/*.yaml): messages on stdout, warnings and
-errors on stderr, everything in the run's log file."""
+"""Logging of a run (configured by Hydra's job logging, conf/*.yaml): messages on stdout, warnings
+and errors on stderr, everything in the run's log file."""
 
 import logging
 from contextlib import contextmanager
@@ -29,10 +29,11 @@ class _ThroughTqdm:
 
 @contextmanager
 def console_through_tqdm():
-    """While a tqdm bar runs: console log records are written with tqdm.write (the bar is redrawn below
-    them), each by its own handler, so the stdout/stderr split, the handlers' levels and filters all stay
-    (tqdm's logging_redirect_tqdm merges the console handlers into one: warnings then vanished from the
-    console of rank 0, and the INFO lines of torchrun's quiet ranks appeared)."""
+    """While a tqdm bar runs: console log records are written with tqdm.write (the bar is redrawn
+    below them), each by its own handler, so the stdout/stderr split, the handlers' levels and
+    filters all stay (tqdm's logging_redirect_tqdm merges the console handlers into one: warnings
+    then vanished from the console of rank 0, and the INFO lines of torchrun's quiet ranks
+    appeared)."""
     handlers = [
         h for h in logging.getLogger().handlers if type(h) is logging.StreamHandler
     ]  # not files

@@ -1,10 +1,12 @@
-"""What a resumed run is: the saved run's own config, plus only the settings that may change mid-run.
+"""What a resumed run is: the saved run's own config, plus only the settings that may change
+mid-run.
 
-`metarun train resume=RUN` continues RUN exactly as it was configured: the config saved in its checkpoint
-is the base, not the defaults. The command line may change only RESUMABLE settings (how long, how often to
-validate and log, how many evaluation tasks, where it runs, where the data lies); they are applied for real
-and each change is recorded in the run's history (checkpoint and results.json). Giving any other setting a
-value other than the run's own is a MetarunError naming it; repeating the run's own value is accepted.
+`metarun train resume=RUN` continues RUN exactly as it was configured: the config saved in its
+checkpoint is the base, not the defaults. The command line may change only RESUMABLE settings (how
+long, how often to validate and log, how many evaluation tasks, where it runs, where the data lies);
+they are applied for real and each change is recorded in the run's history (checkpoint and
+results.json). Giving any other setting a value other than the run's own is a MetarunError naming
+it; repeating the run's own value is accepted.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ NOT_SETTINGS = ("resume",)
 
 
 def override_keys(overrides) -> list[tuple[str, str]]:
-    """(key, text) of each command-line override that is not hydra.*; a config group choice has its group
-    name as key (e.g. 'experiment')."""
+    """(key, text) of each command-line override that is not hydra.*; a config group choice has its
+    group name as key (e.g. 'experiment')."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     keys = {}
@@ -39,8 +41,8 @@ def override_keys(overrides) -> list[tuple[str, str]]:
 
 
 def _option(config, group: str):
-    """Which option of a config group a config holds: its `name`, else (a learner built from a class) its
-    `_target_`."""
+    """Which option of a config group a config holds: its `name`, else (a learner built from a
+    class) its `_target_`."""
     return OmegaConf.select(config, f"{group}.name", default=None) or OmegaConf.select(
         config, f"{group}._target_", default=None
     )
@@ -49,17 +51,21 @@ def _option(config, group: str):
 def resume_config(
     saved: dict, requested: DictConfig, overrides, resume: str
 ) -> tuple[DictConfig, dict]:
-    """The resumed run's config: `saved` with the overridden RESUMABLE settings taken from `requested` (the
-    command line's composition), and {key: [saved value, new value]} of the settings that changed.
+    """The resumed run's config: `saved` with the overridden RESUMABLE settings taken from
+    `requested` (the command line's composition), and {key: [saved value, new value]} of the
+    settings that changed.
 
-    Raises MetarunError for an override of any other setting whose value differs from the saved one, and for
-    a config group choice other than the run's own (it would swap a whole group of the run's settings)."""
-    # The saved config wins; a setting newer than the run (absent from its config) takes the requested value.
+    Raises MetarunError for an override of any other setting whose value differs from the saved one,
+    and for a config group choice other than the run's own (it would swap a whole group of the run's
+    settings)."""
+    # The saved config wins; a setting newer than the run (absent from its config) takes the
+    # requested value.
     base = OmegaConf.merge(OmegaConf.to_container(requested, resolve=True), saved)
     changes = {}
     for key, text in override_keys(overrides):
         if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
-            # a config group: choosing the run's own option again changes nothing (its settings stay the run's)
+            # a config group: choosing the run's own option again changes nothing (its settings stay
+            # the run's)
             if (
                 key in requested
                 and _option(requested, key) is not None
@@ -87,7 +93,8 @@ def resume_config(
 
 
 def resumed_config(blob: dict, requested: DictConfig, overrides, resume) -> tuple[DictConfig, dict]:
-    """resume_config of a loaded checkpoint, refusing an `iterations` below the iteration it reached."""
+    """resume_config of a loaded checkpoint, refusing an `iterations` below the iteration it
+    reached."""
     config, changes = resume_config(blob["config"], requested, overrides, str(resume))
     if isinstance(config.iterations, int) and config.iterations < int(blob["iteration"]):
         raise MetarunError(
@@ -125,9 +132,9 @@ def history_entry(start_iteration: int, resume, changes: dict, overrides) -> dic
 
 
 def auto_resume(run_dir) -> str | None:
-    """`resume=auto`: the run dir itself when it holds checkpoints/last.pt (continue it), else None (start
-    fresh). This is what a requeued job needs: Slurm (through submitit) reruns a preempted cell with the
-    same overrides in the same run dir."""
+    """`resume=auto`: the run dir itself when it holds checkpoints/last.pt (continue it), else None
+    (start fresh). This is what a requeued job needs: Slurm (through submitit) reruns a preempted
+    cell with the same overrides in the same run dir."""
     from metarun.runner.files import RunFiles
 
     return str(run_dir) if RunFiles(run_dir).last.is_file() else None

@@ -58,7 +58,8 @@ def check_train_settings(cfg) -> None:
 
 
 def load_splits(cfg, device) -> dict:
-    """{split name: ClassImages} of the configured dataset, with the episode shape checked on each split."""
+    """{split name: ClassImages} of the configured dataset, with the episode shape checked on each
+    split."""
     splits, where = load_dataset(cfg.dataset)
     if hasattr(splits["train"], "fixed_tasks"):  # generated tasks (data/sinusoid.py): no images
         return {"splits": splits, "source": where}
@@ -76,8 +77,8 @@ def load_splits(cfg, device) -> dict:
     channels = int(cfg.model.get("in_channels", have))
     if channels != have:
         raise MetarunError(
-            f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} channel(s): "
-            f"leave model.in_channels=${{dataset.channels}} or set it to {have}."
+            f"model.in_channels={channels} but the {cfg.dataset.name} images have {have} "
+            f"channel(s): leave model.in_channels=${{dataset.channels}} or set it to {have}."
         )
     return {"splits": splits, "source": where}
 
@@ -94,8 +95,9 @@ def train_sampler(cfg, classes, device) -> EpisodeSampler:
 
 
 def cpu_threads(setting: int) -> int:
-    """The `threads` setting resolved: 0 means every core this process may use, shared equally by the
-    processes torchrun started on this machine (LOCAL_WORLD_SIZE), so that they do not oversubscribe it."""
+    """The `threads` setting resolved: 0 means every core this process may use, shared equally by
+    the processes torchrun started on this machine (LOCAL_WORLD_SIZE), so that they do not
+    oversubscribe it."""
     if int(setting) > 0:
         return int(setting)
     cores = (
@@ -105,16 +107,16 @@ def cpu_threads(setting: int) -> int:
 
 
 def apply_threads(threads: int, impl: str) -> int:
-    """Sets torch's intra-op thread count once for the process: 1 per worker for `parallel` (its workers
-    are the threads), else `threads`. Returns the number of threads the run computes on."""
+    """Sets torch's intra-op thread count once for the process: 1 per worker for `parallel` (its
+    workers are the threads), else `threads`. Returns the number of threads the run computes on."""
     torch.set_num_threads(1 if impl == "parallel" else int(threads))
     return int(threads) if impl == "parallel" else torch.get_num_threads()
 
 
 def apply_precision(cfg, device) -> None:
-    """`tf32` (CUDA matmuls and cuDNN convolutions in TensorFloat-32), set once for the process; on CUDA
-    it is set either way, because cuDNN allows TF32 by default. `autocast` is checked here, applied by the
-    engine. Both default off until measured on a GPU (README, Performance)."""
+    """`tf32` (CUDA matmuls and cuDNN convolutions in TensorFloat-32), set once for the process; on
+    CUDA it is set either way, because cuDNN allows TF32 by default. `autocast` is checked here,
+    applied by the engine. Both default off until measured on a GPU (README, Performance)."""
     tf32, autocast = cfg.get("tf32", False), str(cfg.get("autocast", "none"))
     if not isinstance(tf32, bool):
         raise MetarunError(f"tf32={tf32} must be true or false.")
@@ -133,8 +135,8 @@ def apply_precision(cfg, device) -> None:
 
 CPU_ALLOCATORS = settings.find("cpu_allocator").choices  # tuned, system
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-# Blocks below the mmap threshold come from the heap. Some glibc builds cap it at HEAP_MAX_SIZE / 2 (32 MiB
-# on 64-bit): the second value is the fallback.
+# Blocks below the mmap threshold come from the heap. Some glibc builds cap it at HEAP_MAX_SIZE / 2
+# (32 MiB on 64-bit): the second value is the fallback.
 MMAP_THRESHOLDS = (2**30, 32 * 2**20)
 TRIM_THRESHOLD = 2**30
 
@@ -145,12 +147,13 @@ def check_cpu_allocator(setting: str) -> None:
 
 
 def apply_cpu_allocator(setting: str) -> bool:
-    """`cpu_allocator=tuned` (default): glibc's malloc keeps freed memory for reuse (mallopt: blocks up to
-    1 GiB from the heap, the heap trimmed only above 1 GiB free) instead of its defaults, which unmap large
-    blocks and trim the heap's top as soon as they are freed. Graphs freed every task (`algorithm.impl=loop`,
-    evaluation chunks) then page-faulted their memory back in on every task: README, Performance. Peak
-    memory is unchanged (the same blocks are reused). `system`: glibc's defaults. Returns whether it was
-    applied (False off Linux/glibc, e.g. another allocator preloaded). Raises MetarunError for another value."""
+    """`cpu_allocator=tuned` (default): glibc's malloc keeps freed memory for reuse (mallopt: blocks
+    up to 1 GiB from the heap, the heap trimmed only above 1 GiB free) instead of its defaults,
+    which unmap large blocks and trim the heap's top as soon as they are freed. Graphs freed every
+    task (`algorithm.impl=loop`, evaluation chunks) then page-faulted their memory back in on every
+    task: README, Performance. Peak memory is unchanged (the same blocks are reused). `system`:
+    glibc's defaults. Returns whether it was applied (False off Linux/glibc, e.g. another allocator
+    preloaded). Raises MetarunError for another value."""
     check_cpu_allocator(setting)
     if setting == "system" or not sys.platform.startswith("linux"):
         return False
@@ -165,9 +168,9 @@ def apply_cpu_allocator(setting: str) -> bool:
 
 
 def configure_execution(cfg, device, saved: dict | None = None) -> dict:
-    """The run's execution, resolved and applied once (`metarun train`, `metarun eval` and scripts/bench.py
-    all call this): {"impl", "workers", "threads"}. `saved`: a resumed checkpoint's {"impl", "workers"},
-    which the run keeps (float32 results depend on the operation order)."""
+    """The run's execution, resolved and applied once (`metarun train`, `metarun eval` and
+    scripts/bench.py all call this): {"impl", "workers", "threads"}. `saved`: a resumed checkpoint's
+    {"impl", "workers"}, which the run keeps (float32 results depend on the operation order)."""
     threads = cpu_threads(cfg.get("threads", 0))
     apply_precision(cfg, device)
     apply_cpu_allocator(str(cfg.get("cpu_allocator", "tuned")))
@@ -182,8 +185,8 @@ def configure_execution(cfg, device, saved: dict | None = None) -> dict:
 
 
 def build_algorithm(cfg, device, execution: dict | None = None) -> tuple:
-    """(learner, algorithm) of cfg.algorithm.name; `execution` from configure_execution (None: the config's
-    impl resolved with torch's current thread count, nothing applied)."""
+    """(learner, algorithm) of cfg.algorithm.name; `execution` from configure_execution (None: the
+    config's impl resolved with torch's current thread count, nothing applied)."""
     cls = algorithm_class(str(cfg.algorithm.name))
     cls.check_family(family_of(cfg))  # before the algorithm's own checks: the first reason
     model = build_learner(cfg)

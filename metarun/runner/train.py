@@ -204,7 +204,8 @@ def build(request: Request, run_dir: Path, stop: StopRequest, started: float) ->
         distributed.check_splittable(algorithm_class(str(cfg.algorithm.name)))
     if request.saved is None and files.last.exists():
         raise MetarunError(
-            f"{run_dir} already holds another run's checkpoints: continue it with resume={run_dir}, "
+            f"{run_dir} already holds another run's checkpoints: continue it with "
+            f"resume={run_dir}, "
             "or choose a new hydra.run.dir."
         )
     if main:
