@@ -110,6 +110,33 @@ def test_regression_family_ranks_lower_first():
     assert REGRESSION.worst == float("inf")
 
 
+@pytest.mark.parametrize(
+    "preset, algorithm, shot",
+    [
+        ("sinusoid_5shot", "maml", 5),
+        ("sinusoid_10shot", "maml", 10),
+        ("sinusoid_20shot", "maml", 20),
+        ("sinusoid/metasgd_10shot", "metasgd", 10),
+        ("sinusoid/joint_10shot", "joint", 10),
+    ],
+)
+def test_every_sinusoid_preset_composes_and_builds(preset, algorithm, shot):
+    """The paper's protocol in each preset: one inner step of 0.01 in training, 10 at test, the
+    MLP learner; the algorithm it names builds on the regression family."""
+    from hydra import compose, initialize_config_dir
+
+    from metarun import cli
+    from metarun.runner.setup import build_algorithm, check_train_settings
+
+    with initialize_config_dir(config_dir=cli.CONF, version_base="1.3"):
+        cfg = compose("train", [f"experiment={preset}"])
+    check_train_settings(cfg)
+    assert (cfg.dataset.name, cfg.model.name, cfg.shot) == ("sinusoid", "mlp", shot)
+    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr) == (1, 10, 0.01)
+    _, algo = build_algorithm(cfg, torch.device("cpu"))
+    assert algo.name == algorithm and algo.family is REGRESSION
+
+
 @pytest.mark.parametrize("algorithm", ["reptile", "mamlpp", "pretrain"])
 def test_classification_only_algorithms_refuse_regression(algorithm):
     from hydra import compose, initialize_config_dir
