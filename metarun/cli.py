@@ -51,16 +51,21 @@ CONF = str(
     _HERE.parent / "conf" if (_HERE.parent / "conf" / "train.yaml").is_file() else _HERE / "conf"
 )
 
-USAGE = """usage: metarun <command> [overrides...]
-
-commands:
-  train   meta-train a learner (e.g. metarun train way=20 shot=1; sweep: metarun train -m way=5,20 shot=1,5)
-  eval    score a checkpoint on held-out tasks (metarun eval checkpoint=outputs/train/<run>/checkpoints/best.pt;
-          Lake et al.'s one-shot runs: add benchmark=lake)
-  report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> [--paper] [--out DIR])
-
-`metarun <command> --help` lists that command's settings, their defaults and what they mean.
-Set METARUN_DEBUG=1 to see Python tracebacks with errors."""
+USAGE = (
+    "usage: metarun <command> [overrides...]\n"
+    "\n"
+    "commands:\n"
+    "  train   meta-train a learner (e.g. metarun train way=20 shot=1; sweep: metarun train -m "
+    "way=5,20 shot=1,5)\n"
+    "  eval    score a checkpoint on held-out tasks (metarun eval "
+    "checkpoint=outputs/train/<run>/checkpoints/best.pt;\n"
+    "          Lake et al.'s one-shot runs: add benchmark=lake)\n"
+    "  report  table of a sweep's or several runs' results (metarun report outputs/sweep/<time> "
+    "[--paper] [--out DIR])\n"
+    "\n"
+    "`metarun <command> --help` lists that command's settings, their defaults and what they mean.\n"
+    "Set METARUN_DEBUG=1 to see Python tracebacks with errors."
+)
 
 
 class _Rejected(BaseException):
@@ -255,7 +260,7 @@ def _parse(command: str, overrides: list[str]) -> list:
                 f"cannot read the setting {text!r}: write key=value, and quote a value with spaces "
                 f"or special characters, e.g. key='a value' (`metarun {command} --help` lists the "
                 "settings)."
-            )
+            ) from None
     return parsed
 
 

@@ -25,4 +25,4 @@ def require_writable_dir(path: Path) -> None:
         raise MetarunError(
             f"the output dir {path.resolve()} cannot be written ({exc.strerror}): run from a "
             "writable folder or set hydra.run.dir=/a/writable/path."
-        )
+        ) from None

@@ -842,7 +842,7 @@ def build_table(results: list[Result], out_dir: Path, paper: bool = False) -> Ta
     )
     any_pooled, failed = False, []
     for row in rows:
-        line = [_row_text(k, v) for k, v in zip(row_keys, row)]
+        line = [_row_text(k, v) for k, v in zip(row_keys, row, strict=True)]
         for column in columns:
             group = cells[row].get(column, [])
             cell = summarize(group) if group else Cell("")

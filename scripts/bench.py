@@ -47,8 +47,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-# noqa: E402  (the step metarun train runs)
-from metarun.algorithms.base import meta_train_step as train_step
+# after the sys.path change above (E402); the step metarun train runs
+from metarun.algorithms.base import meta_train_step as train_step  # noqa: E402
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
 
@@ -393,7 +393,7 @@ def check_exactness(device, cases: list[dict] | None = None, autocast: str = "no
             )
             return {
                 k: torch.zeros_like(v) if gr is None else gr
-                for (k, v), gr in zip(leaves.items(), grads)
+                for (k, v), gr in zip(leaves.items(), grads, strict=True)
             }
         algorithm.accumulate_meta_gradient(leaves, ep)
         return {k: v.grad for k, v in leaves.items()}
@@ -614,4 +614,4 @@ if __name__ == "__main__":
     try:
         main()
     except MetarunError as exc:  # a bad setting: one line, as `metarun train` says it
-        raise SystemExit(f"bench: error: {exc}")
+        raise SystemExit(f"bench: error: {exc}") from None

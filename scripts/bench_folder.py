@@ -62,7 +62,7 @@ def worker(root: str, size: int, sample_batches: int) -> dict:
         )
     )
     rss_before = (
-        int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) / 1024
+        int(next(s for s in open("/proc/self/status") if s.startswith("VmRSS")).split()[1]) / 1024
     )
     t = time.perf_counter()
     splits, _ = load_folder(cfg)
@@ -103,9 +103,12 @@ def main() -> None:
     gen_s = time.perf_counter() - t
     shutil.rmtree(root / "cache", ignore_errors=True)
     cmd = [sys.executable, __file__, str(root), "--size", str(args.size), "--worker"]
-    run = lambda extra: json.loads(
-        subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout
-    )
+
+    def run(extra):
+        return json.loads(
+            subprocess.run(cmd + extra, capture_output=True, text=True, check=True).stdout
+        )
+
     cold = run(["--tasks-batches", "0"])
     warm = run(["--tasks-batches", str(args.tasks_batches)])
     print(

@@ -204,7 +204,8 @@ class GradientMetaLearner:
         return self._learner_names
 
     def frozen_names(self) -> set:
-        """Learner weights the model marks as meta-learned but not adapted (model.adapt_bn=false)."""
+        """Learner weights the model marks as meta-learned but not adapted
+        (model.adapt_bn=false)."""
         frozen = getattr(self.model, "frozen_names", None)
         return set(frozen()) if frozen is not None else set()
 
@@ -291,7 +292,8 @@ class GradientMetaLearner:
         return optimizer
 
     def bench_batch(self, ep: Episodes, generator: torch.Generator):
-        """A training batch of this algorithm's kind made from random episodes (scripts/bench.py)."""
+        """A training batch of this algorithm's kind made from random episodes
+        (scripts/bench.py)."""
         return ep
 
     def embed(self, params: dict, x: torch.Tensor, head: tuple) -> torch.Tensor:
@@ -390,7 +392,9 @@ class GradientMetaLearner:
                 self.model.forward(self.learner_weights(params, fast, step, tasks), x), y, shot
             )
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-            fast = inner_update(fast, dict(zip(fast, grads)), self.inner_lrs(params, step))
+            fast = inner_update(
+                fast, dict(zip(fast, grads, strict=True)), self.inner_lrs(params, step)
+            )
             after.append(fast)
         return after if trajectory else fast
 
@@ -429,7 +433,9 @@ class GradientMetaLearner:
                     objective = objective + weights[s] * earlier
             # One chunk's graph at a time; dividing by the whole batch makes the sum the mean.
             grads = torch.autograd.grad(objective.sum() / meta_batch, leaves, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads)]
+            grads = [
+                torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
+            ]
             return grads, (loss.detach(), accuracy)
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]

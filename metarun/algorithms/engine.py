@@ -158,7 +158,8 @@ class Engine:
         )
 
     def chunks(self, tasks: int, images_per_task: int) -> list[list[slice]]:
-        """The meta-batch as one list of chunks per worker thread (contiguous tasks, fixed order)."""
+        """The meta-batch as one list of chunks per worker thread
+        (contiguous tasks, fixed order)."""
         parallel_chunk = max(1, PARALLEL_IMAGES_PER_PASS // images_per_task)
         impl = "batched" if self.impl == "auto" else self.impl  # evaluation before the timed pick
         size = {
@@ -170,7 +171,8 @@ class Engine:
         bounds = [round(i * tasks / workers) for i in range(workers + 1)]
         return [
             [slice(i, min(i + size, hi)) for i in range(lo, hi, size)]
-            for lo, hi in zip(bounds, bounds[1:])
+            # consecutive pairs: bounds[1:] is one shorter by design
+            for lo, hi in zip(bounds, bounds[1:], strict=False)
         ]
 
     def _map(self, fn, groups):
@@ -203,7 +205,11 @@ class Engine:
             for part in chunks:
                 with self._context():
                     grads, extra = fn(part)
-                total = list(grads) if total is None else [a + b for a, b in zip(total, grads)]
+                total = (
+                    list(grads)
+                    if total is None
+                    else [a + b for a, b in zip(total, grads, strict=True)]
+                )
                 extras.append(extra)
             return total, extras
 

@@ -293,7 +293,7 @@ class Pretrain(GradientMetaLearner):
         loss = F.cross_entropy(logits, batch.y)
         leaves = list(params.values())
         grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-        for p, g in zip(leaves, grads):
+        for p, g in zip(leaves, grads, strict=True):
             g = torch.zeros_like(p) if g is None else g
             p.grad = g if p.grad is None else p.grad + g
         accuracy = (logits.detach().argmax(-1) == batch.y).to(logits.dtype).mean()

@@ -84,7 +84,7 @@ def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
             lrs = algorithm.inner_lrs(params, step)
             fast = {
                 k: w - (lrs[k] if isinstance(lrs, dict) else lrs) * g
-                for (k, w), g in zip(fast.items(), grads)
+                for (k, w), g in zip(fast.items(), grads, strict=True)
             }
             if loss_weights is not None or step == steps - 1:
                 query = conv4_forward(
@@ -98,12 +98,13 @@ def reference_meta_loss(algorithm, params: dict, ep) -> torch.Tensor:
         if loss_weights is None:
             losses.append(query_losses[-1])
         else:
-            losses.append(sum(w * l for w, l in zip(loss_weights, query_losses)))
+            losses.append(sum(w * q for w, q in zip(loss_weights, query_losses, strict=True)))
     return torch.stack(losses).mean()
 
 
 def reference_train_step(algorithm, params: dict, optimizer, ep) -> torch.Tensor:
-    """The per-task loop's meta-iteration (for timing): meta-loss, one backward, one optimizer step."""
+    """The per-task loop's meta-iteration (for timing): meta-loss,
+    one backward, one optimizer step."""
     optimizer.zero_grad(set_to_none=True)
     loss = reference_meta_loss(algorithm, params, ep)
     loss.backward()

@@ -70,21 +70,20 @@ def find_or_download(root: Path, download: bool) -> Path:
         raise MetarunError(
             f"could not download CIFAR-100 into {root} ({exc}). Offline? Put torchvision's "
             f"{FOLDER}/ folder (from cifar-100-python.tar.gz) in dataset.root."
-        )
+        ) from None
     return folder
 
 
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as fh:
-            return pickle.load(
-                fh, encoding="latin1"
-            )  # torchvision's reading of the Python-2 pickles
+            # torchvision's reading of the Python-2 pickles
+            return pickle.load(fh, encoding="latin1")
     except Exception as exc:
         raise MetarunError(
             f"cannot read {path} ({exc}): the CIFAR-100 copy is corrupt; delete {path.parent} "
             "and let torchvision download it again (dataset.download=true)."
-        )
+        ) from None
 
 
 def read_cifar100(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict[str, str]]:
@@ -101,7 +100,7 @@ def read_cifar100(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict
             )
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(np.asarray(blob["fine_labels"], dtype=np.int64))
-        for fine, coarse in zip(blob["fine_labels"], blob["coarse_labels"]):
+        for fine, coarse in zip(blob["fine_labels"], blob["coarse_labels"], strict=True):
             superclass[fine_names[fine]] = coarse_names[coarse]
     return np.concatenate(images), np.concatenate(labels), fine_names, superclass
 
@@ -109,7 +108,8 @@ def read_cifar100(folder: Path) -> tuple[np.ndarray, np.ndarray, list[str], dict
 def load_cifar_split(
     cfg, classes: dict[str, tuple[str, ...]], name: str
 ) -> tuple[dict[str, ClassImages], str]:
-    """{split: ClassImages} of the CIFAR-100 classes listed per split in `classes` (named `name`)."""
+    """{split: ClassImages} of the CIFAR-100 classes listed per split
+    in `classes` (named `name`)."""
     size, _ = check_image_settings(cfg.image_size, 3)
     root = Path(str(cfg.root)).expanduser().resolve()
     folder = find_or_download(root, bool(cfg.download))

@@ -59,7 +59,7 @@ def unpack(path: Path) -> Strokes:
         raise MetarunError(
             f"the embedded Omniglot {path} is unreadable ({exc}): reinstall metarun, or use "
             "dataset.source=archives with the public archives in dataset.root."
-        )
+        ) from None
 
 
 def file_sha256(path: Path) -> str:

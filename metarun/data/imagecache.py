@@ -108,7 +108,8 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray:
 def decode_splits(
     splits: dict[str, dict[str, list[Path]]], size: int, channels: int, desc: str
 ) -> dict:
-    """Decodes every file into one uint8 array; returns the cache blob (without format/fingerprint)."""
+    """Decodes every file into one uint8 array; returns the cache blob (without
+    format/fingerprint)."""
     from tqdm import tqdm
 
     files = [f for split in SPLITS for fs in splits[split].values() for f in fs]
@@ -208,7 +209,8 @@ def cached_class_images(
 
 
 def split_blob(blob: dict) -> dict[str, ClassImages]:
-    """The cache blob (images of train, val, test classes, in that order) -> {split: ClassImages}."""
+    """The cache blob (images of train, val, test classes,
+    in that order) -> {split: ClassImages}."""
     out, start = {}, 0
     for split in SPLITS:
         counts = torch.tensor(blob["counts"][split], dtype=torch.long)

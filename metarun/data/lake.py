@@ -87,7 +87,7 @@ def _read_members(path: Path) -> dict[str, bytes]:
         raise MetarunError(
             f"{path} is not a readable zip archive ({exc}): replace it with the public "
             f"all_runs.zip ({DOWNLOAD_URL})."
-        )
+        ) from None
 
 
 def read_all_runs(path: Path, image_size: int, method: str = "lanczos") -> list[LakeRun]:

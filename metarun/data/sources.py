@@ -57,7 +57,7 @@ def decode_png(data: bytes, where: str) -> np.ndarray:
         raise MetarunError(
             f"cannot decode image {where}: {exc}. The dataset is corrupt: delete it and let "
             "metarun download it again (dataset.download=true) or use dataset.source=embedded."
-        )
+        ) from None
     if gray.shape != (IMAGE_SIDE, IMAGE_SIDE):
         raise MetarunError(
             f"image {where} is {gray.shape[1]}x{gray.shape[0]}, expected 105x105 Omniglot "
@@ -133,7 +133,7 @@ def read_archives(found: dict[str, Path]) -> Strokes:
                 raise MetarunError(
                     f"{path} is not a readable zip archive ({exc}). Delete it and set "
                     "dataset.download=true, or replace it with the public Omniglot archive."
-                )
+                ) from None
             for member in names:
                 m = _NAME.match(member)
                 if m and m["top"] == name:
@@ -157,12 +157,12 @@ def read_archives(found: dict[str, Path]) -> Strokes:
             raise MetarunError(
                 f"archive member {key} cannot be read ({exc}): the archive is truncated or "
                 "corrupt. Delete it and download it again (dataset.download=true)."
-            )
+            ) from None
         except Exception as exc:  # zlib.error and friends from a damaged stream
             raise MetarunError(
                 f"archive member {key} cannot be read ({exc}): the archive is corrupt. "
                 "Delete it and download it again (dataset.download=true)."
-            )
+            ) from None
 
     return _assemble(entries, read)
 
@@ -200,7 +200,7 @@ def download_archives(root: Path) -> dict[str, Path]:
                 f"could not download {name}.zip into {root} ({exc}). Offline? Use "
                 "dataset.source=embedded (the copy inside metarun), or put the archives in "
                 "dataset.root (or METARUN_DATA)."
-            )
+            ) from None
     return find_archives(root)
 
 

@@ -73,7 +73,7 @@ class ModuleLearner:
                 f"model._target_={target} fails on a batch of {tuple(probe.shape)} images "
                 f"({_first_line(exc)}): make it accept [N, dataset.channels, dataset.image_size, "
                 "dataset.image_size] inputs."
-            )
+            ) from exc
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2 * self.way, self.way):
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise MetarunError(
@@ -93,7 +93,7 @@ class ModuleLearner:
                 raise MetarunError(
                     f"model._target_={self.target} could not be built ({_first_line(exc)}): check "
                     "the import path (package.module.Class) and the model's settings."
-                )
+                ) from exc
         if not isinstance(module, nn.Module):
             raise MetarunError(
                 f"model._target_={self.target} built a {type(module).__name__}, not a "

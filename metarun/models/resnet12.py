@@ -59,7 +59,10 @@ class ResNet12(nn.Module):
                 "needs four positive block widths, e.g. [64, 160, 320, 640]."
             )
         widths = [int(in_channels)] + channels
-        self.blocks = nn.Sequential(*[Block(a, b) for a, b in zip(widths, widths[1:])])
+        # consecutive pairs: widths[1:] is one shorter by design
+        self.blocks = nn.Sequential(
+            *[Block(a, b) for a, b in zip(widths, widths[1:], strict=False)]
+        )
         self.fc = nn.Linear(channels[-1], int(way))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):

@@ -63,7 +63,8 @@ def init() -> None:
 
 
 def broadcast_object(obj):
-    """Rank 0's `obj` on every rank (any picklable object; None without torchrun is returned as is)."""
+    """Rank 0's `obj` on every rank (any picklable object; None
+    without torchrun is returned as is)."""
     import torch.distributed as dist
 
     if world_size() == 1:
@@ -180,7 +181,7 @@ def train_step(
     flat = torch.cat([g.reshape(-1) * scale for g in grads] + [stats.to(grads[0].dtype)])
     all_reduce(flat)
     offset = 0
-    for p, g in zip(leaves, grads):
+    for p, g in zip(leaves, grads, strict=True):
         p.grad = flat[offset : offset + g.numel()].view_as(g).clone()
         offset += g.numel()
     optimizer.step()

@@ -105,7 +105,7 @@ def curve_table(family, cfg, curve: list[int], scores: list, steps: int) -> str:
     table += [
         f"{s:>11}  {family.fmt(m):>7}{unit}  ± {family.fmt(c)}{unit}"
         + ("  (update_step_test)" if s == steps else "")
-        for s, (m, c) in zip(curve, scores)
+        for s, (m, c) in zip(curve, scores, strict=True)
     ]
     return (
         f"{cfg.split} {family.label} after each number of inner steps ({int(cfg.tasks)} tasks):\n"

@@ -42,7 +42,7 @@ def _lock(path: Path, fd: int) -> None:
         raise MetarunError(
             f"the run in {path} is being run by another metarun process right now: wait for it "
             "to end, or choose another hydra.run.dir."
-        )
+        ) from None
     _locks[path] = fd
 
 
@@ -109,9 +109,9 @@ def claim(path: Path, auto: bool, setting: str = "hydra.run.dir") -> Claim:
             )
             raise MetarunError(
                 f"{setting}={path} already belongs to another run: {hint}choose a new {setting}."
-            )
+            ) from None
         except OSError as exc:
-            raise _unwritable(path, exc, setting)
+            raise _unwritable(path, exc, setting) from None
         os.write(
             fd,
             json.dumps(
@@ -133,7 +133,7 @@ def lock_existing(path: Path) -> Path:
     try:
         fd = os.open(path / MARKER, os.O_CREAT | os.O_RDWR, 0o644)
     except OSError as exc:
-        raise _unwritable(path, exc, "hydra.run.dir")
+        raise _unwritable(path, exc, "hydra.run.dir") from None
     _lock(path, fd)
     return path
 

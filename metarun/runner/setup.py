@@ -25,7 +25,9 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise MetarunError(f"device={name} is not a device: use auto, cpu, cuda or cuda:N.")
+        raise MetarunError(
+            f"device={name} is not a device: use auto, cpu, cuda or cuda:N."
+        ) from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MetarunError(
