@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_metarun, tiny_args
-from test_robustness import assert_clean_error
+from helpers import assert_clean_error, run_metarun, tiny_args
 
 # Every MAML++ schedule changes inside the 6 iterations: epochs of 2 iterations, MSL over 2 epochs,
 # first order in epoch 0, cosine annealing over 3 epochs (given, so that the 3-iteration first part

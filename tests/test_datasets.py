@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_metarun
+from helpers import run_metarun
 from omegaconf import OmegaConf
 from PIL import Image
 

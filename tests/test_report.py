@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import run_metarun, tiny_args
+from helpers import run_metarun, tiny_args
 
 from metarun.cli import main
 from metarun.report import Result, pool
