@@ -25,6 +25,7 @@ from metarun.algorithms.mamlpp import MAMLPlusPlus
 from metarun.algorithms.metasgd import MetaSGD
 from metarun.data.episodes import Episodes
 from metarun.data.omniglot import ClassImages
+from metarun.models.conv4 import Conv4
 from metarun.runner import train as train_module
 
 REPO = Path(__file__).resolve().parent.parent
@@ -376,3 +377,12 @@ def train_in_process(tiny_root, run_dir: Path, *extra) -> dict:
     with initialize_config_dir(config_dir=cli.CONF, version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=overrides)
     return train_module.train(cfg, run_dir, overrides)
+
+
+def setup(seed=1, tasks=3):
+    model = Conv4(WAY, filters=6, image_size=16)
+    return model, random_episodes(tasks=tasks, way=WAY, shot=2, query=2, seed=seed)
+
+
+def learner(meta, model):
+    return [k for k in model.init_params() if k in meta]
