@@ -144,9 +144,12 @@ def tiny_args(root: Path, run_dir: Path, *extra: str) -> list[str]:
 
 def random_episodes(tasks, way, shot, query, side=16, dtype=torch.float64, seed=0):
     g = torch.Generator().manual_seed(seed)
-    labels = lambda n: torch.stack(
-        [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)]
-    )
+
+    def labels(n):
+        return torch.stack(
+            [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)]
+        )
+
     return Episodes(
         torch.rand(tasks, way * shot, 1, side, side, generator=g, dtype=dtype),
         labels(shot),
@@ -186,18 +189,19 @@ def reference_gradient(params, ep, way, update_lr, update_step, first_order, dow
     for t in range(ep.x_support.shape[0]):
         fast = leaves
         for _ in range(update_step):
-            logits = plain_forward(dict(zip(names, fast)), ep.x_support[t], downsample)
+            logits = plain_forward(dict(zip(names, fast, strict=True)), ep.x_support[t], downsample)
             loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (
                 len(ep.y_support[t]) // way
             )
             grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [w - update_lr * g for w, g in zip(fast, grads)]
+            fast = [w - update_lr * g for w, g in zip(fast, grads, strict=True)]
         losses.append(
             F.cross_entropy(
-                plain_forward(dict(zip(names, fast)), ep.x_query[t], downsample), ep.y_query[t]
+                plain_forward(dict(zip(names, fast, strict=True)), ep.x_query[t], downsample),
+                ep.y_query[t],
             )
         )
-    return dict(zip(names, torch.autograd.grad(torch.stack(losses).mean(), leaves)))
+    return dict(zip(names, torch.autograd.grad(torch.stack(losses).mean(), leaves), strict=True))
 
 
 def metarun_gradient(maml, params, ep):
@@ -231,7 +235,7 @@ def synthetic_tasks(pool, tasks, way, shot, query, g, noise=0.35):
 def assert_clean_error(proc, *fragments):
     assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
-    line = [l for l in proc.stderr.splitlines() if l.startswith("metarun: error:")]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("metarun: error:")]
     assert len(line) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in line[0], (fragment, line[0])
@@ -290,7 +294,10 @@ def reference(
                     len(ep.y_support[t]) // WAY
                 )
             grads = torch.autograd.grad(loss, list(fast.values()), create_graph=second_order)
-            fast = {k: w - lr_of(leaves, k, s) * g for (k, w), g in zip(fast.items(), grads)}
+            fast = {
+                k: w - lr_of(leaves, k, s) * g
+                for (k, w), g in zip(fast.items(), grads, strict=True)
+            }
             query.append(
                 F.cross_entropy(
                     plain_forward(weights_at(leaves, fast, s), ep.x_query[t], "stride"),
@@ -298,12 +305,17 @@ def reference(
                 )
             )
         totals.append(
-            query[-1] if loss_weights is None else sum(w * q for w, q in zip(loss_weights, query))
+            query[-1]
+            if loss_weights is None
+            else sum(w * q for w, q in zip(loss_weights, query, strict=True))
         )
     grads = torch.autograd.grad(
         torch.stack(totals).mean(), list(leaves.values()), allow_unused=True
     )
-    return {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(leaves, grads)}
+    return {
+        k: torch.zeros_like(leaves[k]) if g is None else g
+        for k, g in zip(leaves, grads, strict=True)
+    }
 
 
 def build(name, model, **kw):

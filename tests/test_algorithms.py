@@ -124,9 +124,12 @@ def test_every_experiment_config_builds_its_algorithm(experiment):
     params = algo.init_meta_params(torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)
     shape = (int(cfg.model.in_channels), int(cfg.dataset.image_size), int(cfg.dataset.image_size))
-    labels = lambda n: torch.stack(
-        [torch.randperm(int(cfg.way), generator=g).repeat_interleave(n) for _ in range(2)]
-    )
+
+    def labels(n):
+        return torch.stack(
+            [torch.randperm(int(cfg.way), generator=g).repeat_interleave(n) for _ in range(2)]
+        )
+
     ep = Episodes(
         torch.rand(2, int(cfg.way) * int(cfg.shot), *shape, generator=g),
         labels(int(cfg.shot)),
@@ -169,7 +172,8 @@ def test_impossible_settings_are_refused_at_construction(kw, fragment):
 
 @pytest.mark.parametrize("name", ["maml", "metasgd", "mamlpp"])
 def test_benchmark_reference_loop_computes_the_same_meta_gradient(name):
-    """scripts/bench.py --compare times algorithms/reference.py against the engine: same objective."""
+    """scripts/bench.py --compare times algorithms/reference.py against the engine: same
+    objective."""
     from metarun.algorithms.reference import reference_meta_loss
 
     model, ep = setup()
@@ -183,6 +187,7 @@ def test_benchmark_reference_loop_computes_the_same_meta_gradient(name):
             torch.autograd.grad(
                 reference_meta_loss(algo, leaves, ep), list(leaves.values()), allow_unused=True
             ),
+            strict=True,
         )
     )
     expected = {k: torch.zeros_like(meta[k]) if g is None else g for k, g in expected.items()}
@@ -252,10 +257,10 @@ def test_constructing_a_new_algorithm_changes_no_process_state(name):
     for impl in ("auto", "parallel"):
         kw = dict(impl=impl, workers=2 if impl == "parallel" else 0)
         algo = {
-            "anil": lambda: ANIL(learner, 0.4, 1, 1, **kw),
-            "reptile": lambda: Reptile(learner, 0.4, 1, 1, **kw),
-            "pretrain": lambda: Pretrain(learner, num_classes=4, **kw),
-        }[name]()
+            "anil": lambda kw: ANIL(learner, 0.4, 1, 1, **kw),
+            "reptile": lambda kw: Reptile(learner, 0.4, 1, 1, **kw),
+            "pretrain": lambda kw: Pretrain(learner, num_classes=4, **kw),
+        }[name](kw)
         algo.init_meta_params(torch.Generator().manual_seed(0))
         assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_default_dtype() == torch.float32

@@ -92,7 +92,7 @@ def test_maml_and_lake_splits_are_disjoint(tiny_root):
     for split in (maml, lake):
         ids = split["train"] + split["val"] + split["test"]
         assert len(ids) == len(set(ids)) == 48
-    archive_of = {int(c): int(a) for c, a in zip(data.character, data.archive)}
+    archive_of = {int(c): int(a) for c, a in zip(data.character, data.archive, strict=True)}
     assert all(archive_of[c] == 1 for c in lake["test"]) and all(
         archive_of[c] == 0 for c in lake["train"] + lake["val"]
     )
@@ -126,14 +126,16 @@ def test_sampler_invariants():
         assert not {(c, i) for c, i, _ in s} & {(c, i) for c, i, _ in q}  # support/query disjoint
         assert len({(c, i) for c, i, _ in s + q}) == way * (shot + query)  # no repeated image
         label_of, turn_of = {}, {}
-        for (c, _, k), y in zip(s + q, ep.y_support[t].tolist() + ep.y_query[t].tolist()):
+        for (c, _, k), y in zip(
+            s + q, ep.y_support[t].tolist() + ep.y_query[t].tolist(), strict=True
+        ):
             assert label_of.setdefault(c, y) == y  # one label per class
             assert turn_of.setdefault(c, k) == k  # one rotation per class
         assert len(label_of) == way
         orders.add(tuple(label_of[c] for c in sorted(label_of)))
     assert len(orders) > 1  # labels shuffled per task
     # rotation is off for evaluation tasks
-    for c, i, k in ids(
+    for _c, _i, k in ids(
         next(fixed_tasks(labelled_classes(), "val", way, shot, query, "cpu", 4, 0, 4)).x_query
     ):
         assert k == 0
@@ -152,7 +154,7 @@ def test_sampler_is_deterministic_and_resumable():
     assert not torch.equal(c.sample(4).x_query, next_a.x_query)
     t1 = [e.x_support for e in fixed_tasks(labelled_classes(), "val", 3, 1, 2, "cpu", 10, 7, 4)]
     t2 = [e.x_support for e in fixed_tasks(labelled_classes(), "val", 3, 1, 2, "cpu", 10, 7, 4)]
-    assert len(t1) == 3 and all(torch.equal(x, y) for x, y in zip(t1, t2))
+    assert len(t1) == 3 and all(torch.equal(x, y) for x, y in zip(t1, t2, strict=True))
 
 
 @pytest.mark.parametrize(

@@ -221,7 +221,7 @@ def test_sampler_on_unequal_rgb_classes(tmp_path):
         labels = ep.y_support[t].tolist() + ep.y_query[t].tolist()
         assert len(set(pairs)) == way * (shot + query)  # distinct images, support/query disjoint
         label_of = {}
-        for (c, i), y in zip(pairs, labels):
+        for (c, i), y in zip(pairs, labels, strict=True):
             assert 0 <= i < counts[c]  # never past the class's own images
             assert label_of.setdefault(c, y) == y
         assert len(label_of) == way
@@ -244,7 +244,7 @@ def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) ->
     """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label
     rows."""
     k = 0
-    for split, n_classes in zip(("train", "val", "test"), classes):
+    for split, n_classes in zip(("train", "val", "test"), classes, strict=True):
         rows = [("filename", "label")]
         for _ in range(n_classes):
             label = f"n{1000 + k:08d}"
@@ -369,7 +369,7 @@ def test_cifar_datasets_from_torchvision_folder(tmp_path, name, module, counts):
     )
     splits, where = load_dataset(cfg)
     assert "cifar-100-python" in where and len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    for s, n in zip(("train", "val", "test"), counts):
+    for s, n in zip(("train", "val", "test"), counts, strict=True):
         ci = splits[s]
         assert ci.class_names == list(module.CLASSES[s]) and ci.num_classes == n
         assert ci.images.shape == (3 * n, 3, 32, 32) and ci.counts.tolist() == [3] * n

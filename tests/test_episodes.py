@@ -44,7 +44,7 @@ def test_fixed_tasks_depend_only_on_seed_split_and_shape(labelled_classes):
 
     whole = tasks(10, 10)
     for chunk in (1, 3, 7):
-        assert all(torch.equal(a, b) for a, b in zip(tasks(10, chunk), whole))
+        assert all(torch.equal(a, b) for a, b in zip(tasks(10, chunk), whole, strict=True))
     assert torch.equal(tasks(4, 3)[0], whole[0][:4])  # the first 4 of 10 tasks are the 4 tasks
     assert not torch.equal(
         torch.cat(

@@ -209,11 +209,17 @@ def frozen_bn_reference(params, ep, way, lr, steps, bn_scale):
             )
             adapt = [k for k in fast if not k.startswith("bn")]
             grads = torch.autograd.grad(loss, [fast[k] for k in adapt], create_graph=True)
-            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads)}}
+            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads, strict=True)}}
         losses.append(
             F.cross_entropy(offset_only_forward(fast, ep.x_query[t], bn_scale), ep.y_query[t])
         )
-    return dict(zip(leaves, torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values()))))
+    return dict(
+        zip(
+            leaves,
+            torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values())),
+            strict=True,
+        )
+    )
 
 
 @pytest.mark.parametrize("bn_scale", [False, True])
@@ -272,7 +278,10 @@ def test_every_algorithm_leaves_frozen_batch_norm_out_of_the_inner_loop(name):
 
 
 def test_head_init_normal_has_unit_std_and_xavier_is_unchanged():
-    g = lambda: torch.Generator().manual_seed(0)
+
+    def g():
+        return torch.Generator().manual_seed(0)
+
     normal = Conv4(20, filters=64, head_init="normal").init_params(g())["fc.weight"]
     assert abs(normal.std().item() - 1.0) < 0.05
     xavier = Conv4(20, filters=64).init_params(g())["fc.weight"]
@@ -418,7 +427,7 @@ def test_curve_gives_one_accuracy_per_step_count_and_chance_before_adaptation(ti
     # (400 tasks x 15 queries: the standard error is ~1%)
     assert abs(curve[0][0] - 1 / 3) < 0.04
     # each point is what a separate evaluation with that many steps gives, on the same tasks
-    for steps, (mean, ci) in zip([1, 3], curve[1:]):
+    for steps, (mean, ci) in zip([1, 3], curve[1:], strict=True):
         assert (mean, ci) == pytest.approx(
             evaluate_tasks(
                 algo, params, splits["test"], "test", cfg, torch.device("cpu"), 400, steps
@@ -536,13 +545,14 @@ def test_short_run_of_the_papers_protocol_learns_as_measured():
         print(
             "\n"
             + ", ".join(
-                f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%" for s, (m, c) in zip([0, 1, 3], curve)
+                f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%"
+                for s, (m, c) in zip([0, 1, 3], curve, strict=True)
             )
         )
     assert (
         abs(curve[0][0] - 0.2) < 0.05
     )  # unadapted: chance (the labels are a random permutation per task)
-    for steps, (mean, _) in zip([1, 3], curve[1:]):
+    for steps, (mean, _) in zip([1, 3], curve[1:], strict=True):
         assert mean >= MEASURED[steps] - MARGIN, (
             f"after {steps} steps {mean:.3f} < measured {MEASURED[steps]}"
         )

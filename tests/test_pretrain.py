@@ -69,5 +69,5 @@ def test_baseline_pretraining_gradient_is_plain_classification():
             w = leaves["pretrain.gain"][:, None] * w / w.norm(dim=1, keepdim=True)
             logits = 2 * (f / (f.norm(dim=1, keepdim=True) + 1e-5)) @ w.T
         loss = F.cross_entropy(logits, batch.y)
-        expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        expected = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values())), strict=True))
         assert relative_error(got, expected) < 1e-10

@@ -265,7 +265,7 @@ def hand_reptile(phi, x, y, order, lr, optimizer, eps, betas=(0.0, 0.999), adam_
             step = s + 1
             lr_t = lr * math.sqrt(1 - betas[1] ** step) / (1 - betas[0] ** step)
             new = []
-            for i, (w, g) in enumerate(zip((W, b), grads)):
+            for i, (w, g) in enumerate(zip((W, b), grads, strict=True)):
                 m[i] = betas[0] * m[i] + (1 - betas[0]) * g
                 v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
                 new.append(w - lr_t * m[i] / (v[i].sqrt() + adam_eps))

@@ -1,6 +1,7 @@
 """`metarun train resume=...` (metarun/runner/resume.py): a resume continues the run it names, with
-the settings that may change applied and the others refused; damaged checkpoints refused before
-training; a resume into another run's dir refused; SIGTERM then resume equals an uninterrupted run."""
+the settings that may change applied and the others refused; damaged checkpoints are refused before
+training; a resume into another run's dir is refused; SIGTERM then resume equals an uninterrupted
+run."""
 
 import json
 import os
@@ -101,7 +102,8 @@ def test_every_setting_is_either_resumable_and_applied_or_refused():
             with pytest.raises(MetarunError, match=f"{key}=.* cannot change on resume"):
                 resume_config(saved, requested, [text], "x")
         # the run's own value, repeated, is no change
-        same = f"{key}={'null' if value is None else str(value).lower() if isinstance(value, bool) else value}"
+        own = "null" if value is None else str(value).lower() if isinstance(value, bool) else value
+        same = f"{key}={own}"
         assert resume_config(saved, compose_train(same), [same], "x")[1] == {}, same
     # the run's own config group option again is no change; another one is refused
     assert resume_config(saved, compose_train("algorithm=maml"), ["algorithm=maml"], "x")[1] == {}

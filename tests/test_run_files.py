@@ -132,7 +132,8 @@ path = sys.argv[1]
 i = 0
 while True:
     i += 1
-    atomic_torch_save({"i": i, "w": torch.full((3_000_000,), float(i))}, __import__("pathlib").Path(path))
+    atomic_torch_save({"i": i, "w": torch.full((3_000_000,), float(i))},\
+ __import__("pathlib").Path(path))
     print(i, flush=True)
 """
 

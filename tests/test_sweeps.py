@@ -190,7 +190,7 @@ def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_metarun(*args, "-m", "way=5000,five,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    line = [l for l in proc.stderr.splitlines() if l.startswith("metarun: error:")]
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("metarun: error:")]
     assert (
         len(line) == 1
         and "2 sweep cell(s) failed" in line[0]
