@@ -4,6 +4,7 @@ meta-gradients, checkpoint and config helpers."""
 
 from __future__ import annotations
 
+import csv
 import io
 import os
 import random
@@ -23,8 +24,8 @@ from metarun import cli
 from metarun.algorithms.maml import MAML
 from metarun.algorithms.mamlpp import MAMLPlusPlus
 from metarun.algorithms.metasgd import MetaSGD
+from metarun.data.classes import ClassImages
 from metarun.data.episodes import Episodes
-from metarun.data.omniglot import ClassImages
 from metarun.models.conv4 import Conv4
 from metarun.runner import train as train_module
 
@@ -398,3 +399,31 @@ def setup(seed=1, tasks=3):
 
 def learner(meta, model):
     return [k for k in model.init_params() if k in meta]
+
+
+def colour(class_id: int, image_id: int) -> tuple[int, int, int]:
+    """Each image's pixels carry (class, image) so loaded tensors can be traced back to files."""
+    return (class_id + 1, image_id + 1, 200)
+
+
+def write_image(path: Path, rgb, size=8, fmt=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), rgb).save(path, format=fmt)
+
+
+def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) -> Path:
+    """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label
+    rows."""
+    k = 0
+    for split, n_classes in zip(("train", "val", "test"), classes, strict=True):
+        rows = [("filename", "label")]
+        for _ in range(n_classes):
+            label = f"n{1000 + k:08d}"
+            for i in range(per_class):
+                name = f"{label}{i + 1:08d}.jpg"
+                write_image(root / "images" / name, colour(k, i), size, "JPEG")
+                rows.append((name, label))
+            k += 1
+        with open(root / f"{split}.csv", "w", newline="") as fh:
+            csv.writer(fh).writerows(rows)
+    return root

@@ -251,7 +251,7 @@ def test_protonet_ensemble_and_refused_curve_protomaml_curve(tiny_root, tmp_path
 def tiny_miniimagenet(root):
     """10 training, 5 validation and 5 test classes of 20 images at 84x84 (test_datasets'
     layout)."""
-    from test_datasets import make_miniimagenet
+    from helpers import make_miniimagenet
 
     if not (root / "test.csv").is_file():
         make_miniimagenet(root, per_class=20, classes=(10, 5, 5))

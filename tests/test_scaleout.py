@@ -198,7 +198,7 @@ from metarun.algorithms.protomaml import ProtoMAML
 from metarun.algorithms.protonet import ProtoNet
 from metarun.models.conv4 import Conv4
 from metarun.runner import distributed
-from test_maml import random_episodes
+from helpers import random_episodes
 
 distributed.init()
 model = Conv4(3, filters=6, image_size=16)
