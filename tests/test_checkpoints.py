@@ -3,14 +3,22 @@ good checkpoint and says so in one line (issue 22, case 7); an unreadable checkp
 intact one of the same run, never at itself (case 9)."""
 
 import errno
+import os
+import pickle
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_metarun
-from test_robustness import assert_clean_error
-from test_runner import train_in_process
+from helpers import (
+    assert_clean_error,
+    ckpt,
+    compose_train,
+    run_metarun,
+    strip,
+    tiny_args,
+    train_in_process,
+)
 
 from metarun.errors import MetarunError
 from metarun.io import atomic_torch_save, write_failure
@@ -134,3 +142,138 @@ def test_resume_auto_and_eval_of_a_truncated_checkpoint(damaged, tmp_path):
     assert_clean_error(proc, "last.pt is not a readable checkpoint", "top/iteration-4.pt")
     proc = run_metarun("eval", f"checkpoint={damaged / 'checkpoints' / 'last.pt'}", cwd=tmp_path)
     assert_clean_error(proc, "intact checkpoint", f"checkpoint={damaged}/checkpoints/best.pt")
+
+
+def test_nonfinite_checkpoint_is_refused_by_eval_and_resume(run, tmp_path):
+    run, _, _ = run
+    blob = ckpt(run, "best.pt")
+    blob["params"]["conv0.weight"][0, 0, 0, 0] = float("nan")
+    bad = tmp_path / "bad.pt"
+    torch.save(blob, bad)
+    proc = run_metarun("eval", f"checkpoint={bad}", cwd=tmp_path)
+    assert_clean_error(proc, "bad.pt", "tensor 'params.conv0.weight' (1 of", "NaN or inf")
+    assert "accuracy" not in proc.stdout
+    proc = run_metarun("train", f"resume={bad}", "iterations=8", cwd=tmp_path)
+    assert_clean_error(proc, "tensor 'params.conv0.weight'")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("setting", ["checkpoint", "resume"])
+def test_every_loaded_tensor_is_checked(run, tmp_path, setting):
+    """The general form: any tensor of params (whatever its name) or of the Adam state, NaN or inf,
+    and the check is in load_checkpoint, which eval, resume and the end-of-training test all use."""
+    run, _, _ = run
+    for tree, name, value in (
+        ("params", "fc.bias", float("inf")),
+        ("params", "meta.lr.conv0", float("nan")),
+        ("optimizer", "exp_avg_sq", float("-inf")),
+    ):
+        blob = ckpt(run)
+        if tree == "params":
+            blob["params"][name] = torch.full((3,), value)
+            where = f"params.{name}"
+        else:
+            blob["optimizer"]["state"][2][name].view(-1)[0] = value
+            where = f"optimizer.state.2.{name}"
+        torch.save(blob, tmp_path / "x.pt")
+        pattern = rf"{setting}=.*x\.pt: tensor '{where}' \(\d+ of \d+ values\) holds NaN or inf"
+        with pytest.raises(MetarunError, match=pattern):
+            load_checkpoint(tmp_path / "x.pt", setting)
+
+
+def test_nonfinite_weights_never_reach_a_checkpoint(tiny_root, tmp_path, monkeypatch):
+    """Weights that turn NaN while the loss is still finite (between checks) stop the run before any
+    checkpoint is written, on every device (the check runs right before each save)."""
+    from metarun.runner import train as train_module
+
+    real = train_module.meta_train_step
+
+    def poisoned(maml, params, optimizer, episodes):
+        result = real(maml, params, optimizer, episodes)
+        if optimizer.state[next(iter(params.values()))]["step"] >= 2:
+            with torch.no_grad():
+                params["fc.bias"][0] = float("nan")
+        return result
+
+    monkeypatch.setattr(train_module, "meta_train_step", poisoned)
+    cfg = compose_train(
+        *strip(tiny_args(tiny_root, tmp_path / "x"), "train", "hydra."),
+        "iterations=4",
+        "eval_every=2",
+    )
+    with pytest.raises(
+        MetarunError, match=r"weights became non-finite \(tensor 'params.fc.bias'.*at iteration 2"
+    ):
+        train_module.train(cfg, tmp_path)
+    assert (
+        not (tmp_path / "checkpoints" / "last.pt").exists()
+        and not (tmp_path / "checkpoints" / "best.pt").exists()
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    run_metarun(*tiny_args(tiny_root, run), cwd=run.parent, check=True)
+    return run
+
+
+def test_bad_checkpoints(trained, tiny_root, tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={text}", cwd=tmp_path),
+        "notes.pt",
+        "is not a checkpoint (a text file, not a zip/torch file)",
+    )
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={plain}", cwd=tmp_path), "not a metarun checkpoint"
+    )
+    # a damaged checkpoint: its weights do not fit its own config
+    damaged = torch.load(trained / "checkpoints" / "best.pt", weights_only=True)
+    damaged["params"]["fc.weight"] = damaged["params"]["fc.weight"][:2]
+    torch.save(damaged, tmp_path / "damaged.pt")
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={tmp_path / 'damaged.pt'}", cwd=tmp_path),
+        "damaged.pt",
+        "do not match",
+    )
+    assert not (tmp_path / "outputs").exists()  # a rejected eval creates no output dir
+    # a resumed run keeps the learner it was trained with
+    proc = run_metarun(
+        *tiny_args(tiny_root, tmp_path / "other", "way=4", f"resume={trained}"), cwd=tmp_path
+    )
+    assert_clean_error(proc, "way=4 cannot change on resume", "(way=3)")
+    assert not (tmp_path / "other").exists()
+    # and a finished run's dir is never overwritten by a new run
+    proc = run_metarun(*tiny_args(tiny_root, trained), cwd=tmp_path)
+    assert_clean_error(proc, "already belongs to another run", "resume=")
+
+
+class Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(trained, tmp_path):
+    marker = tmp_path / "payload-ran"
+    blob = torch.load(trained / "checkpoints" / "last.pt", weights_only=True)
+    blob["extra"] = Payload(marker)
+    evil = tmp_path / "evil.pt"
+    torch.save(blob, evil)
+    assert_clean_error(
+        run_metarun("eval", f"checkpoint={evil}", cwd=tmp_path), "evil.pt", "refused"
+    )
+    assert_clean_error(
+        run_metarun("train", f"resume={evil}", f"hydra.run.dir={tmp_path / 'r'}", cwd=tmp_path),
+        "refused",
+    )
+    with open(evil, "wb") as fh:  # a bare pickle, not even a torch zip
+        pickle.dump(Payload(marker), fh)
+    assert_clean_error(run_metarun("eval", f"checkpoint={evil}", cwd=tmp_path), "evil.pt")
+    assert not marker.exists()

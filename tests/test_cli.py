@@ -2,9 +2,14 @@
 
 import json
 
+import pytest
 import torch
-from conftest import REPO, run_metarun, tiny_args
+from helpers import REPO, ckpt, compose_train, leaves, run_metarun, strip, tiny_args
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from metarun import cli
+from metarun.errors import MetarunError
 
 
 def load_params(path):
@@ -146,7 +151,7 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def test_mistyped_setting_with_a_list_of_values_is_an_unknown_setting(tiny_root, tmp_path):
-    from test_robustness import assert_clean_error
+    from helpers import assert_clean_error
 
     train = tiny_args(tiny_root, tmp_path / "run")
     assert_clean_error(
@@ -161,3 +166,86 @@ def test_mistyped_setting_with_a_list_of_values_is_an_unknown_setting(tiny_root,
         run_metarun(*train, "seed=0,1", cwd=tmp_path), "seed=0,1", "-m", "seed=[0,1]"
     )
     assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("key", cli.PATH_SETTINGS)
+@pytest.mark.parametrize("quote", ["", "'", '"'])
+def test_tilde_means_home_in_every_path_setting(key, quote, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    out = cli._normalize(f"{key}={quote}~/runs/a b{quote}")
+    assert out == f"{key}={cli._quote(str(tmp_path / 'runs' / 'a b'))}"
+    cli._parse("train", [out])  # Hydra's grammar reads it
+    assert cli._normalize(f"{key}=runs/x") == f"{key}=runs/x"
+    with pytest.raises(MetarunError, match="not a user's home folder"):
+        cli._normalize(f"{key}=~no-such-user-xyz/runs")
+
+
+def test_tilde_paths_from_the_cli(tiny_root, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "data").symlink_to(tiny_root)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {"HOME": str(home)}
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "dataset."
+    )
+    run_metarun(
+        *args,
+        "hydra.run.dir=~/runs/x",
+        "dataset.root=~/data",
+        "dataset.cache_dir='~/cache'",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
+    assert (
+        ckpt(home / "runs" / "x")["iteration"] == 2
+        and (home / "cache" / "omniglot_28.pt").is_file()
+    )
+    run_metarun("train", "resume=~/runs/x", "iterations=3", cwd=cwd, env_extra=env, check=True)
+    run_metarun(
+        "eval",
+        "checkpoint=~/runs/x",
+        "data_root=~/data",
+        "tasks=3",
+        "hydra.run.dir=~/ev",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
+    assert (home / "ev" / "eval.json").is_file()
+    run_metarun(
+        *args,
+        "-m",
+        "seed=1",
+        "hydra.sweep.dir=~/sw",
+        "dataset.root=~/data",
+        cwd=cwd,
+        env_extra=env,
+        check=True,
+    )
+    assert json.loads((home / "sw" / "0" / "results.json").read_text())["status"] == "completed"
+    assert sorted(p.name for p in cwd.iterdir()) == []  # no folder named `~`, nothing else either
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        str(p.relative_to(REPO / "conf" / "experiment").with_suffix(""))
+        for p in (REPO / "conf" / "experiment").rglob("*.yaml")
+    ),
+)
+def test_experiment_group_without_plus(name):
+    plain = compose_train(cli._normalize(f"experiment={name}"))
+    plus = compose_train(cli._normalize(f"+experiment={name}"))
+    expected = OmegaConf.to_container(OmegaConf.load(REPO / "conf" / "experiment" / f"{name}.yaml"))
+    expected.pop("defaults", None)
+    assert plain == plus and all(OmegaConf.select(plain, k) == v for k, v in leaves(expected))
+
+
+def test_experiment_group_without_plus_from_the_cli(tmp_path):
+    out = run_metarun(
+        "train", "experiment=omniglot_20way_1shot", "--cfg", "job", cwd=tmp_path, check=True
+    ).stdout
+    assert "way: 20" in out and "meta_batch: 16" in out

@@ -6,8 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_metarun, tiny_args
-from test_robustness import assert_clean_error
+from helpers import assert_clean_error, run_metarun, tiny_args
 
 # Every MAML++ schedule changes inside the 6 iterations: epochs of 2 iterations, MSL over 2 epochs,
 # first order in epoch 0, cosine annealing over 3 epochs (given, so that the 3-iteration first part
@@ -252,7 +251,7 @@ def test_protonet_ensemble_and_refused_curve_protomaml_curve(tiny_root, tmp_path
 def tiny_miniimagenet(root):
     """10 training, 5 validation and 5 test classes of 20 images at 84x84 (test_datasets'
     layout)."""
-    from test_datasets import make_miniimagenet
+    from helpers import make_miniimagenet
 
     if not (root / "test.csv").is_file():
         make_miniimagenet(root, per_class=20, classes=(10, 5, 5))

@@ -5,12 +5,20 @@ import zipfile
 import numpy as np
 import pytest
 import torch
-from conftest import DRAWERS, make_omniglot
+from helpers import (
+    DRAWERS,
+    assert_clean_error,
+    ids,
+    labelled_classes,
+    make_omniglot,
+    run_metarun,
+    tiny_args,
+)
 from omegaconf import OmegaConf
 
 from metarun.data import omniglot as omniglot_module
 from metarun.data.episodes import EpisodeSampler, fixed_tasks
-from metarun.data.omniglot import ClassImages, load_omniglot, split_characters
+from metarun.data.omniglot import load_omniglot, split_characters
 from metarun.data.sources import find_archives, read_archives
 from metarun.errors import MetarunError
 
@@ -84,7 +92,7 @@ def test_maml_and_lake_splits_are_disjoint(tiny_root):
     for split in (maml, lake):
         ids = split["train"] + split["val"] + split["test"]
         assert len(ids) == len(set(ids)) == 48
-    archive_of = {int(c): int(a) for c, a in zip(data.character, data.archive)}
+    archive_of = {int(c): int(a) for c, a in zip(data.character, data.archive, strict=True)}
     assert all(archive_of[c] == 1 for c in lake["test"]) and all(
         archive_of[c] == 0 for c in lake["train"] + lake["val"]
     )
@@ -93,30 +101,6 @@ def test_maml_and_lake_splits_are_disjoint(tiny_root):
     )
     with pytest.raises(MetarunError, match="dataset.split"):
         split_characters(data, "bogus", 1, 1)
-
-
-def labelled_classes(num_classes=10, per_class=20, side=6):
-    """Each image carries its (class, image) id in its pixels, so tasks can be inspected exactly."""
-    images = torch.zeros(num_classes, per_class, side, side, dtype=torch.uint8)
-    for c in range(num_classes):
-        for i in range(per_class):
-            images[c, i, 0, 0] = c + 1  # top-left marks class, rotation moves it
-            images[c, i, 0, 1] = i + 1
-    return ClassImages(images, [f"c{c}" for c in range(num_classes)])
-
-
-def ids(x):
-    """(class, image, turns) of every image of an episode tensor [..., 1, H, W] (pixel values were
-    id+1)."""
-    x = (x.squeeze(-3) * 255).round().long()
-    out = []
-    for img in x.reshape(-1, *x.shape[-2:]):
-        for k in range(4):
-            r = torch.rot90(img, -k, dims=(0, 1))
-            if r[0, 0] > 0 and r[0, 1] > 0:
-                out.append((int(r[0, 0]) - 1, int(r[0, 1]) - 1, k))
-                break
-    return out
 
 
 def test_sampler_invariants():
@@ -142,14 +126,16 @@ def test_sampler_invariants():
         assert not {(c, i) for c, i, _ in s} & {(c, i) for c, i, _ in q}  # support/query disjoint
         assert len({(c, i) for c, i, _ in s + q}) == way * (shot + query)  # no repeated image
         label_of, turn_of = {}, {}
-        for (c, _, k), y in zip(s + q, ep.y_support[t].tolist() + ep.y_query[t].tolist()):
+        for (c, _, k), y in zip(
+            s + q, ep.y_support[t].tolist() + ep.y_query[t].tolist(), strict=True
+        ):
             assert label_of.setdefault(c, y) == y  # one label per class
             assert turn_of.setdefault(c, k) == k  # one rotation per class
         assert len(label_of) == way
         orders.add(tuple(label_of[c] for c in sorted(label_of)))
     assert len(orders) > 1  # labels shuffled per task
     # rotation is off for evaluation tasks
-    for c, i, k in ids(
+    for _c, _i, k in ids(
         next(fixed_tasks(labelled_classes(), "val", way, shot, query, "cpu", 4, 0, 4)).x_query
     ):
         assert k == 0
@@ -168,7 +154,7 @@ def test_sampler_is_deterministic_and_resumable():
     assert not torch.equal(c.sample(4).x_query, next_a.x_query)
     t1 = [e.x_support for e in fixed_tasks(labelled_classes(), "val", 3, 1, 2, "cpu", 10, 7, 4)]
     t2 = [e.x_support for e in fixed_tasks(labelled_classes(), "val", 3, 1, 2, "cpu", 10, 7, 4)]
-    assert len(t1) == 3 and all(torch.equal(x, y) for x, y in zip(t1, t2))
+    assert len(t1) == 3 and all(torch.equal(x, y) for x, y in zip(t1, t2, strict=True))
 
 
 @pytest.mark.parametrize(
@@ -246,3 +232,37 @@ def test_cache_that_cannot_be_written_only_warns(
     )
     assert reason in warnings[0] and "set dataset.cache_dir to a writable folder" in warnings[0]
     assert list(cache_dir.iterdir()) == []  # the temporary file went with the failure
+
+
+def test_missing_and_damaged_data(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = run_metarun(
+        *tiny_args(empty, tmp_path / "r1", "dataset.source=archives", "dataset.download=false"),
+        cwd=tmp_path,
+    )
+    assert_clean_error(proc, str(empty), "images_background.zip", "dataset.root")
+    bad = make_omniglot(
+        tmp_path / "bad", layout={"images_background": 1, "images_evaluation": 1}, characters=2
+    )
+    (bad / "images_evaluation.zip").write_bytes(b"PK\x03\x04 this is no zip")
+    assert_clean_error(
+        run_metarun(*tiny_args(bad, tmp_path / "r2"), cwd=tmp_path),
+        "images_evaluation.zip",
+        "not a readable zip",
+    )
+    data = (bad / "images_background.zip").read_bytes()
+    (bad / "images_background.zip").write_bytes(data[: len(data) * 2 // 3])
+    assert_clean_error(
+        run_metarun(*tiny_args(bad, tmp_path / "r3"), cwd=tmp_path), "images_background.zip"
+    )
+
+
+def test_corrupt_cache_is_rebuilt(tiny_root, tmp_path):
+    root = make_omniglot(tmp_path / "data")
+    run_metarun(*tiny_args(root, tmp_path / "r1", "iterations=1"), cwd=tmp_path, check=True)
+    cache = root / "cache" / "omniglot_28.pt"
+    cache.write_bytes(cache.read_bytes()[:1000])
+    proc = run_metarun(*tiny_args(root, tmp_path / "r2", "iterations=1"), cwd=tmp_path, check=True)
+    assert "stale or corrupt; rebuilding" in proc.stderr
+    torch.load(cache, weights_only=True)

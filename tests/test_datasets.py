@@ -3,7 +3,6 @@ layout."""
 
 from __future__ import annotations
 
-import csv
 import json
 import pickle
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_metarun
+from helpers import colour, make_miniimagenet, run_metarun, write_image
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -22,16 +21,6 @@ from metarun.data.episodes import EpisodeSampler, draw_seed, fixed_tasks
 from metarun.data.folder import load_folder
 from metarun.data.registry import load_dataset
 from metarun.errors import MetarunError
-
-
-def colour(class_id: int, image_id: int) -> tuple[int, int, int]:
-    """Each image's pixels carry (class, image) so loaded tensors can be traced back to files."""
-    return (class_id + 1, image_id + 1, 200)
-
-
-def write_image(path: Path, rgb, size=8, fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (size, size), rgb).save(path, format=fmt)
 
 
 def make_folder(
@@ -221,7 +210,7 @@ def test_sampler_on_unequal_rgb_classes(tmp_path):
         labels = ep.y_support[t].tolist() + ep.y_query[t].tolist()
         assert len(set(pairs)) == way * (shot + query)  # distinct images, support/query disjoint
         label_of = {}
-        for (c, i), y in zip(pairs, labels):
+        for (c, i), y in zip(pairs, labels, strict=True):
             assert 0 <= i < counts[c]  # never past the class's own images
             assert label_of.setdefault(c, y) == y
         assert len(label_of) == way
@@ -238,24 +227,6 @@ def test_sampler_on_unequal_rgb_classes(tmp_path):
 
 
 # ---- miniImageNet --------------------------------------------------------------------------------
-
-
-def make_miniimagenet(root: Path, per_class: int, classes=(5, 5, 5), size=84) -> Path:
-    """Ravi & Larochelle's layout: images/<n0...>.jpg and train/val/test.csv with filename,label
-    rows."""
-    k = 0
-    for split, n_classes in zip(("train", "val", "test"), classes):
-        rows = [("filename", "label")]
-        for _ in range(n_classes):
-            label = f"n{1000 + k:08d}"
-            for i in range(per_class):
-                name = f"{label}{i + 1:08d}.jpg"
-                write_image(root / "images" / name, colour(k, i), size, "JPEG")
-                rows.append((name, label))
-            k += 1
-        with open(root / f"{split}.csv", "w", newline="") as fh:
-            csv.writer(fh).writerows(rows)
-    return root
 
 
 def test_miniimagenet_layout(tmp_path):
@@ -369,7 +340,7 @@ def test_cifar_datasets_from_torchvision_folder(tmp_path, name, module, counts):
     )
     splits, where = load_dataset(cfg)
     assert "cifar-100-python" in where and len(list((tmp_path / "cache").glob("*.pt"))) == 1
-    for s, n in zip(("train", "val", "test"), counts):
+    for s, n in zip(("train", "val", "test"), counts, strict=True):
         ci = splits[s]
         assert ci.class_names == list(module.CLASSES[s]) and ci.num_classes == n
         assert ci.images.shape == (3 * n, 3, 32, 32) and ci.counts.tolist() == [3] * n

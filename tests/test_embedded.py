@@ -1,4 +1,5 @@
-"""The Omniglot copy inside the package: lossless packing, the shipped file, and source selection."""
+"""The Omniglot copy inside the package: lossless packing, the shipped file, and source
+selection."""
 
 import os
 from pathlib import Path

@@ -1,14 +1,15 @@
 """`metarun eval` and the checkpoint files it reads: what it refuses, in one line, before it creates
 its output dir."""
 
+import json
 import pickle
 import shutil
 import zipfile
 
 import pytest
 import torch
-from conftest import REPO, run_metarun, tiny_args
-from test_robustness import assert_clean_error
+from helpers import REPO, assert_clean_error, ckpt, run_metarun, tiny_args
+from omegaconf import OmegaConf
 
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import load_checkpoint
@@ -128,3 +129,72 @@ def test_curve_reach_follows_the_per_step_weights(algorithm, refused):
             check_curve_reach([0, 3, 10], config)
     else:
         check_curve_reach([0, 3, 10], config)
+
+
+def test_scores_equal_for_any_chunk_size_and_impl(run, tiny_root):
+    from metarun.runner.evaluate import evaluate_tasks
+    from metarun.runner.setup import build_algorithm, load_splits
+
+    run, _, _ = run
+    blob = load_checkpoint(run / "checkpoints" / "last.pt")
+    cfg = OmegaConf.create(blob["config"])
+    splits = load_splits(cfg, torch.device("cpu"))["splits"]
+    scores = set()
+    for impl in ("loop", "batched", "parallel"):
+        cfg.algorithm.impl = impl
+        _, maml = build_algorithm(cfg, torch.device("cpu"))
+        for chunk in (1, 4, 7, 12):
+            cfg.eval_chunk = chunk
+            scores.add(evaluate_tasks(maml, blob["params"], splits["test"], "test", cfg, "cpu", 12))
+    assert len(scores) == 1, scores
+
+
+def test_eval_scores_equal_for_any_eval_chunk(run, tiny_root, tmp_path):
+    run, _, _ = run
+    accuracies = []
+    for chunk in (1, 7):
+        out = tmp_path / f"eval{chunk}"
+        run_metarun(
+            "eval",
+            f"checkpoint={run}",
+            "tasks=10",
+            f"eval_chunk={chunk}",
+            f"hydra.run.dir={out}",
+            cwd=tmp_path,
+            check=True,
+        )
+        accuracies.append(json.loads((out / "eval.json").read_text())["accuracy"])
+    assert accuracies[0] == accuracies[1]
+
+
+def test_eval_says_what_it_scored(run, tmp_path):
+    run, _, _ = run
+    out = run_metarun(
+        "eval",
+        f"checkpoint={run}",
+        "tasks=3",
+        f"hydra.run.dir={tmp_path / 'e'}",
+        cwd=tmp_path,
+        check=True,
+    ).stdout
+    best = ckpt(run, "best.pt")["iteration"]
+    assert (
+        f"{run / 'checkpoints' / 'best.pt'} (iteration {best})" in out
+        and f"{tmp_path / 'e' / 'eval.json'}" in out
+    )
+    # a run stopped before its first validation has no best.pt: eval says it scores last.pt
+    early = tmp_path / "early"
+    (early / "checkpoints").mkdir(parents=True)
+    shutil.copy(run / "checkpoints" / "last.pt", early / "checkpoints" / "last.pt")
+    proc = run_metarun(
+        "eval",
+        f"checkpoint={early}",
+        "tasks=3",
+        f"hydra.run.dir={tmp_path / 'e2'}",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert (
+        "has no checkpoints/best.pt" in proc.stderr
+        and "scoring last.pt (iteration 6)" in proc.stderr
+    )

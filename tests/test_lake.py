@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import character_image, png_bytes, run_metarun
+from helpers import character_image, png_bytes, run_metarun
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 

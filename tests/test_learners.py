@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import metarun_gradient, random_episodes, relative_error
 from omegaconf import OmegaConf
-from test_maml import metarun_gradient, random_episodes, relative_error
 
 from metarun.algorithms.anil import ANIL
 from metarun.algorithms.maml import MAML

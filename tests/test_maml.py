@@ -1,79 +1,19 @@
+"""MAML (metarun/algorithms/maml.py): the meta-gradient of every impl against the per-task
+definition (float64), first vs second order, chunking, meta-learning on synthetic tasks, and
+evaluation that keeps no graph."""
+
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import (
+    metarun_gradient,
+    random_episodes,
+    reference_gradient,
+    relative_error,
+    synthetic_tasks,
+)
 
 from metarun.algorithms.maml import MAML, meta_train_step
-from metarun.data.episodes import Episodes
 from metarun.models.conv4 import Conv4
-
-
-def random_episodes(tasks, way, shot, query, side=16, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = lambda n: torch.stack(
-        [torch.randperm(way, generator=g).repeat_interleave(n) for _ in range(tasks)]
-    )
-    return Episodes(
-        torch.rand(tasks, way * shot, 1, side, side, generator=g, dtype=dtype),
-        labels(shot),
-        torch.rand(tasks, way * query, 1, side, side, generator=g, dtype=dtype),
-        labels(query),
-    )
-
-
-def plain_forward(p, x, downsample):
-    """The learner written out for one task, independently of metarun's batched model."""
-    h = x
-    for i in range(4):
-        h = F.conv2d(
-            h,
-            p[f"conv{i}.weight"],
-            p[f"conv{i}.bias"],
-            stride=2 if downsample == "stride" else 1,
-            padding=1,
-        )
-        mean = h.mean(dim=(0, 2, 3), keepdim=True)
-        var = h.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        h = (h - mean) / torch.sqrt(var + 1e-3) * p[f"bn{i}.weight"].view(1, -1, 1, 1) + p[
-            f"bn{i}.bias"
-        ].view(1, -1, 1, 1)
-        h = F.relu(h)
-        if downsample == "maxpool":
-            h = F.max_pool2d(h, 2)
-    h = h.mean(dim=(2, 3)) if downsample == "stride" else h.flatten(1)
-    return h @ p["fc.weight"].t() + p["fc.bias"]
-
-
-def reference_gradient(params, ep, way, update_lr, update_step, first_order, downsample):
-    """Per-task Python loop with torch.autograd.grad(create_graph=True): the definition of MAML."""
-    names = list(params)
-    leaves = [params[k].detach().clone().requires_grad_(True) for k in names]
-    losses = []
-    for t in range(ep.x_support.shape[0]):
-        fast = leaves
-        for _ in range(update_step):
-            logits = plain_forward(dict(zip(names, fast)), ep.x_support[t], downsample)
-            loss = F.cross_entropy(logits, ep.y_support[t], reduction="sum") / (
-                len(ep.y_support[t]) // way
-            )
-            grads = torch.autograd.grad(loss, fast, create_graph=not first_order)
-            fast = [w - update_lr * g for w, g in zip(fast, grads)]
-        losses.append(
-            F.cross_entropy(
-                plain_forward(dict(zip(names, fast)), ep.x_query[t], downsample), ep.y_query[t]
-            )
-        )
-    return dict(zip(names, torch.autograd.grad(torch.stack(losses).mean(), leaves)))
-
-
-def metarun_gradient(maml, params, ep):
-    leaves = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
-    maml.accumulate_meta_gradient(leaves, ep)
-    return {k: v.grad for k, v in leaves.items()}
-
-
-def relative_error(a: dict, b: dict) -> float:
-    diff = torch.cat([(a[k] - b[k]).flatten() for k in b])
-    return (diff.norm() / torch.cat([v.flatten() for v in b.values()]).norm()).item()
 
 
 @pytest.mark.parametrize("downsample", ["stride", "maxpool"])
@@ -119,23 +59,6 @@ def test_chunked_equals_whole_batch():
     for impl, chunk in (("batched", 1), ("batched", 2), ("batched", 3), ("parallel", 2)):
         chunked = MAML(model, 0.1, 2, 2, impl=impl, task_chunk=chunk, workers=2)
         assert relative_error(metarun_gradient(chunked, params, ep), whole) < 1e-12
-
-
-def synthetic_tasks(pool, tasks, way, shot, query, g, noise=0.35):
-    """Classes are fixed random patterns seen through noise; labels are shuffled per task."""
-    chosen = torch.stack([torch.randperm(len(pool), generator=g)[:way] for _ in range(tasks)])
-    labels = torch.stack([torch.randperm(way, generator=g) for _ in range(tasks)])
-
-    def draw(n):
-        x = pool[chosen].unsqueeze(2).expand(-1, -1, n, -1, -1, -1)
-        x = x + noise * torch.randn(x.shape, generator=g)
-        return x.reshape(tasks, way * n, *pool.shape[1:]), labels.unsqueeze(-1).expand(
-            -1, -1, n
-        ).reshape(tasks, -1)
-
-    xs, ys = draw(shot)
-    xq, yq = draw(query)
-    return Episodes(xs, ys, xq, yq)
 
 
 def post_adaptation_query_loss(maml, params, ep):
@@ -190,38 +113,3 @@ def test_evaluation_keeps_no_graph():
         maml.evaluate(params, ep)
     assert rss_bytes() - start < 30 * 2**20
     assert all(p.grad is None for p in params.values())
-
-
-def test_timed_auto_picks_an_impl_and_keeps_the_gradient(caplog):
-    """`auto` picked by timing (CUDA's rule; timed_auto=True here): the timing runs leave no trace
-    in the gradient, the pick is logged with its timings, and later meta-batches use the picked
-    impl."""
-    import logging
-
-    from metarun.algorithms.engine import Engine
-
-    model = Conv4(3, filters=6, image_size=16)
-    params = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
-    ep = random_episodes(tasks=3, way=3, shot=2, query=2)
-    expected = reference_gradient(params, ep, 3, 0.4, 2, False, "stride")
-    engine = Engine("auto", 1, 0, "cpu", timed_auto=True)
-    maml = MAML(model, 0.4, 2, 2, engine=engine)
-    with caplog.at_level(logging.INFO, logger="metarun"):
-        assert relative_error(metarun_gradient(maml, params, ep), expected) < 1e-8
-    assert engine.impl in ("batched", "loop") and engine.choice["impl"] == engine.impl
-    assert "algorithm.impl=auto picked" in caplog.text and "ms per meta-batch" in caplog.text
-    assert relative_error(metarun_gradient(maml, params, ep), expected) < 1e-8
-
-
-def test_precision_settings_need_cuda():
-    from omegaconf import OmegaConf
-
-    from metarun.algorithms.engine import Engine
-    from metarun.errors import MetarunError
-    from metarun.runner.setup import apply_precision
-
-    with pytest.raises(MetarunError, match="autocast=bf16 needs device=cuda"):
-        Engine("batched", autocast="bf16")
-    with pytest.raises(MetarunError, match="need device=cuda"):
-        apply_precision(OmegaConf.create({"tf32": True}), torch.device("cpu"))
-    apply_precision(OmegaConf.create({"tf32": False, "autocast": "none"}), torch.device("cpu"))

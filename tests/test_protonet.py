@@ -6,8 +6,8 @@ the learning-rate schedule, and one-line refusals."""
 import pytest
 import torch
 import torch.nn.functional as F
-from test_algorithms_part2 import Flat
-from test_maml import (
+from helpers import (
+    Flat,
     metarun_gradient,
     plain_forward,
     random_episodes,

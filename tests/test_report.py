@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from conftest import run_metarun, tiny_args
+from helpers import run_metarun, tiny_args
 
 from metarun.cli import main
 from metarun.report import Result, pool
@@ -103,13 +103,15 @@ EXPECTED_MD = """\
 | 20 | 1 | 85.12 ± 1.01 (1 failed) | failed | 95.8 ± 0.3 | 89.4 ± 0.5 | 95.9 | 97.65 | 96.2 ± 0.5\
  | 96.0 | 95.4 |
 
-Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
+Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard\
+ deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 failed: 6: CUDA out of memory
 failed: 5: the meta-loss became nan at iteration 3
 MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400).
 first-order MAML (paper): Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400).
 Meta-SGD (paper): Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points.
-MAML++ (paper): Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree.
+MAML++ (paper): Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out:\
+ sources disagree.
 ANIL (paper): Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157).
 ProtoNet (paper, 60-way training): Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
  (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
@@ -124,9 +126,11 @@ way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
 5,1,MAML,95.0000,,2.0000,3,0,0,0;1;2,
 5,1,first-order MAML,90.1200,1.2300,,1,0,0,3,
 5,1,MAML (paper),98.7,0.4,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-5,1,first-order MAML (paper),98.3,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
+5,1,first-order MAML (paper),98.3,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1\
+ (arXiv:1703.03400)"
 5,1,Meta-SGD (paper),99.5,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
-5,1,MAML++ (paper),99.47,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
+5,1,MAML++ (paper),99.47,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way\
+ 5-shot left out: sources disagree"
 5,1,"ProtoNet (paper, 60-way training)",98.8,,,,,,,"Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
  (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
  shot; 1,000 test episodes, no CI given"
@@ -136,9 +140,12 @@ way,shot,method,accuracy,ci95,std,runs,failed,incomplete,dirs,note
 20,1,MAML,85.1200,1.0100,,1,1,0,4;6,CUDA out of memory
 20,1,first-order MAML,,,,0,1,0,5,the meta-loss became nan at iteration 3
 20,1,MAML (paper),95.8,0.3,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-20,1,first-order MAML (paper),89.4,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)"
-20,1,Meta-SGD (paper),95.9,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1 points"
-20,1,MAML++ (paper),97.65,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way 5-shot left out: sources disagree"
+20,1,first-order MAML (paper),89.4,0.5,,,,,,"Finn, Abbeel & Levine 2017, ICML, Table 1\
+ (arXiv:1703.03400)"
+20,1,Meta-SGD (paper),95.9,,,,,,,"Li, Zhou, Chen & Li 2017 (arXiv:1707.09835), rounded to 0.1\
+ points"
+20,1,MAML++ (paper),97.65,,,,,,,"Antoniou, Edwards & Storkey 2019, ICLR (arXiv:1810.09502); 5-way\
+ 5-shot left out: sources disagree"
 20,1,ANIL (paper),96.2,0.5,,,,,,"Raghu, Raghu, Bengio & Vinyals 2020, ICLR (arXiv:1909.09157)"
 20,1,"ProtoNet (paper, 60-way training)",96.0,,,,,,,"Snell, Swersky & Zemel 2017, NeurIPS, Table 1\
  (arXiv:1703.05175): training episodes of 60 classes, 5 queries per class, train shot = test\
@@ -238,7 +245,8 @@ def test_several_run_dirs_one_column_per_algorithm_and_out_dir(tmp_path, capsys)
 | 5 | 1 | results.json | 0.1 | 50.00 ± 5.00 |  |
 | 5 | 1 | results.json | 0.4 | 90.00 ± 1.00 | 92.00 ± 2.00 |
 
-Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard deviation over the seeds' runs; (N runs): the same over runs that share a seed.
+Cells: test accuracy (%), mean ± 95% CI over one run's test tasks; (N seeds): mean ± standard\
+ deviation over the seeds' runs; (N runs): the same over runs that share a seed.
 left out (not a task accuracy): ../eval/lake/eval.json
 """
     assert text == expected and (out / "report.md").read_text() == expected

@@ -7,13 +7,13 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
-from conftest import run_metarun, tiny_args
-from test_algorithms_part2 import Linear, hand_reptile
-from test_maml import random_episodes, relative_error
+from helpers import WAY, random_episodes, relative_error, run_metarun, tiny_args
 
 from metarun.algorithms.base import meta_train_step
 from metarun.algorithms.reptile import ADAM, Reptile, ReptileBatch
+from metarun.data.episodes import Episodes
 from metarun.errors import MetarunError
 from metarun.models.conv4 import Conv4
 from metarun.models.learner import ModuleLearner
@@ -232,3 +232,109 @@ def test_a_checkpoint_from_before_the_setting_resumes_with_a_fresh_adam_per_task
     assert "a fresh inner adam per task" in proc.stdout
     last = load(run / "checkpoints" / "last.pt")
     assert last["iteration"] == 6 and not any(k.startswith(ADAM) for k in last["params"])
+
+
+class Linear(nn.Module):
+    """A tiny linear learner: 2x2 images -> 3 logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x.flatten(1))
+
+
+def hand_reptile(phi, x, y, order, lr, optimizer, eps, betas=(0.0, 0.999), adam_eps=1e-8):
+    """Reptile by hand for the linear learner: per task, steps of SGD or TF-Adam on the mean
+    cross-entropy, whose gradient is (softmax - onehot)^T [x, 1] / batch; then phi + eps * (mean W -
+    phi)."""
+    adapted = []
+    for t in range(x.shape[0]):
+        W, b = phi["fc.weight"].clone(), phi["fc.bias"].clone()
+        m = [torch.zeros_like(W), torch.zeros_like(b)]
+        v = [torch.zeros_like(W), torch.zeros_like(b)]
+        for s in range(order.shape[1]):
+            xb, yb = x[t, order[t, s]].flatten(1), y[t, order[t, s]]
+            p = torch.softmax(xb @ W.T + b, dim=1)
+            d = (p - F.one_hot(yb, 3).to(p.dtype)) / len(yb)
+            grads = [d.T @ xb, d.sum(0)]
+            if optimizer == "sgd":
+                W, b = W - lr * grads[0], b - lr * grads[1]
+                continue
+            step = s + 1
+            lr_t = lr * math.sqrt(1 - betas[1] ** step) / (1 - betas[0] ** step)
+            new = []
+            for i, (w, g) in enumerate(zip((W, b), grads, strict=True)):
+                m[i] = betas[0] * m[i] + (1 - betas[0]) * g
+                v[i] = betas[1] * v[i] + (1 - betas[1]) * g * g
+                new.append(w - lr_t * m[i] / (v[i].sqrt() + adam_eps))
+            W, b = new
+        adapted.append({"fc.weight": W, "fc.bias": b})
+    return {k: phi[k] + eps * (torch.stack([a[k] for a in adapted]).mean(0) - phi[k]) for k in phi}
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("impl", ["batched", "parallel"])
+def test_reptile_update_equals_hand_computed(optimizer, impl):
+    learner = ModuleLearner(Linear, 3, 1, 2)
+    algo = Reptile(
+        learner,
+        0.3,
+        3,
+        2,
+        train_shots=2,
+        inner_batch=4,
+        inner_optimizer=optimizer,
+        meta_step=0.8,
+        meta_step_final=0.2,
+        iterations=10,
+        impl=impl,
+        workers=2,
+    )
+    phi = {
+        k: v.requires_grad_(True)
+        for k, v in algo.init_meta_params(
+            torch.Generator().manual_seed(0), dtype=torch.float64
+        ).items()
+    }
+    start = {k: v.detach().clone() for k, v in phi.items()}
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, 1, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.arange(3).repeat_interleave(2).expand(4, 6).contiguous()
+    order = torch.stack(
+        [torch.stack([torch.randperm(6, generator=g)[:4] for _ in range(3)]) for _ in range(4)]
+    )
+    optim = algo.make_optimizer(list(phi.values()), 1e-3)
+    algo.begin_iteration(5, optim)  # eps = 0.5 * 0.2 + 0.5 * 0.8
+    assert optim.param_groups[0]["lr"] == pytest.approx(0.5)
+    meta_train_step(algo, phi, optim, ReptileBatch(x, y, order))
+    expected = hand_reptile(start, x, y, order, 0.3, optimizer, 0.5)
+    assert relative_error({k: v.detach() for k, v in phi.items()}, expected) < 1e-12
+    assert relative_error(expected, start) > 1e-3
+
+
+def test_reptile_mini_batches_follow_their_order_and_non_transductive_eval_isolates_queries():
+    from metarun.algorithms.reptile import mini_batch_order
+
+    order = mini_batch_order(2, 5, 4, 3, torch.Generator().manual_seed(0), "cpu")
+    for t in range(2):
+        flat = order[t].flatten()
+        assert sorted(flat[:5].tolist()) == list(range(5)) and sorted(flat[5:10].tolist()) == list(
+            range(5)
+        )
+    model = Conv4(WAY, filters=6, image_size=16)
+    ep = random_episodes(tasks=2, way=WAY, shot=1, query=3, seed=2)
+    meta = model.init_params(torch.Generator().manual_seed(1), dtype=torch.float64)
+    non = Reptile(model, 0.01, 2, 3, impl="batched", eval_inner_batch=0, transductive=False)
+    trans = Reptile(model, 0.01, 2, 3, impl="batched", eval_inner_batch=0, transductive=True)
+    a, b = non.query_logits(meta, ep), trans.query_logits(meta, ep)
+    # non-transductive: a query image's logits do not depend on the other query images
+    ep2 = Episodes(
+        ep.x_support,
+        ep.y_support,
+        torch.cat([ep.x_query[:, :1], torch.rand_like(ep.x_query[:, 1:])], 1),
+        ep.y_query,
+    )
+    assert torch.allclose(non.query_logits(meta, ep2)[:, 0], a[:, 0], atol=1e-12)
+    assert not torch.allclose(trans.query_logits(meta, ep2)[:, 0], b[:, 0], atol=1e-6)

@@ -2,9 +2,16 @@
 (metarun/io.py) that checkpoints and data caches share."""
 
 import ast
+import os
+import subprocess
+import sys
+import time
 
-from conftest import REPO
+import torch
+from helpers import REPO, ckpt
+from omegaconf import OmegaConf
 
+from metarun.data.omniglot import atomic_torch_save
 from metarun.runner.files import RunFiles
 
 PACKAGE = REPO / "metarun"
@@ -89,3 +96,67 @@ def test_run_files_layout(tmp_path):
     (files.top_dir / "notes.pt").write_bytes(b"")  # not a checkpoint of the run's naming
     assert files.checkpoint_files() == [files.last, files.best, files.top(12), files.top(4)]
     assert files.has_checkpoints()
+
+
+def test_log_file_holds_the_runs_messages(run):
+    run, before, _ = run
+    text = (run / "metarun-train.log").read_text()
+    assert "\r" not in text and "meta-train" not in text  # tqdm stays on the console
+    for fragment in (
+        "3-way 1-shot 2-query on cpu",
+        "iteration 3: validation accuracy",
+        "iteration 6: validation accuracy",
+        "test accuracy",
+        "resumed from",
+        "run dir",
+    ):
+        assert fragment in text, fragment
+    assert (
+        "into the cache" in before["stdout"] and "MiB" in before["stdout"]
+    )  # 9. where a cache goes, its size
+
+
+def test_resolved_settings_are_recorded(run):
+    run, _, _ = run
+    resolved = OmegaConf.load(run / "resolved.yaml")
+    assert resolved.device == "cpu" and resolved.algorithm.impl in ("batched", "loop", "parallel")
+    assert "from the archives in" in resolved.data_source and os.path.isabs(resolved.dataset.root)
+    assert "${" not in (run / "resolved.yaml").read_text()
+    assert ckpt(run)["resolved"]["algorithm"]["impl"] == resolved.algorithm.impl
+
+
+WRITER = """
+import sys, torch
+from metarun.data.omniglot import atomic_torch_save
+path = sys.argv[1]
+i = 0
+while True:
+    i += 1
+    atomic_torch_save({"i": i, "w": torch.full((3_000_000,), float(i))},\
+ __import__("pathlib").Path(path))
+    print(i, flush=True)
+"""
+
+
+def test_kill_during_checkpoint_write_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    atomic_torch_save({"i": 0, "w": torch.zeros(3_000_000)}, path)
+    for delay in (0.3, 0.55, 0.8, 1.1):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(path)], cwd=REPO, stdout=subprocess.PIPE
+        )
+        proc.stdout.readline()  # at least one write finished; the next is under way
+        time.sleep(delay)
+        proc.kill()  # SIGKILL: no handler, no cleanup
+        proc.wait()
+        blob = torch.load(path, weights_only=True)
+        assert torch.equal(blob["w"], torch.full((3_000_000,), float(blob["i"])))
+
+
+def test_atomic_save_gives_the_permissions_of_a_plain_write(tmp_path):
+    """Caches and checkpoints in shared folders stay readable as the umask allows (mkstemp alone
+    gives 0600)."""
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    atomic_torch_save({"w": torch.zeros(2)}, tmp_path / "saved.pt")
+    assert (tmp_path / "saved.pt").stat().st_mode & 0o777 == plain.stat().st_mode & 0o777

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_metarun
-from test_robustness import assert_clean_error
+from helpers import assert_clean_error, run_metarun
 
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import load_checkpoint, load_state, save_checkpoint

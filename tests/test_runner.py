@@ -13,27 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_metarun, tiny_args
-from hydra import compose, initialize_config_dir
+from helpers import (
+    REPO,
+    assert_clean_error,
+    ckpt,
+    run_metarun,
+    settings,
+    tiny_args,
+    train_in_process,
+)
 
 import metarun
-from metarun import cli
+from metarun.data.omniglot import atomic_torch_save
 from metarun.runner import train as train_module
 
 RUNNER = REPO / "metarun" / "runner"
-
-
-def settings(tiny_root, run_dir, *extra) -> list[str]:
-    """tiny_args without the command and the hydra.* settings: what train() gets as overrides."""
-    return [a for a in tiny_args(tiny_root, run_dir, *extra)[1:] if not a.startswith("hydra.")]
-
-
-def train_in_process(tiny_root, run_dir: Path, *extra) -> dict:
-    """metarun.runner.train.train of the tiny settings plus `extra`, in this process."""
-    overrides = settings(tiny_root, run_dir, *extra)
-    with initialize_config_dir(config_dir=cli.CONF, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
-    return train_module.train(cfg, run_dir, overrides)
 
 
 def last(run_dir: Path) -> dict:
@@ -217,3 +211,108 @@ def test_results_say_which_command_and_metarun_made_the_run(tiny_root, tmp_path)
     )
     on_disk = json.loads((run / "results.json").read_text())
     assert on_disk["command"] == results["command"]
+
+
+def test_time_limit_ends_training_with_a_test_and_results(tiny_root, tmp_path):
+    """time_limit (minutes) ends a run early as if its iterations were reached: last validation,
+    test of the best checkpoint, results.json saying how far it got; the run continues with
+    resume."""
+    run = tmp_path / "run"
+    proc = run_metarun(
+        *tiny_args(tiny_root, run, "iterations=100000", "eval_every=100000", "time_limit=0.02"),
+        cwd=tmp_path,
+        check=True,
+    )
+    results = json.loads((run / "results.json").read_text())
+    done = results["iterations_done"]
+    assert (
+        results["stopped_by"] == "time_limit"
+        and 0 < done < 100000
+        and "time_limit=0.02 min reached" in proc.stdout
+    )
+    assert (
+        results["best_iteration"] == done
+        and ckpt(run)["iteration"] == done
+        and "test_accuracy" in results
+    )
+    more = run_metarun(
+        "train",
+        f"resume={run}",
+        f"iterations={done + 2}",
+        "time_limit=null",
+        cwd=tmp_path,
+        check=True,
+    )
+    assert f"at iteration {done}" in more.stdout
+    final = json.loads((run / "results.json").read_text())
+    assert final["iterations_done"] == done + 2 and final["stopped_by"] == "iterations"
+    assert_clean_error(
+        run_metarun(*tiny_args(tiny_root, tmp_path / "bad", "time_limit=-1"), cwd=tmp_path),
+        "time_limit=-1 must be a positive number of minutes",
+    )
+
+
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_path):
+    run = tmp_path / "run"
+    run_metarun(*tiny_args(tiny_root, run, "iterations=3"), cwd=tmp_path, check=True)
+    good = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    # a huge inner step size overflows the adapted weights (update_lr cannot change on resume: the
+    # run's saved config is edited instead)
+    good["config"]["update_lr"] = 1e38
+    atomic_torch_save(good, run / "checkpoints" / "last.pt")
+    proc = run_metarun("train", f"resume={run}", "iterations=6", cwd=tmp_path)
+    assert_clean_error(
+        proc, "meta-loss became", "at iteration 4", "last good checkpoint", "Lower update_lr"
+    )
+    kept = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert kept["iteration"] == 3 and all(
+        torch.equal(kept["params"][k], good["params"][k]) for k in good["params"]
+    )
+    # the error is in the run's log file too
+    assert "meta-loss became" in (run / "metarun-train.log").read_text()
+
+
+def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
+    """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler
+    (torchrun's other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them
+    into one handler."""
+    import logging
+
+    from metarun.runner.logs import BelowWarning, console_through_tqdm
+
+    root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level)
+    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
+    out.addFilter(BelowWarning())
+    err.setLevel(logging.WARNING)
+    root.handlers, root.level = [out, err], logging.INFO
+    try:
+        with console_through_tqdm():
+            logging.getLogger("metarun").info("an info line")
+            logging.getLogger("metarun").warning("a warning line")
+        logging.getLogger("metarun").info("after the bar")
+    finally:
+        root.handlers, root.level = saved
+    captured = capsys.readouterr()
+    assert captured.out == "an info line\nafter the bar\n" and captured.err == "a warning line\n"
+    assert out.emit.__func__ is logging.StreamHandler.emit  # restored
+
+
+def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
+    """tuned: glibc's mallopt is called (mmap and trim thresholds); system: nothing is changed."""
+    import ctypes
+
+    from metarun.runner import setup
+
+    if not sys.platform.startswith("linux") or not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("glibc only")
+    calls = []
+
+    class Libc:
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: Libc())
+    assert setup.apply_cpu_allocator("system") is False and calls == []
+    assert setup.apply_cpu_allocator("tuned") is True
+    assert calls == [(setup.M_MMAP_THRESHOLD, 2**30), (setup.M_TRIM_THRESHOLD, 2**30)]

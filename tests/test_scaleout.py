@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, run_metarun, tiny_args
+from helpers import REPO, assert_clean_error, run_metarun, tiny_args
 from omegaconf import OmegaConf
-from test_robustness import assert_clean_error
 
 from metarun import cli
 
@@ -88,7 +87,7 @@ SPLIT = ("maml", "anil", "metasgd", "mamlpp", "reptile")
 
 def algorithm_and_batch(name: str):
     """A float64 algorithm on a small conv4 and its training batch of 5 tasks (shares: 2, 3)."""
-    from test_maml import random_episodes
+    from helpers import random_episodes
 
     from metarun.algorithms.anil import ANIL
     from metarun.algorithms.maml import MAML
@@ -118,7 +117,7 @@ def algorithm_and_batch(name: str):
 
 
 def test_every_batch_type_gives_a_share_of_its_items():
-    from test_maml import random_episodes
+    from helpers import random_episodes
 
     from metarun.algorithms.pretrain import ImageBatch
     from metarun.algorithms.reptile import to_batch
@@ -136,7 +135,7 @@ def test_every_batch_type_gives_a_share_of_its_items():
 def test_two_process_meta_gradient_equals_the_single_process_one(tmp_path):
     """For every algorithm torchrun runs: the 2-process gradient (gloo, float64) is the
     1-process one; for MAML also the independent per-task reference's."""
-    from test_maml import random_episodes, reference_gradient
+    from helpers import random_episodes, reference_gradient
 
     script = tmp_path / "worker.py"
     script.write_text(GRADIENT_WORKER)
@@ -199,7 +198,7 @@ from metarun.algorithms.protomaml import ProtoMAML
 from metarun.algorithms.protonet import ProtoNet
 from metarun.models.conv4 import Conv4
 from metarun.runner import distributed
-from test_maml import random_episodes
+from helpers import random_episodes
 
 distributed.init()
 model = Conv4(3, filters=6, image_size=16)
@@ -220,7 +219,7 @@ distributed.finish()
 def test_two_process_protonet_and_protomaml_gradients_equal_the_single_process_ones(tmp_path):
     """ProtoNet (no inner loop, its own meta-gradient) and Proto-MAML (per-task heads) over 2 ranks:
     each rank's share of the meta-batch, all-reduced, is the whole batch's gradient."""
-    from test_maml import random_episodes
+    from helpers import random_episodes
 
     from metarun.algorithms.protomaml import ProtoMAML
     from metarun.algorithms.protonet import ProtoNet

@@ -5,11 +5,9 @@ epochs, one warning) unless algorithm.fit_schedule=false, as in the mamlpp_paper
 
 import pytest
 import torch
-from conftest import run_metarun, tiny_args
+from helpers import assert_clean_error, compose, run_metarun, tiny_args
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_faithfulness import compose
-from test_robustness import assert_clean_error
 
 from metarun.algorithms.mamlpp import MAMLPlusPlus
 from metarun.algorithms.reptile import Reptile

@@ -3,10 +3,10 @@
 import re
 
 import pytest
-from conftest import REPO, run_metarun
+import torch
+from helpers import REPO, assert_clean_error, run_metarun, tiny_args
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_robustness import assert_clean_error
 
 from metarun import cli, report, settings
 from metarun.errors import MetarunError
@@ -253,3 +253,46 @@ def test_no_preset_hint_when_there_is_nothing_to_say(given):
 
 def test_conf_is_the_repositorys():
     assert settings.conf_dir() == REPO / "conf"
+
+
+@pytest.mark.parametrize(
+    "override,fragments",
+    [
+        ("wya=5", ["unknown setting 'wya'", "--help"]),
+        ("way=40", ["way=40 is larger than the 33 classes of the train split"]),
+        ("shot=15", ["shot+query=15+6=21 is more than the 20 images per class"]),
+        ("update_lr=0", ["update_lr=0 must be a positive number"]),
+        ("way=five", ["way=five must be a positive integer"]),
+        ("eval_chunk=0", ["eval_chunk=0 must be a positive integer"]),
+        ("meta_lr=-0.001", ["meta_lr=-0.001 must be a positive number"]),
+        ("update_step=0", ["update_step=0 must be a positive integer"]),
+        ("meta_batch=0", ["meta_batch=0 must be a positive integer"]),
+        ("iterations=-5", ["iterations=-5 must be a positive integer"]),
+        ("dataset.split=alphabetical", ["dataset.split='alphabetical'", "maml", "lake"]),
+        ("device=tpu", ["device=tpu"]),
+        ("cpu_allocator=jemalloc", ["cpu_allocator=jemalloc is not a setting", "tuned", "system"]),
+        (
+            "hydra.run.dir=/proc/metarun-cannot-write",
+            ["/proc/metarun-cannot-write", "hydra.run.dir"],
+        ),
+        ("resume=/nonexistent/last.pt", ["resume=/nonexistent/last.pt does not exist"]),
+    ],
+)
+def test_bad_setting_fails_early_with_one_line(tiny_root, tmp_path, override, fragments):
+    args = tiny_args(tiny_root, tmp_path / "run", "query=6")
+    if override.startswith("hydra.run.dir"):
+        args = [a for a in args if not a.startswith("hydra.run.dir")]
+    proc = run_metarun(*args, override, cwd=tmp_path)
+    assert_clean_error(proc, *fragments)
+    # a rejected command leaves nothing behind: no run dir, no outputs/ (#11)
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(tiny_root, tmp_path):
+    assert_clean_error(
+        run_metarun(*tiny_args(tiny_root, tmp_path / "run"), "device=cuda", cwd=tmp_path),
+        "device=cuda",
+        "no usable CUDA",
+        "device=cpu",
+    )

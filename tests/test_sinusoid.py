@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_metarun
+from helpers import REPO, run_metarun
 from omegaconf import OmegaConf
 
 from metarun import report

@@ -13,8 +13,7 @@ import time
 
 import pytest
 import torch
-from conftest import run_metarun, tiny_args
-from test_robustness import assert_clean_error
+from helpers import assert_clean_error, run_metarun, tiny_args
 
 
 def strip(args, *prefixes):
@@ -182,3 +181,43 @@ def test_optuna_search_where_every_trial_fails_ends_with_the_summary(tiny_root, 
     )
     assert_clean_error(proc, "2 sweep cell(s) failed", "larger than the")
     assert len(list(sweep.glob("*/results.json"))) == 2
+
+
+def test_sweep_records_failed_cells_and_runs_the_others(tiny_root, tmp_path):
+    args = strip(
+        tiny_args(tiny_root, tmp_path, "iterations=2", "eval_every=2"), "hydra.run.dir", "way="
+    )
+    sweep = tmp_path / "sweep"
+    proc = run_metarun(*args, "-m", "way=5000,five,3", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("metarun: error:")]
+    assert (
+        len(line) == 1
+        and "2 sweep cell(s) failed" in line[0]
+        and "way=5000" in line[0]
+        and "way=five" in line[0]
+    )
+    cells = {c: json.loads((sweep / c / "results.json").read_text()) for c in ("0", "1", "2")}
+    assert cells["0"]["status"] == "failed" and "larger than the 33 classes" in cells["0"]["reason"]
+    assert (
+        cells["1"]["status"] == "failed"
+        and "way=five must be a positive integer" in cells["1"]["reason"]
+    )
+    assert cells["2"]["status"] == "completed" and cells["2"]["config"]["way"] == 3
+    assert "larger than the 33 classes" in (sweep / "0" / "metarun-train.log").read_text()
+    # the report of that sweep: the finished cell filled, the failed ones marked with their reasons
+    # (#16)
+    report = run_metarun("report", str(sweep), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    table = report.stdout
+    assert "| 3 |" in table and table.count("failed") >= 2 and "larger than the 33 classes" in table
+    assert (sweep / "report.md").read_text() == table and (sweep / "report.csv").is_file()
+
+
+def test_sweep_with_a_mistyped_setting_fails_before_any_cell(tiny_root, tmp_path):
+    args = strip(tiny_args(tiny_root, tmp_path, "iterations=2"), "hydra.run.dir")
+    proc = run_metarun(
+        *args, "-m", "way=2,3", "wya=4", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path
+    )
+    assert_clean_error(proc, "unknown setting 'wya'")
+    assert not (tmp_path / "sweep").exists()

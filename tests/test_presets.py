@@ -1,6 +1,6 @@
-"""Issue 15: the paper-faithful settings, the paper presets, the learning-curve evaluation, and a
-short run of cbfinn/maml's Omniglot protocol on the CPU whose learning curve must stay where it was
-measured."""
+"""The paper presets against the authors' code, the paper-faithful settings they use, the
+learning-curve evaluation, and a short run of cbfinn/maml's Omniglot protocol on the CPU whose
+learning curve must stay where it was measured."""
 
 from __future__ import annotations
 
@@ -11,21 +11,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import REPO, run_metarun, tiny_args
+from helpers import REPO, compose, random_episodes, relative_error, run_metarun, tiny_args
 from omegaconf import OmegaConf
-from test_maml import random_episodes, relative_error
 
 from metarun.algorithms.maml import MAML
 from metarun.models.conv4 import Conv4
-
-
-def compose(*overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="train", overrides=list(overrides))
-
 
 # -- 1. Each preset is exactly the documented protocol (README "Faithfulness") ---------------------
 # The settings every maml_paper cell shares (cbfinn/maml: main.py, maml.py, utils.py,
@@ -219,11 +209,17 @@ def frozen_bn_reference(params, ep, way, lr, steps, bn_scale):
             )
             adapt = [k for k in fast if not k.startswith("bn")]
             grads = torch.autograd.grad(loss, [fast[k] for k in adapt], create_graph=True)
-            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads)}}
+            fast = {**fast, **{k: fast[k] - lr * g for k, g in zip(adapt, grads, strict=True)}}
         losses.append(
             F.cross_entropy(offset_only_forward(fast, ep.x_query[t], bn_scale), ep.y_query[t])
         )
-    return dict(zip(leaves, torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values()))))
+    return dict(
+        zip(
+            leaves,
+            torch.autograd.grad(torch.stack(losses).mean(), list(leaves.values())),
+            strict=True,
+        )
+    )
 
 
 @pytest.mark.parametrize("bn_scale", [False, True])
@@ -268,7 +264,7 @@ def test_frozen_batch_norm_meta_gradient_equals_reference(bn_scale, impl):
 def test_every_algorithm_leaves_frozen_batch_norm_out_of_the_inner_loop(name):
     """The algorithms whose inner loop adapts `adapted_names` (ANIL adapts the head only; the
     baseline fine-tunes a new head; Reptile refuses the setting, below)."""
-    from test_algorithms import build
+    from helpers import build
 
     model = Conv4(3, filters=4, image_size=16, adapt_bn=False)
     algo = build(name, model)
@@ -282,7 +278,10 @@ def test_every_algorithm_leaves_frozen_batch_norm_out_of_the_inner_loop(name):
 
 
 def test_head_init_normal_has_unit_std_and_xavier_is_unchanged():
-    g = lambda: torch.Generator().manual_seed(0)
+
+    def g():
+        return torch.Generator().manual_seed(0)
+
     normal = Conv4(20, filters=64, head_init="normal").init_params(g())["fc.weight"]
     assert abs(normal.std().item() - 1.0) < 0.05
     xavier = Conv4(20, filters=64).init_params(g())["fc.weight"]
@@ -376,7 +375,7 @@ def test_split_sizes_and_rotated_evaluation_tasks(tiny_root):
 def test_rotate_eval_reaches_the_tasks_that_are_scored(rotate_eval):
     """dataset.rotate_eval must change what evaluate_tasks (validation, test, metarun eval) scores:
     every scored image unrotated without it, all four rotations with it."""
-    from test_data import ids, labelled_classes
+    from helpers import ids, labelled_classes
 
     from metarun.runner.evaluate import evaluate_tasks
 
@@ -428,7 +427,7 @@ def test_curve_gives_one_accuracy_per_step_count_and_chance_before_adaptation(ti
     # (400 tasks x 15 queries: the standard error is ~1%)
     assert abs(curve[0][0] - 1 / 3) < 0.04
     # each point is what a separate evaluation with that many steps gives, on the same tasks
-    for steps, (mean, ci) in zip([1, 3], curve[1:]):
+    for steps, (mean, ci) in zip([1, 3], curve[1:], strict=True):
         assert (mean, ci) == pytest.approx(
             evaluate_tasks(
                 algo, params, splits["test"], "test", cfg, torch.device("cpu"), 400, steps
@@ -498,7 +497,7 @@ def test_eval_steps_from_the_cli_and_old_checkpoints_still_load(tiny_root, tmp_p
 # support loss, second order) with a reduced budget: model.filters=32, meta_batch=8, 600 iterations,
 # seed 0, threads as pytest's; then the learning curve on 300 fixed (rotated) test tasks, eval_seed
 # 1234, after 0, 1 and 3 inner steps. Measured once (2026-11-29, this project's 2-core CPU) with
-#   cd tests && PYTHONPATH=.. python -c "from test_faithfulness import *;
+#   cd tests && PYTHONPATH=.. python -c "from test_presets import *;
 # print(short_protocol_run(**SHORT_RUN))" after 600 iterations: steps 0: 20.2% ± 1.5%, 1: 56.0% ±
 # 2.6%, 3: 60.4% ± 2.7%; after 300 iterations: 18.1%, 41.3%, 53.5%; untrained (0 iterations): 19.4%,
 # 26.6%, 49.0%. So a learner that stops meta-learning stays near 27% after one step (the step it is
@@ -546,13 +545,14 @@ def test_short_run_of_the_papers_protocol_learns_as_measured():
         print(
             "\n"
             + ", ".join(
-                f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%" for s, (m, c) in zip([0, 1, 3], curve)
+                f"steps {s}: {100 * m:.1f}% ± {100 * c:.1f}%"
+                for s, (m, c) in zip([0, 1, 3], curve, strict=True)
             )
         )
     assert (
         abs(curve[0][0] - 0.2) < 0.05
     )  # unadapted: chance (the labels are a random permutation per task)
-    for steps, (mean, _) in zip([1, 3], curve[1:]):
+    for steps, (mean, _) in zip([1, 3], curve[1:], strict=True):
         assert mean >= MEASURED[steps] - MARGIN, (
             f"after {steps} steps {mean:.3f} < measured {MEASURED[steps]}"
         )
@@ -774,7 +774,7 @@ def test_query_test_sizes_the_scored_tasks_only():
     """query_test: the validation and test tasks' query images per class (cbfinn/maml: 15 in
     training, K at test on miniImageNet); null is the training query, as before the setting
     existed."""
-    from test_data import labelled_classes
+    from helpers import labelled_classes
 
     from metarun.errors import MetarunError
     from metarun.runner.evaluate import eval_query, evaluate_tasks
@@ -812,6 +812,6 @@ def test_query_test_in_a_run_and_its_eval(tiny_root, tmp_path):
     )
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["query"] == 1
     too_many = run_metarun(*tiny_args(tiny_root, tmp_path / "r2", "query_test=25"), cwd=tmp_path)
-    from test_robustness import assert_clean_error
+    from helpers import assert_clean_error
 
     assert_clean_error(too_many, "shot+query=1+25")
