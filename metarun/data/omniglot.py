@@ -7,7 +7,6 @@ W] (255 = ink) that the episode sampler indexes on the device.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from metarun.data.classes import ClassImages
 from metarun.errors import MetarunError
 
 # noqa: F401  (re-exported: scripts and tests import it here)
-from metarun.io import atomic_torch_save
+from metarun.io import atomic_torch_save, describe_write_failure
 
 log = logging.getLogger("metarun")
 CACHE_FORMAT = "metarun-omniglot-cache-v1"
@@ -200,18 +199,13 @@ def _read_cache(path: Path, fingerprint: str, size: int, method: str = "lanczos"
 def save_cache(blob: dict, path: Path) -> bool:
     """Writes a decoded-data cache (atomically); where it cannot be written (a read-only folder, a
     full disk) logs one warning and returns False: the data is used, the next run decodes it again.
-    torch.save reports a full disk as a RuntimeError ("[enforce fail at inline_container.cc:...]
-    unexpected pos ..." or "PytorchStreamWriter failed writing file ..."), not as an OSError."""
+    metarun.io turns torch's RuntimeError on a full disk ("[enforce fail at inline_container.cc:...]
+    unexpected pos ...") into the OSError behind it; any other error is a bug and is raised."""
     try:
         atomic_torch_save(blob, path)
         return True
     except OSError as exc:
-        reason = "no space left on the device" if exc.errno == errno.ENOSPC else str(exc)
-    except (
-        RuntimeError
-    ) as exc:  # torch's writer: the disk filled up (or the write failed otherwise)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = f"the write failed, e.g. no space left on the device: {first}"
+        reason = describe_write_failure(exc)
     log.warning(
         f"metarun: could not write the cache {path} ({reason}); set dataset.cache_dir to a "
         "writable folder with free space to start faster next time"
