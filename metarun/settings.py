@@ -199,7 +199,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("algorithm.impl", "str",
       "auto | batched | loop | parallel (auto: timed on CUDA, parallel on a multi-core CPU)",
       resumable=True, report=False),
-    S("algorithm.task_chunk", "int", "n: n tasks per pass, same gradient, less memory (0: default)",
+    S("algorithm.task_chunk", "int",
+      "n tasks per pass: the same gradient, less memory (0: the whole meta-batch for batched, "
+      "~160 images a pass for parallel; loop: always 1)",
       resumable=True, report=False),
     S("algorithm.inner_loss", "str", "the support loss: sum_over_shot (cbfinn/maml's) | mean"),
     S("algorithm.head_layer", "str", "the learner's last layer (weights <name>.weight, .bias)",

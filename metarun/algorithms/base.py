@@ -114,11 +114,16 @@ class GradientMetaLearner:
 
     Args:
         model: the learner (forward(params [T, ...], x [T, N, C, H, W]) -> logits [T, N, way]).
-        update_lr: inner step size (positive); update_step / update_step_test: inner steps in
-        training / evaluation; first_order: drop the second-order terms; inner_loss: sum_over_shot
-        (cbfinn/maml) | mean; engine: how meta-batches are executed (default: Engine(impl, workers,
-        task_chunk, device)).
-    Raises MetarunError for an impossible setting.
+        update_lr: inner step size (positive).
+        update_step: inner steps in training.
+        update_step_test: inner steps in evaluation.
+        first_order: drop the second-order terms.
+        inner_loss: the support loss, sum_over_shot (cbfinn/maml) | mean.
+        engine: how meta-batches are executed (default: Engine(impl, workers, task_chunk,
+            device)).
+
+    Raises:
+        MetarunError: an impossible setting.
     """
 
     name = "base"

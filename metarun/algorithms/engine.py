@@ -65,16 +65,21 @@ class Engine:
 
     Args:
         impl: batched | loop | parallel | auto (resolved with `workers` as the thread count; on
-        CUDA, or
-            with timed_auto=True, picked by timing TIMED_CANDIDATES on the first meta-batch).
+            CUDA, or with timed_auto=True, picked by timing TIMED_CANDIDATES on the first
+            meta-batch).
         workers: threads of `parallel` (0: torch's current thread count, read, never set); 1
-        otherwise. task_chunk: tasks per chunk (0: the implementation's default).
+            otherwise.
+        task_chunk: tasks per chunk (0: the implementation's default: the whole meta-batch for
+            `batched`, about 160 images a pass for `parallel`, one task for `loop`).
         device: where the tensors live (resolves `auto`, and the autocast device).
         autocast: none | bf16: the per-chunk functions run under bfloat16 autocast (CUDA only).
-        timed_auto: pick `auto` by timing on any device (None: on CUDA only; False: never, `batched`
-        on CUDA).
+        timed_auto: pick `auto` by timing on any device (None: on CUDA only; False: never,
+            `batched` on CUDA).
+
     `choice` holds the timed pick: {"impl", "task_chunk", "ms_per_meta_batch": {candidate: ms}}.
-    Raises MetarunError for an unknown impl or autocast, a negative task_chunk, or bf16 off CUDA.
+
+    Raises:
+        MetarunError: an unknown impl or autocast, a negative task_chunk, or bf16 off CUDA.
     """
 
     def __init__(
