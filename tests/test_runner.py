@@ -272,31 +272,6 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_root, tmp_pat
     assert "meta-loss became" in (run / "metarun-train.log").read_text()
 
 
-def test_console_logging_keeps_its_split_and_levels_while_the_bar_runs(capsys):
-    """During training (a tqdm bar) INFO goes to stdout, warnings to stderr, and a quiet handler
-    (torchrun's other ranks: warnings only) stays quiet; tqdm's logging_redirect_tqdm merged them
-    into one handler."""
-    import logging
-
-    from metarun.runner.logs import BelowWarning, console_through_tqdm
-
-    root, saved = logging.getLogger(), (logging.getLogger().handlers[:], logging.getLogger().level)
-    out, err = logging.StreamHandler(sys.stdout), logging.StreamHandler(sys.stderr)
-    out.addFilter(BelowWarning())
-    err.setLevel(logging.WARNING)
-    root.handlers, root.level = [out, err], logging.INFO
-    try:
-        with console_through_tqdm():
-            logging.getLogger("metarun").info("an info line")
-            logging.getLogger("metarun").warning("a warning line")
-        logging.getLogger("metarun").info("after the bar")
-    finally:
-        root.handlers, root.level = saved
-    captured = capsys.readouterr()
-    assert captured.out == "an info line\nafter the bar\n" and captured.err == "a warning line\n"
-    assert out.emit.__func__ is logging.StreamHandler.emit  # restored
-
-
 def test_cpu_allocator_setting_is_applied_once_and_only_on_request(monkeypatch):
     """tuned: glibc's mallopt is called (mmap and trim thresholds); system: nothing is changed."""
     import ctypes
