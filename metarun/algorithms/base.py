@@ -408,12 +408,11 @@ class GradientMetaLearner:
         """Adds d(meta-loss)/d(params) to each param's .grad; returns the detached meta-loss and
         accuracies. Meta-loss: mean over tasks of sum_s w_s * (query loss after step s), w from
         step_loss_weights (the last step only by default)."""
-        meta_batch, steps = ep.x_support.shape[0], self.update_step
-        leaves = list(params.values())
+        steps = self.update_step
         weights = self.step_loss_weights(steps)
         create_graph = self.second_order()
 
-        def chunk_gradients(part):
+        def chunk_objective(part):
             after = self.adapt(
                 params, ep.x_support[part], ep.y_support[part], steps, create_graph, trajectory=True
             )
@@ -436,12 +435,26 @@ class GradientMetaLearner:
                         ep.y_query[part],
                     )[0]
                     objective = objective + weights[s] * earlier
-            # One chunk's graph at a time; dividing by the whole batch makes the sum the mean.
-            grads = torch.autograd.grad(objective.sum() / meta_batch, leaves, allow_unused=True)
+            return objective, loss, accuracy
+
+        return self.accumulate_objective(params, ep, chunk_objective)
+
+    def accumulate_objective(self, params: dict, ep, objective) -> StepResult:
+        """Adds d(mean over the meta-batch of a per-task objective)/d(params) to each param's
+        .grad, chunk by chunk through the engine (one chunk's graph at a time), and returns the
+        detached mean loss and the per-task metric. `objective(part)` gives the tasks `part` of `ep`
+        as (objective [t], loss [t], metric [t]); a parameter it does not use gets a zero gradient.
+        """
+        meta_batch, leaves = ep.x_support.shape[0], list(params.values())
+
+        def chunk_gradients(part):
+            target, loss, metric = objective(part)
+            # dividing each chunk by the whole batch makes the engine's sum the mean
+            grads = torch.autograd.grad(target.sum() / meta_batch, leaves, allow_unused=True)
             grads = [
                 torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
             ]
-            return grads, (loss.detach(), accuracy)
+            return grads, (loss.detach(), metric)
 
         images = ep.x_support.shape[1] + ep.x_query.shape[1]
         extras = self.engine.accumulate(chunk_gradients, leaves, meta_batch, images)

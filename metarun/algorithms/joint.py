@@ -14,8 +14,6 @@ takes the checkpoint's).
 
 from __future__ import annotations
 
-import torch
-
 from metarun.algorithms.base import GradientMetaLearner, StepResult
 from metarun.data.episodes import Episodes
 
@@ -44,21 +42,12 @@ class Joint(GradientMetaLearner):
     def accumulate_meta_gradient(self, params: dict, ep: Episodes) -> StepResult:
         """Adds d(mean support loss of the shared weights)/d(params) to each .grad; returns that
         loss and the per-task metric on the support points (no adaptation happens in training)."""
-        meta_batch, leaves = ep.x_support.shape[0], list(params.values())
 
-        def chunk_gradients(part):
+        def chunk_objective(part):
             tasks = ep.x_support[part].shape[0]
             weights = {k: v.unsqueeze(0).expand(tasks, *v.shape) for k, v in params.items()}
             out = self.model.forward(weights, ep.x_support[part])
             loss, metric = self.query_loss(out, ep.y_support[part])
-            grads = torch.autograd.grad(loss.sum() / meta_batch, leaves, allow_unused=True)
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
-            ]
-            return grads, (loss.detach(), metric)
+            return loss, loss, metric
 
-        points = ep.x_support.shape[1] + ep.x_query.shape[1]
-        extras = self.engine.accumulate(chunk_gradients, leaves, meta_batch, points)
-        return StepResult(
-            torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
-        )
+        return self.accumulate_objective(params, ep, chunk_objective)

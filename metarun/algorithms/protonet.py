@@ -201,26 +201,16 @@ class ProtoNet(GradientMetaLearner):
         """Adds the gradient of the mean over tasks of the query cross-entropy to each parameter's
         .grad; returns that loss and the query accuracies. A task's way is its support size / shot
         (training episodes: train_way)."""
-        meta_batch, way = ep.x_support.shape[0], ep.y_support.shape[1] // self.shot
-        leaves = list(params.values())
+        way = ep.y_support.shape[1] // self.shot
 
-        def chunk_gradients(part):
+        def chunk_objective(part):
             logits = self.logits(
                 params, ep.x_support[part], ep.y_support[part], ep.x_query[part], way
             )
             loss, accuracy = self.query_loss(logits, ep.y_query[part])
-            # dividing each chunk by the whole batch makes the engine's sum the mean
-            grads = torch.autograd.grad(loss.sum() / meta_batch, leaves, allow_unused=True)
-            grads = [
-                torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads, strict=True)
-            ]
-            return grads, (loss.detach(), accuracy)
+            return loss, loss, accuracy
 
-        images = ep.x_support.shape[1] + ep.x_query.shape[1]
-        extras = self.engine.accumulate(chunk_gradients, leaves, meta_batch, images)
-        return StepResult(
-            torch.cat([e[0] for e in extras]).mean(), torch.cat([e[1] for e in extras])
-        )
+        return self.accumulate_objective(params, ep, chunk_objective)
 
     # -- evaluation --------------------------------------------------------------------------------
     def query_logits(self, params: dict, ep: Episodes, steps: int | None = None) -> torch.Tensor:
