@@ -268,3 +268,19 @@ def test_constructing_a_new_algorithm_changes_no_process_state(name):
         algo.init_meta_params(torch.Generator().manual_seed(0))
         assert torch.get_num_threads() == threads
     assert torch.equal(torch.get_rng_state(), rng) and torch.get_default_dtype() == torch.float32
+
+
+@pytest.mark.parametrize("name", sorted(registry()))
+def test_meta_grad_clip_reaches_every_algorithm(name):
+    """meta_grad_clip is a top-level setting of every run: each algorithm built from a config
+    carries it (joint, protonet and protomaml once dropped it silently)."""
+    from helpers import compose_train
+
+    from metarun.runner.setup import build_algorithm
+
+    extra = {"pretrain": ["algorithm.num_classes=12"], "mamlpp": ["update_step_test=1"]}
+    cfg = compose_train(
+        f"algorithm={name}", "meta_grad_clip=2.5", "model.filters=4", *extra.get(name, [])
+    )
+    _, algo = build_algorithm(cfg, torch.device("cpu"))
+    assert algo.meta_grad_clip == 2.5

@@ -183,6 +183,21 @@ class GradientMetaLearner:
         clip = f", meta-gradient clipped to ±{self.meta_grad_clip:g}" if self.meta_grad_clip else ""
         return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order{clip}"
 
+    @classmethod
+    def from_config(cls, cfg, model, engine):
+        """The algorithm of a run's config with the settings every algorithm shares (MAML's); an
+        algorithm with settings of its own overrides it, passing meta_grad_clip and engine too."""
+        return cls(
+            model,
+            cfg.update_lr,
+            cfg.update_step,
+            cfg.update_step_test,
+            cfg.first_order,
+            inner_loss=cfg.algorithm.inner_loss,
+            engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
+        )
+
     # -- meta-parameters ---------------------------------------------------------------------------
     def init_meta_params(
         self, generator: torch.Generator | None = None, dtype=torch.float32, device="cpu"

@@ -24,18 +24,6 @@ class Joint(GradientMetaLearner):
     name = "joint"
     families = ("classification", "regression")
 
-    @classmethod
-    def from_config(cls, cfg, model, engine):
-        return cls(
-            model,
-            cfg.update_lr,
-            cfg.update_step,
-            cfg.update_step_test,
-            cfg.first_order,
-            inner_loss=cfg.algorithm.inner_loss,
-            engine=engine,
-        )
-
     def describe(self) -> str:
         return f"{self.impl} {self.name} (one network on all tasks, fine-tuned at test)"
 

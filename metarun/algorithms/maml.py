@@ -43,16 +43,3 @@ class MAML(GradientMetaLearner):
 
     name = "maml"
     families = ("classification", "regression")  # metarun/tasks.py
-
-    @classmethod
-    def from_config(cls, cfg, model, engine):
-        return cls(
-            model,
-            cfg.update_lr,
-            cfg.update_step,
-            cfg.update_step_test,
-            cfg.first_order,
-            inner_loss=cfg.algorithm.inner_loss,
-            engine=engine,
-            meta_grad_clip=cfg.get("meta_grad_clip"),
-        )

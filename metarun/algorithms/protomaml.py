@@ -61,6 +61,7 @@ class ProtoMAML(GradientMetaLearner):
             head_layer=a.head_layer,
             inner_loss=a.inner_loss,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:

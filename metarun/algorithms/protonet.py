@@ -120,6 +120,7 @@ class ProtoNet(GradientMetaLearner):
             lr_decay=a.lr_decay,
             lr_decay_every=a.lr_decay_every,
             engine=engine,
+            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:
