@@ -332,7 +332,10 @@ def test_a_dead_torchrun_process_is_one_line_from_rank_0(tiny_root, tmp_path):
     errors = [line for line in err.splitlines() if line.startswith("metarun: error:")]
     assert proc.returncode != 0 and len(errors) == 1, err[-3000:]
     line = errors[0]
-    assert "a torchrun process of this run died" in line and "Connection reset" in line, line
+    assert "a torchrun process of this run died" in line, line
+    # gloo's own words for the lost peer vary from run to run ("Connection reset by peer",
+    # "Connection closed by peer [127.0.0.1]:28569"): the line carries them, whatever they are.
+    assert re.search(r"of 100000 \((.+)\); the run stopped", line), line
     stopped = int(re.search(r"during iteration (\d+) of 100000", line)[1])
     kept = int(re.search(r"last good checkpoint .*last.pt \(iteration (\d+)\) is kept", line)[1])
     assert 0 < kept <= stopped and ckpt(run)["iteration"] == kept
