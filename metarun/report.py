@@ -935,12 +935,27 @@ def report_plots(results: list[Result], out: Path) -> list[Path]:
     return [p for p in written if p is not None]
 
 
+def _matrix(args) -> int:
+    """`metarun report DIR --matrix`: the reproduction matrix of DIR, printed and written."""
+    from metarun.matrix import MATRIX, write_matrix
+
+    if len(args.dirs) != 1 or args.paper or args.plot or args.out:
+        raise MetarunError(
+            "--matrix takes one folder (docs/results) and none of --paper, --plot, --out: "
+            "metarun report docs/results --matrix"
+        )
+    print(write_matrix(args.dirs[0]), end="")
+    print(f"metarun: wrote {args.dirs[0] / MATRIX}", file=sys.stderr)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     def error(
         self, message
     ):  # one line, like every metarun error (the CLI prints it, exit status 2)
         raise MetarunError(
-            f"{message} (usage: metarun report DIR... [--paper] [--out DIR]; metarun report --help)"
+            f"{message} (usage: metarun report DIR... [--paper] [--out DIR], metarun report DIR "
+            "--matrix; metarun report --help)"
         )
 
 
@@ -969,12 +984,21 @@ def main(argv: list[str]) -> int:
         "their sources",
     )
     parser.add_argument(
+        "--matrix",
+        action="store_true",
+        help="the reproduction matrix instead of a table: DIR is its folder (docs/results, one "
+        "<cell>/seed<N>/ of results.json and eval.json per run: metarun/matrix.py); writes "
+        "DIR/matrix.md",
+    )
+    parser.add_argument(
         "--plot",
         action="store_true",
         help="also draw validation.png (the runs' validation curves, from TensorBoard) and "
         "inner_steps.png (evals with steps=): needs pip install 'metarun[plot]'",
     )
     args = parser.parse_args(argv)
+    if args.matrix:
+        return _matrix(args)
     text, out = report(args.dirs, args.out, args.paper, args.plot)
     print(text, end="")
     print(f"metarun: wrote {out / 'report.md'} and {out / 'report.csv'}", file=sys.stderr)

@@ -1,11 +1,12 @@
 """Benchmark metarun's meta-training step; prints one JSON object per setting.
 
     python scripts/bench.py [overrides...] [--compare] [--threads N] [--iters N] [--warmup N]
-    python scripts/bench.py algorithm=mamlpp --compare                # any algorithm
-    (algorithm=NAME) python scripts/bench.py --suite [--first-order] [--compare]      # settings A,
-    B, C (README, Performance) python scripts/bench.py --sampler                                #
-    the episode sampler on the real cache python scripts/bench.py --gpu-check [device=cuda:N]
-    # GPU readiness, one JSON summary
+    python scripts/bench.py algorithm=mamlpp --compare      # any algorithm
+    python scripts/bench.py --suite [--first-order] [--compare] [algorithm=NAME]
+                                                            # settings A, B, C (docs: Performance)
+    python scripts/bench.py --sampler                       # the episode sampler on the real cache
+    python scripts/bench.py --gpu-check [device=cuda:N]     # GPU readiness, one JSON summary
+    python scripts/bench.py --matrix [CELL...] --threads 1  # docs/results/estimates.json
 
 Overrides are those of `metarun train` (way=20 shot=1 query=5 update_step=5 meta_batch=16
 first_order=true algorithm.impl=loop model.downsample=maxpool device=cuda ...). The timed step is
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -51,6 +53,7 @@ sys.path.insert(0, str(REPO))
 from metarun.algorithms.base import meta_train_step as train_step  # noqa: E402
 from metarun.algorithms.reference import reference_train_step  # noqa: E402
 from metarun.data.episodes import Episodes  # noqa: E402
+from metarun.tasks import family_of  # noqa: E402
 
 SUITE = {
     "A": ["way=5", "shot=1", "query=15", "update_step=1", "meta_batch=32"],
@@ -71,6 +74,10 @@ def compose(overrides: list[str]):
 
 def random_episodes(cfg, device, seed=0) -> Episodes:
     g = torch.Generator().manual_seed(seed)
+    if family_of(cfg).name == "regression":  # sinusoid-shaped tasks: x, y float [B, K, 1]
+        B, shot, query = int(cfg.meta_batch), int(cfg.shot), int(cfg.query)
+        x, y = torch.rand(2, B, shot + query, 1, generator=g).to(device)
+        return Episodes(x[:, :shot], y[:, :shot], x[:, shot:], y[:, shot:])
     B, way, side = int(cfg.meta_batch), int(cfg.way), int(cfg.dataset.image_size)
     c = int(cfg.model.in_channels)
 
@@ -268,6 +275,44 @@ def bench_setting(
             result["metarun"]["peak_memory_mb"] / ref["peak_memory_mb"]
         )
     return result
+
+
+def cpu_name() -> str:
+    """The CPU's model name and core count, for the estimates' record (`--machine` overrides)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        name = next(x.split(":", 1)[1].strip() for x in lines if x.startswith("model name"))
+    except (OSError, StopIteration):
+        name = "a CPU"
+    return f"{name}, {os.cpu_count()} cores"
+
+
+def bench_matrix(
+    names: list[str], overrides, iters: int, warmup: int, machine: str | None, out: Path | None
+):
+    """Seconds per training iteration of each reproduction cell's preset (metarun/matrix.py), each
+    in its own process; merged into `out` (default docs/results/estimates.json), the matrix's
+    estimate of the cells not run yet (iterations x seconds per iteration: training steps only)."""
+    from metarun import matrix
+
+    out = out or Path(__file__).resolve().parent.parent / "docs" / "results" / matrix.ESTIMATES
+    record = json.loads(out.read_text()) if out.is_file() else {"cells": {}}
+    threads = next((o.split("=", 1)[1] for o in overrides if o.startswith("threads=")), None)
+    record.update(
+        {
+            "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": machine or cpu_name(),
+            "threads": int(threads) if threads else None,
+            "torch": torch.__version__,
+        }
+    )
+    for cell in matrix.select(names or ["all"]):
+        timed = run_worker([*cell.train, *cell.bench, *overrides], "metarun", iters, warmup)
+        record["cells"][cell.name] = {"s_per_iter": float(f"{timed['s_per_iter']['median']:.4g}")}
+        print(json.dumps({"cell": cell.name, **record["cells"][cell.name]}), flush=True)
+        out.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+    return record
 
 
 def bench_sampler(overrides: list[str], batches: int = 200) -> dict:
@@ -562,6 +607,18 @@ def main(argv=None):
     parser.add_argument(
         "--settings", default="A,B,C", help="with --gpu-check: suite settings to run"
     )
+    parser.add_argument(
+        "--matrix",
+        nargs="*",
+        metavar="CELL",
+        default=None,
+        help="time the reproduction cells' presets (metarun/matrix.py; none named: all) and "
+        "merge the estimates into docs/results/estimates.json",
+    )
+    parser.add_argument("--machine", default=None, help="with --matrix: the machine in words")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="with --matrix: the estimates file to update"
+    )
     parser.add_argument("--worker", choices=["metarun", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.iters is None:
@@ -577,6 +634,9 @@ def main(argv=None):
         )
         print(json.dumps(summary), flush=True)
         raise SystemExit(0 if summary["passed"] else 1)
+    if args.matrix is not None:
+        bench_matrix(args.matrix, args.overrides, args.iters, args.warmup, args.machine, args.out)
+        return
     if args.sampler:
         print(json.dumps(bench_sampler(args.overrides)), flush=True)
         return

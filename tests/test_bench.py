@@ -9,6 +9,8 @@ import pytest
 import torch
 from helpers import REPO
 
+from metarun import matrix
+
 
 def load_bench():
     spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
@@ -225,3 +227,31 @@ def test_benchmark_runs_algorithms_with_their_own_batches():
             cwd=REPO,
         )
         assert proc.returncode != 0 and "drop --compare" in proc.stderr
+
+
+def test_matrix_estimates_are_merged_into_the_file_the_matrix_reads(tmp_path):
+    """`--matrix CELL`: the cell's preset timed in its own process, merged into --out; the matrix
+    turns it into hours of the paper's iterations."""
+    out = tmp_path / matrix.ESTIMATES
+    out.write_text(json.dumps({"cells": {"maml_omniglot_5way_1shot": {"s_per_iter": 0.3}}}))
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench.py"), "--matrix", "joint_sinusoid_10shot"]
+        + ["--iters", "1", "--warmup", "0", "--threads", "1", "--machine", "a test CPU"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(out.read_text())
+    assert record["machine"] == "a test CPU" and record["threads"] == 1
+    assert "--matrix joint_sinusoid_10shot" in record["command"]
+    assert set(record["cells"]) == {"maml_omniglot_5way_1shot", "joint_sinusoid_10shot"}
+    seconds = record["cells"]["joint_sinusoid_10shot"]["s_per_iter"]
+    assert 0 < seconds < 10
+    rows = matrix.matrix_markdown(tmp_path)
+    total = seconds * matrix.paper_iterations()["joint_sinusoid_10shot"]
+    assert f"| not run; estimated {matrix.duration(total)} |" in rows
+    assert "| not run; estimated 5.0 h |" in rows  # 0.3 s x 60,000
+    assert "on a test CPU, 1 thread" in rows
