@@ -2,6 +2,7 @@
 meta-gradient, presets, refusals, pictures, report and packaging."""
 
 import json
+import math
 import subprocess
 import sys
 import zipfile
@@ -100,6 +101,40 @@ def test_fixed_tasks_depend_only_on_seed_split_and_index():
     assert float(a.min()) >= 0.1 and float(a.max()) <= 5.0
 
 
+def test_a_run_whose_validations_all_diverge_keeps_last_pt_and_says_how_to_score_it(tmp_path):
+    """update_step_test=60 steps of 5.0 diverge (inf or nan MSE) while training's one step does
+    not: a warning names the cause, no diverged validation becomes best or top, and the end is one
+    line that keeps last.pt and gives an eval command that scores it."""
+    run = tmp_path / "run"
+    settings = ["iterations=20", "eval_every=10", "val_tasks=4", "test_tasks=4", "update_lr=5"]
+    proc = run_metarun(
+        "train", "experiment=sinusoid_10shot", *settings, "update_step_test=60", "threads=1",
+        f"hydra.run.dir={run}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("the validation MSE is not finite") == 1
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("metarun: error:")]
+    assert len(errors) == 1 and "no validation of this run gave a finite MSE" in errors[0]
+    last = run / "checkpoints" / "last.pt"
+    assert last.is_file() and not (run / "checkpoints" / "best.pt").exists()
+    assert not list((run / "checkpoints").glob("top/*.pt")) and not (run / "results.json").exists()
+    command = errors[0].split("Score it with fewer inner steps: ")[1].split()
+    assert command[:2] == ["metarun", "eval"] and command[2] == f"checkpoint={last}"
+    scored = run_metarun(
+        *command[1:], "tasks=4", f"hydra.run.dir={tmp_path / 'eval'}", cwd=tmp_path
+    )
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    curve = json.loads((tmp_path / "eval" / "eval.json").read_text())["curve"]
+    assert [p["steps"] for p in curve] == [0, 1, 2, 3, 4, 5]
+    assert math.isfinite(curve[0]["mse"])  # the meta-learned weights themselves are fine
+
+
+def test_a_diverged_validation_never_ranks():
+    state = TrainState(iteration=0, params={}, config={}, top=[[0.5, 100]])
+    assert state.rank_top(float("nan"), 200, 2, REGRESSION) == [] and state.top == [[0.5, 100]]
+    assert state.rank_top(float("inf"), 300, 2, REGRESSION) == [] and state.top == [[0.5, 100]]
+
+
 def test_regression_family_ranks_lower_first():
     assert REGRESSION.better(0.3, 0.5) and not REGRESSION.better(0.5, 0.3)
     assert CLASSIFICATION.better(0.9, 0.8)
@@ -132,7 +167,8 @@ def test_every_sinusoid_preset_composes_and_builds(preset, algorithm, shot):
         cfg = compose("train", [f"experiment={preset}"])
     check_train_settings(cfg)
     assert (cfg.dataset.name, cfg.model.name, cfg.shot) == ("sinusoid", "mlp", shot)
-    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr) == (1, 10, 0.01)
+    test_steps = 1 if algorithm == "metasgd" else 10  # Meta-SGD's alpha is a one-step rate
+    assert (cfg.update_step, cfg.update_step_test, cfg.update_lr) == (1, test_steps, 0.01)
     _, algo = build_algorithm(cfg, torch.device("cpu"))
     assert algo.name == algorithm and algo.family is REGRESSION
 

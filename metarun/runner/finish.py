@@ -51,6 +51,13 @@ def final_test(run, state: TrainState) -> tuple[float, float]:
     """(accuracy, 95% CI) of the best checkpoint on cfg.test_tasks fixed test tasks."""
     cfg, path = run.cfg, run.files.best
     tasks = int(cfg.test_tasks)
+    if not path.is_file() and state.best_iteration == 0:  # no validation ever ranked
+        raise MetarunError(
+            f"no validation of this run gave a finite {run.algorithm.family.label} (see the "
+            "warning above), so there is no best checkpoint to test; the last checkpoint "
+            f"{run.files.last} (iteration {state.iteration}) is kept. Score it with fewer inner "
+            f"steps: metarun eval checkpoint={run.files.last} steps=0,1,2,3,4,5"
+        )
     log.info(
         f"metarun: testing the best checkpoint (iteration {state.best_iteration}) on {tasks} "
         "test tasks"

@@ -16,6 +16,7 @@ A checkpoint need not be complete to be evaluated: `iteration`, `params` and `co
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 from metarun.tasks import CLASSIFICATION, TaskFamily
@@ -127,7 +128,9 @@ class TrainState:
     ) -> list:
         """Adds a validation to `top` (the best first by the task family's metric: higher
         accuracy, lower MSE; the earlier on ties), keeps the `keep` best, and returns the entries
-        that fell out."""
+        that fell out. A non-finite validation (a diverged inner loop) never ranks."""
+        if not math.isfinite(val):
+            return []
         ranked = sorted(self.top + [[val, iteration]], key=lambda e: (family.rank_key(e[0]), e[1]))
         self.top, dropped = ranked[:keep], ranked[keep:]
         return dropped

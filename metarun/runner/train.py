@@ -259,6 +259,16 @@ def diverged(what: str, done: int, exact: bool, run: Run) -> MetarunError:
     )
 
 
+def nonfinite_validation(cfg, label: str) -> str:
+    """The warning for a non-finite validation: what diverges and which settings fix it."""
+    return (
+        f"metarun: warning: the validation {label} is not finite: the weights adapted with "
+        f"update_step_test={cfg.update_step_test} inner steps diverge (training adapts with "
+        f"update_step={cfg.update_step}). Such a validation never becomes the best checkpoint; "
+        "lower update_step_test (the paper's test steps) or the inner learning rates."
+    )
+
+
 class Loop:
     """The meta-iterations of one segment, from the state's iteration to cfg.iterations."""
 
@@ -275,6 +285,7 @@ class Loop:
         self.deadline = run.started + 60 * float(limit) if limit else None
         self.check_every_step = run.device.type == "cpu"  # on CUDA a per-step .item() stalls
         self.window_start, self.window_items = time.perf_counter(), 0
+        self.warned_nonfinite = False  # once a segment: a validation that diverged
 
     def execute(self) -> str:
         """Runs the iterations; returns why training ended: 'iterations' or 'time_limit'."""
@@ -417,6 +428,9 @@ class Loop:
         family = run.algorithm.family
         text = describe(val, ci, int(cfg.val_tasks), cfg.way, cfg.shot, "validation", family)
         log.info(f"iteration {done}: {text}")
+        if not math.isfinite(val) and not self.warned_nonfinite:
+            self.warned_nonfinite = True
+            log.warning(nonfinite_validation(cfg, family.label))
         self.checkpoint(val, done)
         self.window_start, self.window_items = time.perf_counter(), 0  # validation is not speed
 
