@@ -27,6 +27,8 @@ def test_every_cell_composes_and_names_a_published_figure_or_says_why_not():
         cfg = matrix.presets()[cell.name]
         assert totals[cell.name] == cfg.iterations > 0
         figure, source = matrix.published(cell)
+        if "MSE after" in cell.task:  # the label's test steps are the preset's
+            assert f"after {cfg.update_step_test} step" in cell.task, cell.name
         if cell.paper is None:
             assert source, cell.name  # why there is none, or the figure's source
             continue
@@ -62,8 +64,10 @@ def test_select_and_plan_keep_the_matrix_order_and_refuse_unknown_names(capsys):
     assert not [s for c in matrix.CELLS for s in (*c.train, *c.evaluate) if " " in s]
     assert matrix.main(["plan", "mamlpp_omniglot_5way_1shot", "fomaml_omniglot_5way_1shot"]) == 0
     assert capsys.readouterr().out.splitlines() == [
-        "fomaml_omniglot_5way_1shot\texperiment=maml_paper/omniglot_5way_1shot first_order=true\t",
-        "mamlpp_omniglot_5way_1shot\texperiment=mamlpp_paper/omniglot_5way_1shot\tensemble=5",
+        "fomaml_omniglot_5way_1shot\t60000\texperiment=maml_paper/omniglot_5way_1shot "
+        "first_order=true\t",
+        "mamlpp_omniglot_5way_1shot\t50000\texperiment=mamlpp_paper/omniglot_5way_1shot\t"
+        "ensemble=5",
     ]
     assert matrix.main(["plan", "mam"]) == 2
     assert capsys.readouterr().err.startswith("metarun: error: no reproduction cell named 'mam'")
@@ -127,7 +131,7 @@ def test_rows_from_kept_results_seeds_early_stops_estimates_and_evals(tmp_path):
     early = rows["Meta-SGD | Omniglot 5-way 1-shot"]
     assert "15,000 of 60,000 (25%): **stopped early, not a reproduction**" in early
     assert "| 99.50 ± 0.20 (seed 0) |" in rows["MAML++ (top-5 ensemble) | Omniglot 5-way 1-shot"]
-    sine = rows["MAML | sinusoid 10-shot (MSE, lower is better)"]
+    sine = rows["MAML | sinusoid 10-shot (MSE after 10 steps, lower is better)"]
     assert "| 0.1437 ± 0.0258 (seed 0) | 70,000 of 70,000 |" in sine
     estimated = rows["MAML | Omniglot 5-way 5-shot"]
     assert "| not run | 0 of 60,000 | not run; estimated 10.0 h |" in estimated
@@ -154,7 +158,10 @@ def test_the_committed_matrix_is_what_its_result_files_generate():
 
 def test_report_matrix_cli_and_its_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--matrix"]) == 0
-    assert (tmp_path / matrix.MATRIX).is_file() and "0 of 39 cells run" in capsys.readouterr().out
+    assert (
+        (tmp_path / matrix.MATRIX).is_file()
+        and "0 of 39 cells run to the paper's length, 0 stopped early" in capsys.readouterr().out
+    )
     assert main(["report", str(tmp_path), str(tmp_path), "--matrix"]) == 2
     assert "--matrix takes one folder" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "none"), "--matrix"]) == 2
@@ -187,9 +194,11 @@ def test_reproduce_sh_trains_in_segments_keeps_the_results_and_rebuilds_the_matr
     assert data["iterations_done"] == 60 and len(data["history"]) == 2
     text = (tmp_path / "results" / matrix.MATRIX).read_text()
     row = rows_by_cell(text)[
-        'joint training ("pretrained") | sinusoid 10-shot (MSE, lower is better)'
+        'joint training ("pretrained") | sinusoid 10-shot (MSE after 10 steps, lower is better)'
     ]
     assert "60 of 70,000 (0%): **stopped early, not a reproduction**" in row
     assert f"{data['test_mse']:.4f}" in row and "(then 1 resume)" in row
-    assert "finished its iterations: kept" in call("threads=1").stderr
+    again = call("threads=1", "time_limit=null").stderr  # a short check stays one
+    assert "is a short check (iterations=60, the paper's: 70000): kept" in again
+    assert json.loads(kept.read_text()) == data
     assert not list(tmp_path.glob("results/*/*/*.pt"))  # never a checkpoint
