@@ -204,7 +204,7 @@ def train_app(cfg) -> float | None:
 def eval_app(cfg) -> None:
     from metarun.runner.evaluate_checkpoint import evaluate_checkpoint
 
-    _run(lambda c, d, o: evaluate_checkpoint(c, d), cfg)
+    _run(evaluate_checkpoint, cfg)
 
 
 COMMANDS = {"train": train_app, "eval": eval_app}

@@ -25,6 +25,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from metarun import settings
 from metarun.data.lake import PUBLISHED_ERROR
 from metarun.errors import MetarunError
 from metarun.report import PAPER
@@ -97,6 +98,13 @@ CELLS: tuple[MatrixCell, ...] = (
         "MAML++ (paper)",
         FOUR,
         evaluate=("ensemble=5",),
+    ),
+    MatrixCell(
+        "anil_omniglot_5way_1shot",
+        "ANIL",
+        "Omniglot 5-way 1-shot",
+        ("experiment=anil_omniglot_5way_1shot",),
+        note=f"{NO_FIGURE}: Raghu et al. 2020 give Omniglot 20-way only",
     ),
     *_omniglot("anil", "ANIL", "anil_omniglot_20way_1shot", "ANIL (paper)", [(20, 1)]),
     *_omniglot(
@@ -175,6 +183,16 @@ CELLS: tuple[MatrixCell, ...] = (
             note=f"{NO_FIGURE}: Triantafillou et al. 2020 report Meta-Dataset's episodes only",
         )
         for way in (5, 20)
+    ],
+    *[
+        MatrixCell(
+            f"maml_sinusoid_{shot}shot",
+            "MAML",
+            f"sinusoid {shot}-shot (MSE after 10 steps, lower is better)",
+            (f"experiment=sinusoid_{shot}shot",),
+            note=f"{NO_FIGURE}: Finn et al. 2017 give the sinusoid as figures (Fig. 2, 3)",
+        )
+        for shot in (5, 20)
     ],
     *[
         MatrixCell(
@@ -260,6 +278,8 @@ class SeedRun:
     command: str
     segments: int
     version: str | None
+    eval_command: str | None = None  # the `metarun eval` that made the figure, for eval cells
+    off: tuple[str, ...] = ()  # the settings in which the run differs from the cell's protocol
 
 
 def _read(path: Path) -> dict:
@@ -280,6 +300,50 @@ def _headline(cell: MatrixCell, results: dict, record: dict | None) -> tuple:
     key = family.metric if record is not None else family.key("test")
     ci = source.get("ci95") if record is not None else source.get("test_ci95")
     return source.get(key), ci, family.percent
+
+
+# Settings a run may change without leaving its cell's protocol: where and how fast it ran, its
+# seed (the matrix aggregates over seeds), how it was cut into segments, which fixed test tasks
+# (a sample, not a protocol). Its iterations are shown on their own.
+FREE = (settings.ignored() - {"test_tasks", "val_tasks"}) | {
+    "iterations",
+    "time_limit",
+    "schedule_iterations",
+    "eval_seed",
+}
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    out = {}
+    for key, value in (tree or {}).items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def off_protocol(cell: MatrixCell, config: dict | None, record: dict | None) -> tuple[str, ...]:
+    """The settings (`key=value` as the run had them) in which a run's config, or its eval, differs
+    from the cell's preset and eval settings; empty for a run of the cell's protocol."""
+    from omegaconf import OmegaConf
+
+    if not config:
+        return ("its results.json has no config",)
+    run = _flat(config)
+    paper = _flat(OmegaConf.to_container(preset(cell.name), resolve=True))
+    off = [
+        f"{key}={run.get(key, 'unset')}"
+        for key in sorted(set(run) | set(paper))
+        if key not in FREE and run.get(key) != paper.get(key)
+    ]
+    for setting in cell.evaluate:  # ensemble=5 | benchmark=lake
+        key, want = setting.split("=", 1)
+        have = (record or {}).get(key)
+        have = len(have) if isinstance(have, list) else have
+        if str(have) != want:
+            off.append(f"eval {key}={have}")
+    return tuple(off)
 
 
 def read_seed(cell: MatrixCell, folder: Path) -> SeedRun:
@@ -313,6 +377,8 @@ def read_seed(cell: MatrixCell, folder: Path) -> SeedRun:
         command,
         len(history),
         results.get("metarun_version"),
+        (record or {}).get("command"),
+        off_protocol(cell, results.get("config"), record),
     )
 
 
@@ -340,8 +406,14 @@ def _value(x: float, percent: bool) -> str:
     return f"{100 * x:.2f}" if percent else f"{x:.4f}"
 
 
+# Student's t quantile (0.975) by degrees of freedom: the 95% CI of a mean over a few seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
 def figure_text(runs: list[SeedRun]) -> str:
-    """One seed: figure ± 95% CI; several: mean ± standard deviation over the seeds."""
+    """One seed: its figure ± its 95% CI over the test tasks; several: the mean over the seeds ±
+    the 95% CI of that mean (Student's t, from the seeds' spread). A run off the cell's protocol
+    says in which settings."""
     done = [r for r in runs if r.figure is not None]
     if not done:
         return "no figure (the runs have no test)"
@@ -349,10 +421,17 @@ def figure_text(runs: list[SeedRun]) -> str:
     if len(done) == 1:
         r = done[0]
         ci = f" ± {_value(r.ci95, percent)}" if r.ci95 is not None else ""
-        return f"{_value(r.figure, percent)}{ci} (seed {r.seed})"
-    mean = sum(r.figure for r in done) / len(done)
-    sd = (sum((r.figure - mean) ** 2 for r in done) / (len(done) - 1)) ** 0.5
-    return f"{_value(mean, percent)} ± {_value(sd, percent)} (std over {len(done)} seeds)"
+        text = f"{_value(r.figure, percent)}{ci} (seed {r.seed})"
+    else:
+        n = len(done)
+        mean = sum(r.figure for r in done) / n
+        sd = (sum((r.figure - mean) ** 2 for r in done) / (n - 1)) ** 0.5
+        half = T975.get(n - 1, 1.96) * sd / n**0.5
+        text = f"{_value(mean, percent)} ± {_value(half, percent)} (mean of {n} seeds)"
+    off = sorted({s for r in runs for s in r.off})
+    if off:
+        text += f": **not this cell's protocol** ({', '.join(off)})"
+    return text
 
 
 def iterations_text(runs: list[SeedRun], total: int) -> str:
@@ -373,17 +452,21 @@ def duration(seconds: float) -> str:
 
 
 def device_text(runs: list[SeedRun]) -> str:
-    r = runs[0]
-    threads = f", {r.threads} thread{'s' * (r.threads != 1)}" if r.threads else ""
+    """The devices (and threads) the seeds ran on, and their mean wall time."""
+    where = []
+    for r in runs:
+        text = r.device + (f", {r.threads} thread{'s' * (r.threads != 1)}" if r.threads else "")
+        where += [text] if text not in where else []
     wall = sum(x.wall_seconds for x in runs) / len(runs)
-    return f"{r.device}{threads}, {duration(wall)}{' a seed' if len(runs) > 1 else ''}"
+    return f"{'; '.join(where)}, {duration(wall)}{' a seed' if len(runs) > 1 else ''}"
 
 
 def command_text(runs: list[SeedRun]) -> str:
     """The command the (first) run recorded, and how many times it was resumed."""
     r = runs[0]
     resumed = f" (then {r.segments - 1} resume{'s' * (r.segments > 2)})" if r.segments > 1 else ""
-    return f"`{r.command}`{resumed}"
+    scored = f", scored by `{r.eval_command}`" if r.eval_command else ""
+    return f"`{r.command}`{resumed}{scored}"
 
 
 def estimate_text(cell: MatrixCell, estimates: dict) -> str:
@@ -448,13 +531,14 @@ def matrix_markdown(root: Path) -> str:
     sources = Sources()
     rows = [row(cell, root, estimates, sources) for cell in CELLS]
     run = sum(r[3] != "not run" for r in rows)
-    early = sum("stopped early" in r[4] for r in rows)
+    early = sum("stopped early" in r[4] or "not this cell's protocol" in r[3] for r in rows)
     lines = [
         "| " + " | ".join(HEADER) + " |",
         "| " + " | ".join("---" for _ in HEADER) + " |",
         *("| " + " | ".join(_cell_text(c) for c in r) + " |" for r in rows),
         "",
-        f"{run - early} of {len(rows)} cells run to the paper's length, {early} stopped early. "
+        f"{run - early} of {len(rows)} cells run to the paper's length and protocol, {early} "
+        "stopped early or off protocol. "
         "Accuracy and error rates in %, MSE as it is. " + _estimates_note(estimates),
         "",
         *(f"{i}. {text}" for i, text in enumerate(sources.texts, 1)),

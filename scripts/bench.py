@@ -78,8 +78,10 @@ def random_episodes(cfg, device, seed=0) -> Episodes:
         B, shot, query = int(cfg.meta_batch), int(cfg.shot), int(cfg.query)
         x, y = torch.rand(2, B, shot + query, 1, generator=g).to(device)
         return Episodes(x[:, :shot], y[:, :shot], x[:, shot:], y[:, shot:])
-    B, way, side = int(cfg.meta_batch), int(cfg.way), int(cfg.dataset.image_size)
-    c = int(cfg.model.in_channels)
+    B, side, c = int(cfg.meta_batch), int(cfg.dataset.image_size), int(cfg.model.in_channels)
+    # the algorithm's own training episodes where it has them (ProtoNet: 60-way, 5 queries)
+    way = int(cfg.algorithm.get("train_way") or cfg.way)
+    query = int(cfg.algorithm.get("train_query") or cfg.query)
 
     def labels(n):
         return torch.stack(
@@ -89,8 +91,8 @@ def random_episodes(cfg, device, seed=0) -> Episodes:
     return Episodes(
         torch.rand(B, way * cfg.shot, c, side, side, generator=g).to(device),
         labels(cfg.shot),
-        torch.rand(B, way * cfg.query, c, side, side, generator=g).to(device),
-        labels(cfg.query),
+        torch.rand(B, way * query, c, side, side, generator=g).to(device),
+        labels(query),
     )
 
 
@@ -300,7 +302,10 @@ def bench_matrix(
     threads = next((o.split("=", 1)[1] for o in overrides if o.startswith("threads=")), None)
     record.update(
         {
-            "command": " ".join(["python scripts/bench.py", *sys.argv[1:]]),
+            # the options, not the cells: the file merges runs over different cells
+            "command": " ".join(
+                ["python scripts/bench.py --matrix", *(a for a in sys.argv[1:] if a not in names)]
+            ).replace("--matrix --matrix", "--matrix"),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine or cpu_name(),
             "threads": int(threads) if threads else None,

@@ -32,6 +32,15 @@ fi
 NAMES=()
 while [[ $# -gt 0 && "$1" != "--" ]]; do NAMES+=("$1"); shift; done
 [[ $# -gt 0 ]] && shift   # the `--`
+if [[ ${#NAMES[@]} -eq 0 ]]; then
+  echo "metarun: error: name the cells before \`--\` (a cell, a group or all): see $0 --help" >&2
+  exit 2
+fi
+# `metarun eval` gets the settings of `--` that it has too (threads, cpu_allocator)
+EVAL_SETTINGS=()
+for setting in "$@"; do
+  case "$setting" in threads=*|cpu_allocator=*) EVAL_SETTINGS+=("$setting") ;; esac
+done
 SEEDS="${SEEDS:-0}"
 OUT="${OUT:-outputs/reproduce}"
 RESULTS="${RESULTS:-docs/results}"
@@ -42,7 +51,8 @@ METARUN="${METARUN:-metarun}"
 PLAN=$(python -m metarun.matrix plan "${NAMES[@]}")
 
 # How far a run dir got: "done" (a results.json at the paper's iterations), "short N" (a short
-# check that finished its own N), "partial" (a checkpoint to resume from), "new".
+# check that finished its own N), "partial" (a checkpoint to resume from), "dead" (a dir without
+# either: a run killed before its first checkpoint), "running" (one starting now), "new".
 state() {
   python - "$1" "$2" <<'EOF'
 import json, sys
@@ -55,7 +65,19 @@ if results.is_file():
     if done >= own:
         print("done" if done >= paper else f"short {own}")
         raise SystemExit
-print("partial" if (run / "checkpoints" / "last.pt").is_file() else "new")
+if (run / "checkpoints" / "last.pt").is_file():
+    print("partial")
+elif run.exists():
+    import os, socket
+    from metarun.runner.rundir import MARKER
+    try:  # a run still starting in it (its claim's process lives) is not a dead one
+        owner = json.loads((run / MARKER).read_text())
+        os.kill(int(owner["pid"]), 0)
+        print("running" if owner.get("host") == socket.gethostname() else "dead")
+    except (OSError, ValueError, KeyError, TypeError):
+        print("dead")
+else:
+    print("new")
 EOF
 }
 
@@ -70,14 +92,22 @@ while IFS=$'\t' read -r cell paper train evaluate <&3; do
       short*) echo "metarun: $run is a short check (iterations=${status#short }, the paper's:" \
         "$paper): kept; delete it to train the cell in full" >&2 ;;
       partial) $METARUN train resume="$run" "$@" ;;
-      new) $METARUN train "${TRAIN[@]}" seed="$seed" device="$DEVICE" hydra.run.dir="$run" "$@" ;;
+      running) echo "metarun: error: $run is being trained by a running process" >&2; exit 2 ;;
+      dead|new)
+        if [[ "$status" == dead ]]; then   # nothing finished in it: kept aside, not deleted
+          aside="$run.killed-$(date +%Y-%m-%d_%H-%M-%S)"
+          echo "metarun: $run holds no checkpoint (killed before its first): moved to $aside" >&2
+          mv "$run" "$aside"
+        fi
+        $METARUN train "${TRAIN[@]}" seed="$seed" device="$DEVICE" hydra.run.dir="$run" "$@" ;;
     esac
     keep="$RESULTS/$cell/seed$seed"
     mkdir -p "$keep"
     cp "$run/results.json" "$keep/results.json"
     if [[ ${#EVAL[@]} -gt 0 ]]; then
       scored="$run-eval-$(date +%Y-%m-%d_%H-%M-%S)"   # a new score of the run as it is now
-      $METARUN eval checkpoint="$run" "${EVAL[@]}" device="$DEVICE" hydra.run.dir="$scored"
+      $METARUN eval checkpoint="$run" "${EVAL[@]}" ${EVAL_SETTINGS[@]+"${EVAL_SETTINGS[@]}"} \
+        device="$DEVICE" hydra.run.dir="$scored"
       cp "$scored/eval.json" "$keep/eval.json"
     fi
   done

@@ -11,6 +11,7 @@ import torch
 from helpers import REPO, assert_clean_error, ckpt, run_metarun, tiny_args
 from omegaconf import OmegaConf
 
+import metarun
 from metarun.errors import MetarunError
 from metarun.runner.checkpoint import load_checkpoint
 from metarun.runner.evaluate_checkpoint import check_curve_reach
@@ -107,6 +108,10 @@ def test_eval_steps_past_mamlpps_per_step_weights_is_one_line(tiny_root, tmp_pat
         "eval", f"checkpoint={run}", "steps=0,1", "tasks=4", f"hydra.run.dir={out}", cwd=tmp_path
     )
     assert proc.returncode == 0 and (out / "eval.json").is_file(), proc.stderr
+    record = json.loads((out / "eval.json").read_text())  # how to make it again, and with what
+    # steps=0,1 reaches Hydra as a list (cli.py), which is how the record writes it
+    assert record["command"] == f"metarun eval checkpoint={run} 'steps=[0,1]' tasks=4"
+    assert record["metarun_version"] == metarun.__version__
 
 
 @pytest.mark.parametrize(

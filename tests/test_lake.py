@@ -22,6 +22,7 @@ from helpers import character_image, png_bytes, run_metarun
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import metarun
 from metarun.cli import CONF
 from metarun.data.lake import read_all_runs
 from metarun.errors import MetarunError
@@ -149,6 +150,8 @@ def test_cli_counts_exactly_the_constructed_errors(tmp_path):
     )
     result = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert [r["errors"] for r in result["runs"]] == EXPECTED_ERRORS
+    assert result["command"].startswith("metarun eval ") and "benchmark=lake" in result["command"]
+    assert result["metarun_version"] == metarun.__version__
     assert (result["errors"], result["items"], result["update_step_test"]) == (23, 60, STEPS)
     assert result["error_rate"] == pytest.approx(23 / 60)
     assert result["published_error_rate"] == {
@@ -167,6 +170,8 @@ def test_extracted_folder_and_unprefixed_labels_give_the_same_errors(tmp_path):
     (tmp_path / "eval").mkdir()
     result = evaluate_checkpoint(eval_cfg(ckpt, root), tmp_path / "eval")
     assert [r["errors"] for r in result["runs"]] == EXPECTED_ERRORS
+    assert result["command"].startswith("metarun eval ") and "benchmark=lake" in result["command"]
+    assert result["metarun_version"] == metarun.__version__
 
 
 def test_images_are_preprocessed_exactly_as_the_training_data(tiny_root, tmp_path):

@@ -73,17 +73,23 @@ def test_select_and_plan_keep_the_matrix_order_and_refuse_unknown_names(capsys):
     assert capsys.readouterr().err.startswith("metarun: error: no reproduction cell named 'mam'")
 
 
-def results(seed, iterations_done, test, ci=0.01, metric=None, threads=1, segments=1):
+def results(cell, seed, done, test, ci=0.01, metric=None, segments=1, **changes):
+    """A results.json of `cell` as metarun train writes it: the preset's resolved config (with
+    `changes` to it), `done` iterations, the test figure."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.to_container(matrix.preset(cell), resolve=True)
+    config |= {"seed": seed, **changes}
     record = {
         "status": "completed",
-        "iterations_done": iterations_done,
-        "config": {"seed": seed, "iterations": iterations_done},
+        "iterations_done": done,
+        "config": config,
         "test_accuracy": test,
         "test_ci95": ci,
         "device": "cpu",
-        "threads": threads,
+        "threads": 1,
         "wall_seconds": 7200.0,
-        "command": f"metarun train experiment=maml_paper/omniglot_5way_1shot seed={seed}",
+        "command": f"metarun train {' '.join(matrix.BY_NAME[cell].train)} seed={seed}",
         "metarun_version": "0.2.0",
         "history": [{}] * segments,
     }
@@ -105,13 +111,18 @@ def rows_by_cell(text: str) -> dict[str, str]:
 
 
 def test_rows_from_kept_results_seeds_early_stops_estimates_and_evals(tmp_path):
-    keep(tmp_path, "maml_omniglot_5way_1shot", 0, results(0, 60000, 0.985, ci=0.004))
+    def run(cell, seed, *args, **kwargs):
+        keep(tmp_path, cell, seed, results(cell, seed, *args, **kwargs))
+
+    run("maml_omniglot_5way_1shot", 0, 60000, 0.985, ci=0.004)
     for seed, acc in enumerate([0.95, 0.96, 0.97]):
-        keep(tmp_path, "anil_omniglot_20way_1shot", seed, results(seed, 60000, acc, segments=3))
-    keep(tmp_path, "metasgd_omniglot_5way_1shot", 0, results(0, 15000, 0.9))
-    keep(tmp_path, "mamlpp_omniglot_5way_1shot", 0, results(0, 50000, 0.99))
-    keep(tmp_path, "mamlpp_omniglot_5way_1shot", 0, {"accuracy": 0.995, "ci95": 0.002}, "eval.json")
-    keep(tmp_path, "maml_sinusoid_10shot", 0, results(0, 70000, 0.1437, 0.0258, metric="mse"))
+        run("anil_omniglot_20way_1shot", seed, 60000, acc, segments=3)
+    run("metasgd_omniglot_5way_1shot", 0, 15000, 0.9)
+    run("mamlpp_omniglot_5way_1shot", 0, 50000, 0.99)
+    scored = {"accuracy": 0.995, "ci95": 0.002, "ensemble": ["a.pt"] * 5}
+    scored["command"] = "metarun eval checkpoint=r ensemble=5"
+    keep(tmp_path, "mamlpp_omniglot_5way_1shot", 0, scored, "eval.json")
+    run("maml_sinusoid_10shot", 0, 70000, 0.1437, 0.0258, metric="mse")
     estimates = {"command": "python scripts/bench.py --matrix --threads 1", "date": "2026-12-05"}
     estimates |= {"machine": "a test CPU", "threads": 1, "cells": {}}
     estimates["cells"]["maml_omniglot_5way_5shot"] = {"s_per_iter": 0.6}
@@ -119,18 +130,18 @@ def test_rows_from_kept_results_seeds_early_stops_estimates_and_evals(tmp_path):
 
     text = matrix.write_matrix(tmp_path)
     rows = rows_by_cell(text)
-    assert (tmp_path / matrix.MATRIX).read_text().count("\n| ") == len(
-        matrix.CELLS
-    ) + 2  # header, rule
+    assert text.count("\n| ") == len(matrix.CELLS) + 2  # the header and its rule
     one = rows["MAML | Omniglot 5-way 1-shot"]
     assert "| 98.7 ± 0.4 [1] | 98.50 ± 0.40 (seed 0) | 60,000 of 60,000 |" in one
     assert "| cpu, 1 thread, 2.0 h |" in one and "| 0.2.0 |" in one
     assert "`metarun train experiment=maml_paper/omniglot_5way_1shot seed=0`" in one
-    three = rows["ANIL | Omniglot 20-way 1-shot"]
-    assert "| 96.00 ± 1.00 (std over 3 seeds) |" in three and "(then 2 resumes)" in three
+    three = rows["ANIL | Omniglot 20-way 1-shot"]  # t(0.975, 2) = 4.303: 4.303 x 1.00 / sqrt(3)
+    assert "| 96.00 ± 2.48 (mean of 3 seeds) |" in three and "(then 2 resumes)" in three
     early = rows["Meta-SGD | Omniglot 5-way 1-shot"]
     assert "15,000 of 60,000 (25%): **stopped early, not a reproduction**" in early
-    assert "| 99.50 ± 0.20 (seed 0) |" in rows["MAML++ (top-5 ensemble) | Omniglot 5-way 1-shot"]
+    ensemble = rows["MAML++ (top-5 ensemble) | Omniglot 5-way 1-shot"]
+    assert "| 99.50 ± 0.20 (seed 0) |" in ensemble
+    assert "seed=0`, scored by `metarun eval checkpoint=r ensemble=5` |" in ensemble
     sine = rows["MAML | sinusoid 10-shot (MSE after 10 steps, lower is better)"]
     assert "| 0.1437 ± 0.0258 (seed 0) | 70,000 of 70,000 |" in sine
     estimated = rows["MAML | Omniglot 5-way 5-shot"]
@@ -140,10 +151,47 @@ def test_rows_from_kept_results_seeds_early_stops_estimates_and_evals(tmp_path):
     assert "| not run | 0 of 60,000 | not run (no estimate) |" in not_run
     assert "on a test CPU, 1 thread (2026-12-05)" in text
     assert "\n1. Finn, Abbeel & Levine 2017, ICML, Table 1 (arXiv:1703.03400)\n" in text
+    assert (
+        f"4 of {len(matrix.CELLS)} cells run to the paper's length and protocol, 1 stopped" in text
+    )
+
+
+def test_a_run_off_its_cells_protocol_is_never_shown_as_a_reproduction(tmp_path):
+    """A transductive Reptile run in the non-transductive cell, a 20-way run in a 5-way cell, a
+    hand-made record without a config, an ensemble cell scored without its ensemble."""
+    cell = "reptile_omniglot_5way_1shot"
+    transductive = results(cell, 0, 100000, 0.96)
+    transductive["config"]["algorithm"]["transductive"] = True
+    keep(tmp_path, cell, 0, transductive)
+    keep(tmp_path, "maml_omniglot_5way_1shot", 0, results("maml_omniglot_5way_1shot", 0, 1, 0.5))
+    changed = results("maml_omniglot_5way_1shot", 1, 60000, 0.9, way=20, test_tasks=20)
+    keep(tmp_path, "maml_omniglot_5way_1shot", 1, changed)
+    keep(tmp_path, "fomaml_omniglot_5way_1shot", 0, {"test_accuracy": 0.9, "iterations_done": 9})
+    keep(
+        tmp_path,
+        "mamlpp_omniglot_20way_1shot",
+        0,
+        results("mamlpp_omniglot_20way_1shot", 0, 1, 0.9),
+    )
+    keep(tmp_path, "mamlpp_omniglot_20way_1shot", 0, {"accuracy": 0.9, "ci95": 0.0}, "eval.json")
+    rows = rows_by_cell(matrix.matrix_markdown(tmp_path))
+    off = "**not this cell's protocol**"
+    assert f"{off} (algorithm.transductive=True)" in rows["Reptile | Omniglot 5-way 1-shot"]
+    assert f"{off} (test_tasks=20, way=20)" in rows["MAML | Omniglot 5-way 1-shot"]
+    assert (
+        f"{off} (its results.json has no config)"
+        in rows["first-order MAML | Omniglot 5-way 1-shot"]
+    )
+    assert f"{off} (eval ensemble=None)" in rows["MAML++ (top-5 ensemble) | Omniglot 20-way 1-shot"]
+    # the real runs kept in docs/results are of their cells' protocols
+    for cell in matrix.CELLS:
+        for seed in matrix.read_cell(cell, REPO / "docs" / "results"):
+            assert seed.off == (), (cell.name, seed.off)
 
 
 def test_a_cell_scored_by_eval_without_its_eval_json_is_an_error(tmp_path):
-    keep(tmp_path, "mamlpp_omniglot_5way_1shot", 0, results(0, 50000, 0.99))
+    cell = "mamlpp_omniglot_5way_1shot"
+    keep(tmp_path, cell, 0, results(cell, 0, 50000, 0.99))
     with pytest.raises(MetarunError, match="has no eval.json.*ensemble=5.*reproduce.sh"):
         matrix.write_matrix(tmp_path)
 
@@ -160,7 +208,8 @@ def test_report_matrix_cli_and_its_one_line_errors(tmp_path, capsys):
     assert main(["report", str(tmp_path), "--matrix"]) == 0
     assert (
         (tmp_path / matrix.MATRIX).is_file()
-        and "0 of 39 cells run to the paper's length, 0 stopped early" in capsys.readouterr().out
+        and f"0 of {len(matrix.CELLS)} cells run to the paper's length and protocol, 0 stopped"
+        in capsys.readouterr().out
     )
     assert main(["report", str(tmp_path), str(tmp_path), "--matrix"]) == 2
     assert "--matrix takes one folder" in capsys.readouterr().err
@@ -185,7 +234,12 @@ def test_reproduce_sh_trains_in_segments_keeps_the_results_and_rebuilds_the_matr
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc
 
-    call(*tiny, "time_limit=0.00001")  # stops after its first iteration
+    nameless = subprocess.run([script[0], "--", *tiny], cwd=tmp_path, env=env, capture_output=True)
+    assert nameless.returncode == 2 and b"name the cells before" in nameless.stderr
+    dead = tmp_path / "runs" / "joint_sinusoid_10shot" / "seed0"  # killed before a checkpoint
+    (dead / ".hydra").mkdir(parents=True)
+    assert "holds no checkpoint" in call(*tiny, "time_limit=0.00001").stderr  # stops at once
+    assert len(list(dead.parent.glob("seed0.killed-*/.hydra"))) == 1  # moved aside, not deleted
     kept = tmp_path / "results" / "joint_sinusoid_10shot" / "seed0" / "results.json"
     first = json.loads(kept.read_text())
     assert first["stopped_by"] == "time_limit" and first["iterations_done"] < 60

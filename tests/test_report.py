@@ -265,7 +265,8 @@ def test_report_errors_are_one_line(tmp_path, capsys):
     assert main(["report"]) == 2
     assert capsys.readouterr().err == (
         "metarun: error: the following arguments are required: dirs (usage: metarun "
-        "report DIR... [--paper] [--out DIR]; metarun report --help)\n"
+        "report DIR... [--paper] [--out DIR], metarun report DIR --matrix; metarun report "
+        "--help)\n"
     )
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "results.json").write_text(json.dumps({"accuracy": 0.5}))

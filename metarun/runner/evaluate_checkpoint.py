@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-from metarun import settings
+from metarun import __version__, settings
 from metarun.errors import MetarunError
 from metarun.io import atomic_write_text
 from metarun.runner.checkpoint import (
@@ -138,9 +139,12 @@ def check_eval_settings(cfg) -> tuple[Path, TrainState, list[Path], list[int] | 
     return path, state, paths, curve
 
 
-def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
+def evaluate_checkpoint(cfg, run_dir: Path, overrides: list[str] | tuple = ()) -> dict:
     """Scores cfg.checkpoint on cfg.tasks fixed tasks of cfg.split; writes and returns eval.json's
-    record (benchmark=lake: runner/lake_benchmark.py's)."""
+    record (benchmark=lake: runner/lake_benchmark.py's), with the command (`overrides`: the
+    command line's settings) and the metarun version that made it."""
+    made_by = {"command": shlex.join(["metarun", "eval", *map(str, overrides)])}
+    made_by["metarun_version"] = __version__
     path, state, paths, curve = check_eval_settings(cfg)
     device = resolve_device(cfg.device)
     if Path(cfg.checkpoint).expanduser().is_dir() and path.name != RunFiles.BEST:
@@ -169,10 +173,11 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         from metarun.runner.lake_benchmark import lake_benchmark
 
         return lake_benchmark(
-            cfg, train_cfg, state, path, algorithm, members[0], device, steps, run_dir
+            cfg, train_cfg, state, path, algorithm, members[0], device, steps, run_dir, made_by
         )
     scores = score(cfg, train_cfg, algorithm, members, splits[cfg.split], device, steps, curve)
     result = eval_record(cfg, train_cfg, path, state, paths, algorithm, device, steps, scores)
+    result.update(made_by)
     if curve is not None:
         log.info(curve_table(algorithm.family, cfg, curve, scores[1], steps))
     if cfg.get("plot"):

@@ -65,10 +65,12 @@ def check_lake_checkpoint(cfg, train_cfg, path) -> str | None:
 
 
 def lake_benchmark(
-    cfg, train_cfg, state, path, maml, params: dict, device, steps: int, run_dir: Path
-) -> dict:
+    cfg, train_cfg, state, path, maml, params: dict, device, steps: int, run_dir: Path,
+    made_by: dict | None = None,
+) -> dict:  # fmt: skip
     """Scores `params` on every run of all_runs.zip in the data root; prints and writes eval.json.
-    `state`: the checkpoint's TrainState (runner/state.py).
+    `state`: the checkpoint's TrainState (runner/state.py); `made_by`: the command and metarun
+    version, recorded in eval.json.
 
     Returns the eval.json record: per-run errors ("runs"), total "errors" of "items", "error_rate"
     (a fraction), and the "published" error rates. Raises MetarunError for a checkpoint that is not
@@ -116,6 +118,7 @@ def lake_benchmark(
         "warning": warning,
         "device": str(device),
         "summary": summary,
+        **(made_by or {}),
     }
     files = RunFiles(run_dir)
     atomic_write_text(files.eval_record, json.dumps(result, indent=2))
