@@ -186,26 +186,24 @@ CELLS: tuple[MatrixCell, ...] = (
     ],
     *[
         MatrixCell(
-            f"maml_sinusoid_{shot}shot",
-            "MAML",
-            f"sinusoid {shot}-shot (MSE after 10 steps, lower is better)",
-            (f"experiment=sinusoid_{shot}shot",),
-            note=f"{NO_FIGURE}: Finn et al. 2017 give the sinusoid as figures (Fig. 2, 3)",
-        )
-        for shot in (5, 20)
-    ],
-    *[
-        MatrixCell(
-            f"{prefix}_sinusoid_10shot",
+            name,
             label,
-            f"sinusoid 10-shot (MSE after {steps} step{'s' * (steps > 1)}, lower is better)",
+            f"sinusoid {shot}-shot (MSE after {steps} step{'s' * (steps > 1)}, lower is better)",
             (f"experiment={preset}",),
             note=f"{NO_FIGURE}: Finn et al. 2017 give the sinusoid as figures (Fig. 2, 3)",
         )
-        for prefix, label, preset, steps in (  # steps: the preset's update_step_test
-            ("maml", "MAML", "sinusoid_10shot", 10),
-            ("joint", 'joint training ("pretrained")', "sinusoid/joint_10shot", 10),
-            ("metasgd", "Meta-SGD", "sinusoid/metasgd_10shot", 1),
+        for name, label, preset, shot, steps in (  # steps: the preset's update_step_test
+            ("maml_sinusoid_5shot", "MAML", "sinusoid_5shot", 5, 10),
+            ("maml_sinusoid_10shot", "MAML", "sinusoid_10shot", 10, 10),
+            ("maml_sinusoid_20shot", "MAML", "sinusoid_20shot", 20, 10),
+            (
+                "joint_sinusoid_10shot",
+                'joint training ("pretrained")',
+                "sinusoid/joint_10shot",
+                10,
+                10,
+            ),
+            ("metasgd_sinusoid_10shot", "Meta-SGD", "sinusoid/metasgd_10shot", 10, 1),
         )
     ],
 )
