@@ -331,10 +331,12 @@ def off_protocol(cell: MatrixCell, config: dict | None, record: dict | None) -> 
     run = _flat(config)
     paper = _flat(OmegaConf.to_container(preset(cell.name), resolve=True))
     off = [
-        f"{key}={run.get(key, 'unset')}"
+        f"{key}={json.dumps(run.get(key, 'unset'))}"
         for key in sorted(set(run) | set(paper))
         if key not in FREE and run.get(key) != paper.get(key)
     ]
+    if int(run.get("iterations") or 0) > int(paper["iterations"]):  # fewer: "stopped early"
+        off.append(f"iterations={run['iterations']} (the paper's: {paper['iterations']})")
     for setting in cell.evaluate:  # ensemble=5 | benchmark=lake
         key, want = setting.split("=", 1)
         have = (record or {}).get(key)
@@ -425,7 +427,11 @@ def figure_text(runs: list[SeedRun]) -> str:
         mean = sum(r.figure for r in done) / n
         sd = (sum((r.figure - mean) ** 2 for r in done) / (n - 1)) ** 0.5
         half = T975.get(n - 1, 1.96) * sd / n**0.5
-        text = f"{_value(mean, percent)} ± {_value(half, percent)} (mean of {n} seeds)"
+        text = f"{_value(mean, percent)} ± {_value(half, percent)} (mean of {n} seeds"
+        cis = [r.ci95 for r in done if r.ci95 is not None]
+        if cis:  # the seeds share their test tasks: the spread of the seeds leaves that out
+            text += f"; each seed's own test CI ± {_value(sum(cis) / len(cis), percent)} on average"
+        text += ")"
     off = sorted({s for r in runs for s in r.off})
     if off:
         text += f": **not this cell's protocol** ({', '.join(off)})"

@@ -36,11 +36,6 @@ if [[ ${#NAMES[@]} -eq 0 ]]; then
   echo "metarun: error: name the cells before \`--\` (a cell, a group or all): see $0 --help" >&2
   exit 2
 fi
-# `metarun eval` gets the settings of `--` that it has too (threads, cpu_allocator)
-EVAL_SETTINGS=()
-for setting in "$@"; do
-  case "$setting" in threads=*|cpu_allocator=*) EVAL_SETTINGS+=("$setting") ;; esac
-done
 SEEDS="${SEEDS:-0}"
 OUT="${OUT:-outputs/reproduce}"
 RESULTS="${RESULTS:-docs/results}"
@@ -102,14 +97,14 @@ while IFS=$'\t' read -r cell paper train evaluate <&3; do
         $METARUN train "${TRAIN[@]}" seed="$seed" device="$DEVICE" hydra.run.dir="$run" "$@" ;;
     esac
     keep="$RESULTS/$cell/seed$seed"
-    mkdir -p "$keep"
-    cp "$run/results.json" "$keep/results.json"
-    if [[ ${#EVAL[@]} -gt 0 ]]; then
+    if [[ ${#EVAL[@]} -gt 0 ]]; then   # scored first: a failed eval leaves the kept files alone
       scored="$run-eval-$(date +%Y-%m-%d_%H-%M-%S)"   # a new score of the run as it is now
-      $METARUN eval checkpoint="$run" "${EVAL[@]}" ${EVAL_SETTINGS[@]+"${EVAL_SETTINGS[@]}"} \
-        device="$DEVICE" hydra.run.dir="$scored"
+      $METARUN eval checkpoint="$run" "${EVAL[@]}" device="$DEVICE" hydra.run.dir="$scored"
+      mkdir -p "$keep"
       cp "$scored/eval.json" "$keep/eval.json"
     fi
+    mkdir -p "$keep"
+    cp "$run/results.json" "$keep/results.json"
   done
 done 3<<< "$PLAN"
 $METARUN report "$RESULTS" --matrix > /dev/null   # says where it wrote

@@ -136,7 +136,8 @@ def test_rows_from_kept_results_seeds_early_stops_estimates_and_evals(tmp_path):
     assert "| cpu, 1 thread, 2.0 h |" in one and "| 0.2.0 |" in one
     assert "`metarun train experiment=maml_paper/omniglot_5way_1shot seed=0`" in one
     three = rows["ANIL | Omniglot 20-way 1-shot"]  # t(0.975, 2) = 4.303: 4.303 x 1.00 / sqrt(3)
-    assert "| 96.00 ± 2.48 (mean of 3 seeds) |" in three and "(then 2 resumes)" in three
+    assert "| 96.00 ± 2.48 (mean of 3 seeds; each seed's own test CI ± 1.00 on average) |" in three
+    assert "(then 2 resumes)" in three
     early = rows["Meta-SGD | Omniglot 5-way 1-shot"]
     assert "15,000 of 60,000 (25%): **stopped early, not a reproduction**" in early
     ensemble = rows["MAML++ (top-5 ensemble) | Omniglot 5-way 1-shot"]
@@ -167,6 +168,8 @@ def test_a_run_off_its_cells_protocol_is_never_shown_as_a_reproduction(tmp_path)
     changed = results("maml_omniglot_5way_1shot", 1, 60000, 0.9, way=20, test_tasks=20)
     keep(tmp_path, "maml_omniglot_5way_1shot", 1, changed)
     keep(tmp_path, "fomaml_omniglot_5way_1shot", 0, {"test_accuracy": 0.9, "iterations_done": 9})
+    longer = results("maml_omniglot_5way_5shot", 0, 120000, 0.99, iterations=120000)
+    keep(tmp_path, "maml_omniglot_5way_5shot", 0, longer)
     keep(
         tmp_path,
         "mamlpp_omniglot_20way_1shot",
@@ -176,8 +179,10 @@ def test_a_run_off_its_cells_protocol_is_never_shown_as_a_reproduction(tmp_path)
     keep(tmp_path, "mamlpp_omniglot_20way_1shot", 0, {"accuracy": 0.9, "ci95": 0.0}, "eval.json")
     rows = rows_by_cell(matrix.matrix_markdown(tmp_path))
     off = "**not this cell's protocol**"
-    assert f"{off} (algorithm.transductive=True)" in rows["Reptile | Omniglot 5-way 1-shot"]
+    assert f"{off} (algorithm.transductive=true)" in rows["Reptile | Omniglot 5-way 1-shot"]
     assert f"{off} (test_tasks=20, way=20)" in rows["MAML | Omniglot 5-way 1-shot"]
+    more = f"{off} (iterations=120000 (the paper's: 60000))"
+    assert more in rows["MAML | Omniglot 5-way 5-shot"]
     assert (
         f"{off} (its results.json has no config)"
         in rows["first-order MAML | Omniglot 5-way 1-shot"]
@@ -246,11 +251,16 @@ def test_reproduce_sh_trains_in_segments_keeps_the_results_and_rebuilds_the_matr
     call("threads=1", "time_limit=null")  # continues the same run dir (a limit is per segment)
     data = json.loads(kept.read_text())
     assert data["iterations_done"] == 60 and len(data["history"]) == 2
+    # the resume kept the run's own dataset and learner (not the default Omniglot's keys as well)
+    assert data["config"]["dataset"] == first["config"]["dataset"]
+    assert data["config"]["model"] == first["config"]["model"]
     text = (tmp_path / "results" / matrix.MATRIX).read_text()
     row = rows_by_cell(text)[
         'joint training ("pretrained") | sinusoid 10-shot (MSE after 10 steps, lower is better)'
     ]
     assert "60 of 70,000 (0%): **stopped early, not a reproduction**" in row
+    assert "not this cell's protocol" in row  # eval_every, test_tasks and val_tasks of the check
+    assert "model." not in row and "image_size" not in row
     assert f"{data['test_mse']:.4f}" in row and "(then 1 resume)" in row
     again = call("threads=1", "time_limit=null").stderr  # a short check stays one
     assert "is a short check (iterations=60, the paper's: 70000): kept" in again

@@ -40,6 +40,10 @@ def override_keys(overrides) -> list[tuple[str, str]]:
     return list(keys.items())
 
 
+# The config groups whose option a run chooses (conf/<group>/*.yaml).
+GROUPS = ("algorithm", "dataset", "model")
+
+
 def _option(config, group: str):
     """Which option of a config group a config holds: its `name`, else (a learner built from a
     class) its `_target_`."""
@@ -61,6 +65,12 @@ def resume_config(
     # The saved config wins; a setting newer than the run (absent from its config) takes the
     # requested value.
     base = OmegaConf.merge(OmegaConf.to_container(requested, resolve=True), saved)
+    for group in GROUPS:  # a group option the run chose stays whole: no keys of another option
+        own = saved.get(group)
+        if isinstance(own, dict) and _option(requested, group) != (
+            own.get("name") or own.get("_target_")
+        ):
+            base[group] = own
     changes = {}
     for key, text in override_keys(overrides):
         if "." not in key and (key not in requested or isinstance(requested[key], DictConfig)):
