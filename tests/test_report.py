@@ -346,7 +346,9 @@ def test_sigterm_cell_of_a_sweep_is_shown_and_counted(tiny_root, tmp_path, capsy
         stderr=subprocess.DEVNULL,
     )
     deadline = time.time() + 120
-    while not (cell / ".hydra" / "config.yaml").is_file() and time.time() < deadline:
+    # the job's log starts after Hydra's .hydra/config.yaml is whole (a SIGTERM as soon as that
+    # file appeared could cut Hydra's write short: a config the report reads half)
+    while not (cell / "metarun-train.log").is_file() and time.time() < deadline:
         time.sleep(0.05)
     # during its setup: it stops after its first iteration at the latest
     proc.send_signal(signal.SIGTERM)
