@@ -304,8 +304,9 @@ def bench_matrix(
         {
             # the options, not the cells: the file merges runs over different cells
             "command": " ".join(
-                ["python scripts/bench.py --matrix", *(a for a in sys.argv[1:] if a not in names)]
-            ).replace("--matrix --matrix", "--matrix"),
+                ["python scripts/bench.py --matrix"]
+                + [a for a in sys.argv[1:] if a != "--matrix" and a not in names]
+            ),
             "date": time.strftime("%Y-%m-%d"),
             "machine": machine or cpu_name(),
             "threads": int(threads) if threads else None,
