@@ -184,9 +184,9 @@ class GradientMetaLearner:
         return f"{self.impl} {self.name}, {'first' if self.first_order else 'second'} order{clip}"
 
     @classmethod
-    def from_config(cls, cfg, model, engine):
+    def from_config(cls, cfg, model, engine, **own):
         """The algorithm of a run's config with the settings every algorithm shares (MAML's); an
-        algorithm with settings of its own overrides it, passing meta_grad_clip and engine too."""
+        algorithm with settings of its own overrides it and passes them here as `own` keywords."""
         return cls(
             model,
             cfg.update_lr,
@@ -196,6 +196,7 @@ class GradientMetaLearner:
             inner_loss=cfg.algorithm.inner_loss,
             engine=engine,
             meta_grad_clip=cfg.get("meta_grad_clip"),
+            **own,
         )
 
     # -- meta-parameters ---------------------------------------------------------------------------

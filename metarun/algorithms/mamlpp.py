@@ -174,12 +174,10 @@ class MAMLPlusPlus(GradientMetaLearner):
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(
+        return super().from_config(
+            cfg,
             model,
-            cfg.update_lr,
-            cfg.update_step,
-            cfg.update_step_test,
-            cfg.first_order,
+            engine,
             msl=a.msl,
             msl_epochs=a.msl_epochs,
             first_order_epochs=a.first_order_epochs,
@@ -196,9 +194,6 @@ class MAMLPlusPlus(GradientMetaLearner):
             # absent from a config that predates it: such a run's schedule fitted unchanged
             fit_schedule=a.get("fit_schedule", False),
             run_iterations=cfg.iterations,
-            inner_loss=a.inner_loss,
-            engine=engine,
-            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def describe(self) -> str:

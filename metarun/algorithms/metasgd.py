@@ -62,18 +62,13 @@ class MetaSGD(GradientMetaLearner):
     @classmethod
     def from_config(cls, cfg, model, engine):
         a = cfg.algorithm
-        return cls(
+        return super().from_config(
+            cfg,
             model,
-            cfg.update_lr,
-            cfg.update_step,
-            cfg.update_step_test,
-            cfg.first_order,
+            engine,
             alpha_init_low=a.alpha_init_low,
             alpha_init_high=a.alpha_init_high,
             alpha_seed=int(cfg.seed),
-            inner_loss=a.inner_loss,
-            engine=engine,
-            meta_grad_clip=cfg.get("meta_grad_clip"),
         )
 
     def extra_params(self, dtype, device) -> dict:

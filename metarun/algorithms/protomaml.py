@@ -51,18 +51,7 @@ class ProtoMAML(GradientMetaLearner):
 
     @classmethod
     def from_config(cls, cfg, model, engine):
-        a = cfg.algorithm
-        return cls(
-            model,
-            cfg.update_lr,
-            cfg.update_step,
-            cfg.update_step_test,
-            cfg.first_order,
-            head_layer=a.head_layer,
-            inner_loss=a.inner_loss,
-            engine=engine,
-            meta_grad_clip=cfg.get("meta_grad_clip"),
-        )
+        return super().from_config(cfg, model, engine, head_layer=cfg.algorithm.head_layer)
 
     def describe(self) -> str:
         return f"{super().describe()}, {self.head_layer} initialised from the prototypes"
